@@ -1,0 +1,1 @@
+"""castbot: a transcript becomes a character chatbot (shared library code)."""

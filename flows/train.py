@@ -1,0 +1,92 @@
+"""Training flow: transcript -> validated dialogues -> fine-tuned model -> perplexity gate -> MLflow champion.
+
+    python -m flows.train configs/demo.yaml
+"""
+
+import hashlib
+import shutil
+import sys
+import tempfile
+
+from mlflow import MlflowClient
+from prefect import flow
+
+from castbot.config import ConfigError, PipelineConfig, load_profile
+from castbot.settings import STATE_DIR
+from tasks.base_model import prepare_base_model
+from tasks.dialogues import build_dialogues
+from tasks.errors import DataError
+from tasks.evaluate import measure_perplexity
+from tasks.finetune import fine_tune
+from tasks.gate import gate_candidate
+from tasks.ingest import file_sha256, load_transcript
+from tasks.registry import download_champion, register_model, start_run
+from tasks.validate import validate_transcript
+
+
+def training_texts(samples: list[dict]) -> list[str]:
+    """Every distinct line seen in the training split, for the offline tokenizer."""
+    return sorted({line for s in samples for line in [*s["context"], s["response"]]})
+
+
+@flow(name="train-character-bot")
+def train(config: PipelineConfig) -> dict:
+    """Train a character bot from a transcript and promote it if it beats the champion."""
+    from tasks.tokenize import tokenize_dialogues
+
+    frame = load_transcript(config.data)
+    validate_transcript(frame, config.data.path, config.character, config.validation)
+    splits = build_dialogues(frame, config.character, config.dialogue, config.training.seed)
+    data_sha256 = file_sha256(config.data.path)
+    run_id = start_run(config, data_sha256)
+    client = MlflowClient()
+    try:
+        base = prepare_base_model(config.base_model, training_texts(splits["train"]), config.offline_model,
+                                  config.training.seed)
+        datasets = tokenize_dialogues(splits, base, config.dialogue)
+        # same data + config -> same folder, so an interrupted run resumes from its checkpoints
+        workdir = STATE_DIR / "runs" / hashlib.sha256(f"{data_sha256}{config.digest()}".encode()).hexdigest()[:16]
+        model_path = fine_tune(base, datasets, config.training, str(workdir), run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            champion_path = download_champion(config.model_name, tmp)
+            scores = {
+                "candidate": measure_perplexity(model_path, splits["test"], config.dialogue),
+                "base": measure_perplexity(base, splits["test"], config.dialogue),
+                "champion": measure_perplexity(champion_path, splits["test"], config.dialogue) if champion_path else None,
+            }
+        for name, score in scores.items():
+            if score:
+                client.log_metric(run_id, f"test_perplexity_{name}", score["perplexity"])
+        client.log_metric(run_id, "test_target_tokens", scores["candidate"]["tokens"])
+        decision = gate_candidate(scores["candidate"]["perplexity"],
+                                  scores["champion"]["perplexity"] if scores["champion"] else None,
+                                  scores["base"]["perplexity"], config.gate)
+        for key, value in decision.as_tags().items():
+            client.set_tag(run_id, key, value)
+        version = register_model(run_id, model_path, config, decision.as_tags(), decision.promote)
+        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # finished: a rerun trains afresh
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return {"run_id": run_id, "model_name": config.model_name, "version": version, "promoted": decision.promote,
+            "reason": decision.reason, "perplexity": scores["candidate"]["perplexity"]}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m flows.train PROFILE.yaml", file=sys.stderr)
+        return 2
+    try:
+        result = train(load_profile(argv[0]))
+    except (ConfigError, DataError) as exc:
+        print(f"castbot: {exc}", file=sys.stderr)
+        return 1
+    verdict = "promoted to champion" if result["promoted"] else "not promoted"
+    print(f"{result['model_name']} version {result['version']}: {verdict} "
+          f"(test perplexity {result['perplexity']:.3f}). {result['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

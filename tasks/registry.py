@@ -1,0 +1,99 @@
+"""MLflow tracking and registry: the training run, the champion, registration and the alias."""
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from prefect import task
+
+from castbot.config import PipelineConfig
+from castbot.settings import artifact_root
+
+CHAMPION = "champion"
+
+
+def git_commit() -> str:
+    """HEAD of the project checkout, with '-dirty' when there are uncommitted changes; 'unknown' outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def flat_params(config: PipelineConfig) -> dict[str, str]:
+    """The config as dotted keys for MLflow params."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        else:
+            flat[prefix[:-1]] = str(value)[:500]
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+@task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
+def start_run(config: PipelineConfig, data_sha256: str) -> str:
+    """Create the MLflow run for this training, tagged with data, code and config; return its id."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(config.registry.experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment
+        else client.create_experiment(config.registry.experiment, artifact_location=f"{artifact_root()}/{config.registry.experiment}")
+    )
+    tags = {"castbot.data_sha256": data_sha256, "castbot.git_commit": git_commit(),
+            "castbot.config_sha256": config.digest(), "castbot.base_model": config.base_model,
+            "castbot.character": config.character}
+    run = client.create_run(experiment_id, tags=tags, run_name=f"{config.model_name}-train")
+    for key, value in flat_params(config).items():
+        client.log_param(run.info.run_id, key, value)
+    client.log_text(run.info.run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    return run.info.run_id
+
+
+@task(name="load-champion", retries=2, retry_delay_seconds=2)
+def download_champion(model_name: str, workdir: str) -> str | None:
+    """The champion's save_pretrained folder, or None when there is no champion yet."""
+    from castbot.pyfunc import HF_ARTIFACT
+
+    client = MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(model_name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}", dst_path=workdir)
+    return str(Path(folder) / "artifacts" / HF_ARTIFACT)
+
+
+@task(name="register", retries=2, retry_delay_seconds=2)
+def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: dict[str, str], promote: bool) -> str:
+    """Log the model to the run, register a version of config.model_name; move 'champion' only if promote."""
+    from castbot.pyfunc import HF_ARTIFACT, ChatModel
+
+    client = MlflowClient()
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ChatModel(),
+            artifacts={HF_ARTIFACT: model_path},
+            code_paths=[str(Path(__file__).resolve().parent.parent / "castbot")],
+            pip_requirements=["torch", "transformers", "tokenizers", "mlflow", "safetensors"],
+            registered_model_name=config.model_name,
+        )
+    version = str(info.registered_model_version)
+    run_tags = client.get_run(run_id).data.tags
+    for key, value in {**{k: v for k, v in run_tags.items() if k.startswith("castbot.")}, **tags}.items():
+        client.set_model_version_tag(config.model_name, version, key, value)
+    if promote:
+        client.set_registered_model_alias(config.model_name, CHAMPION, version)
+    return version
