@@ -1,0 +1,24 @@
+# castbot: one command to a working pipeline.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench serve clean
+
+setup: $(STAMP)  ## venv + editable install (quick when nothing changed)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup  ## the whole pipeline on the offline demo profile (a few minutes on CPU)
+	$(PY) -m flows.train configs/demo.yaml
+
+test: setup  ## the test suite (needs ../shared/data for the real-transcript tests)
+	$(PY) -m pytest -q tests
+
+clean:  ## forget local state (MLflow registry, Bento store, Prefect DB); keeps the venv
+	rm -rf .castbot
