@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,9 @@ class ColumnMap(Strict):
     speaker: str = Field("speaker", description="Source column holding the speaker's name.")
     line: str = Field("line", description="Source column holding the spoken text.")
     scene: str | None = Field(None, description="Optional source column holding the scene id within an episode.")
+    season: str | None = Field(
+        None, description="Optional source column holding the season, when episode numbers restart every season."
+    )
 
 
 class DataConfig(Strict):
@@ -28,13 +32,72 @@ class DataConfig(Strict):
     )
     columns: ColumnMap = Field(default_factory=ColumnMap, description="Which source columns hold episode, speaker, line.")
     delimiter: str = Field(",", min_length=1, max_length=1, description="CSV field delimiter.")
+    encoding: str = Field(
+        "utf-8", min_length=1, description="Text encoding of a CSV/JSONL file. Non-UTF-8 files are refused unless "
+        "named here (e.g. cp1252); they are then decoded with a warning."
+    )
+    interleaved: bool = Field(
+        False, description="Each episode's rows come in several separated blocks (e.g. the LOTR scripts): every "
+        "contiguous block becomes its own episode, so context never spans two blocks."
+    )
 
 
 class ValidationConfig(Strict):
     min_rows: int = Field(50, ge=1, description="Fewest transcript rows accepted.")
     min_character_lines: int = Field(30, ge=1, description="Fewest lines the target character must speak.")
     max_line_chars: int = Field(2000, ge=10, description="Longest accepted line, in characters.")
-    max_null_fraction: float = Field(0.0, ge=0, le=1, description="Largest share of empty speaker/line values allowed.")
+    max_null_fraction: float = Field(
+        0.01, ge=0, le=1, description="Largest share of empty speaker/line values allowed in the raw file."
+    )
+    max_raw_line_chars: int = Field(
+        20000, ge=10, description="Longest raw value accepted before cleaning, in characters (catches runaway rows)."
+    )
+    max_markup_share: float = Field(
+        0.01, ge=0, le=1, description="Largest share of cleaned lines still holding brackets or markup."
+    )
+    min_character_episodes: int = Field(
+        3, ge=3, description="Fewest episodes in which the character speaks (train/validation/test split by episode)."
+    )
+
+
+class CleaningConfig(Strict):
+    """What the cleaning step changes; each rule reports the rows and characters it touched."""
+
+    strip_markup: bool = Field(True, description="Remove HTML tags and entities and forum markup ([b], [i], *...*).")
+    fix_mojibake: bool = Field(True, description="Repair mis-decoded text (e.g. 'donÃ¢â‚¬â„¢t') with ftfy.")
+    strip_stage_directions: bool = Field(True, description="Remove inline [...] and (...) stage directions.")
+    direction_speakers: list[str] = Field(
+        default_factory=lambda: ["Scene Directions", "Stage Directions"],
+        description="Speaker labels whose rows are directions, not dialogue; those rows are dropped.",
+    )
+    normalize_whitespace: bool = Field(True, description="NBSP, tabs and embedded newlines to one space; trim.")
+    speaker_case: Literal["keep", "majority", "title", "upper"] = Field(
+        "majority", description="Speaker label case: keep; majority (case variants take the most frequent "
+        "spelling); title ('FRODO' -> 'Frodo'); upper.",
+    )
+    aliases: dict[str, list[str]] = Field(
+        default_factory=dict, description="Canonical speaker -> labels merged into it, e.g. "
+        "{Rick: ['Pickle Rick', 'Rick Sanchez']} (matched ignoring case, after trimming and a trailing ':').",
+    )
+    multi_speaker: Literal["drop", "keep"] = Field(
+        "drop", description="Rows spoken by several speakers at once ('Rick and Morty', '#ALL#'): drop or keep."
+    )
+    multi_speaker_pattern: str = Field(
+        r"(?i)\s(?:and|&|\+)\s|\s*[,/]\s*|^#?all\b",
+        description="Regex that marks a speaker label as several speakers.",
+    )
+    duplicates: Literal["keep", "consecutive", "all"] = Field(
+        "consecutive", description="Exact duplicate rows (episode, scene, speaker, line): keep, drop a row that "
+        "repeats the one before it, or drop every repeat (short replies legitimately repeat).",
+    )
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self):
+        try:
+            re.compile(self.multi_speaker_pattern)
+        except re.error as exc:
+            raise ValueError(f"cleaning.multi_speaker_pattern is not a valid regex: {exc}") from None
+        return self
 
 
 class DialogueConfig(Strict):
@@ -59,7 +122,21 @@ class OfflineModelConfig(Strict):
         return self
 
 
+class LoraSettings(Strict):
+    r: int = Field(8, ge=1, le=256, description="LoRA rank of the adapters.")
+    alpha: int = Field(16, ge=1, le=1024, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, le=0.5, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(
+        ["c_attn", "c_proj", "c_fc"], min_length=1,
+        description="Module names that get adapters; GPT-2: attention (c_attn, c_proj) and MLP (c_fc, c_proj).",
+    )
+
+
 class TrainingConfig(Strict):
+    method: Literal["full", "lora"] = Field(
+        "full", description="full: train every weight; lora: train low-rank adapters (merged into the saved model)."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter settings, used when method is lora.")
     epochs: float = Field(3.0, gt=0, le=100, description="Passes over the training split.")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimiser steps (-1: use epochs).")
     batch_size: int = Field(16, ge=1, le=1024, description="Samples per device per step.")
@@ -70,9 +147,36 @@ class TrainingConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
     )
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate decay after the warm-up."
+    )
+    batching: Literal["group_by_length", "random"] = Field(
+        "group_by_length", description="group_by_length: batches of similar length (little padding); random: plain shuffle."
+    )
+    compile: bool = Field(False, description="torch.compile the model (slow first steps; pays off on long GPU runs).")
     eval_steps: int = Field(50, ge=1, description="Validation loss every N steps.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume loses at most this many).")
+    early_stopping_patience: int = Field(
+        3, ge=0, le=100, description="Stop after this many evaluations without a better validation loss (0: never)."
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, le=1, description="Smallest validation-loss drop that counts as better."
+    )
+    processes: int = Field(
+        1, ge=1, le=64, description="Training processes; above 1 the fine-tune step runs under `accelerate launch` (DDP)."
+    )
+    accelerate_config: str | None = Field(
+        None, description="accelerate config file for processes > 1, e.g. configs/accelerate/multi-gpu.yaml."
+    )
     seed: int = Field(42, description="Seed for splits, initialisation and data order.")
+
+    @model_validator(mode="after")
+    def _save_on_eval(self):
+        # the best checkpoint is chosen at evaluations, so every checkpoint must fall on one
+        if self.save_steps % self.eval_steps:
+            raise ValueError(f"training.save_steps ({self.save_steps}) must be a multiple of "
+                             f"training.eval_steps ({self.eval_steps})")
+        return self
 
 
 class GateConfig(Strict):
@@ -96,6 +200,7 @@ class PipelineConfig(Strict):
     )
     offline_model: OfflineModelConfig = Field(default_factory=OfflineModelConfig, description="Shape of offline-tiny.")
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data quality thresholds.")
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig, description="How the transcript is cleaned.")
     dialogue: DialogueConfig = Field(default_factory=DialogueConfig, description="How samples are built and split.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Fine-tuning settings.")
     gate: GateConfig = Field(default_factory=GateConfig, description="When a candidate becomes champion.")

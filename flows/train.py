@@ -14,14 +14,17 @@ from prefect import flow
 from castbot.config import ConfigError, PipelineConfig, load_profile
 from castbot.settings import STATE_DIR
 from tasks.base_model import prepare_base_model
+from tasks.clean import clean_transcript, publish_cleaning_report
 from tasks.dialogues import build_dialogues
 from tasks.errors import DataError
 from tasks.evaluate import measure_perplexity
 from tasks.finetune import fine_tune
 from tasks.gate import gate_candidate
 from tasks.ingest import file_sha256, load_transcript
+from tasks.lineage import log_data_lineage, report_dir
 from tasks.registry import download_champion, register_model, start_run
-from tasks.validate import validate_transcript
+from tasks.samples import sample_replies
+from tasks.validate import validate_dialogue, validate_raw
 
 
 def training_texts(samples: list[dict]) -> list[str]:
@@ -34,19 +37,25 @@ def train(config: PipelineConfig) -> dict:
     """Train a character bot from a transcript and promote it if it beats the champion."""
     from tasks.tokenize import tokenize_dialogues
 
+    reports = report_dir()
     frame = load_transcript(config.data)
-    validate_transcript(frame, config.data.path, config.character, config.validation)
-    splits = build_dialogues(frame, config.character, config.dialogue, config.training.seed)
+    validate_raw(frame, config.data.path, config.validation, reports)
+    cleaned, cleaning = clean_transcript(frame, config.cleaning)
+    publish_cleaning_report(cleaning, config.data.path, reports)
+    validate_dialogue(cleaned, config.data.path, config.character, config.validation, reports)
+    splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed)
     data_sha256 = file_sha256(config.data.path)
     run_id = start_run(config, data_sha256)
     client = MlflowClient()
     try:
+        log_data_lineage(run_id, cleaned, config.data.path, reports)
         base = prepare_base_model(config.base_model, training_texts(splits["train"]), config.offline_model,
                                   config.training.seed)
         datasets = tokenize_dialogues(splits, base, config.dialogue)
         # same data + config -> same folder, so an interrupted run resumes from its checkpoints
         workdir = STATE_DIR / "runs" / hashlib.sha256(f"{data_sha256}{config.digest()}".encode()).hexdigest()[:16]
         model_path = fine_tune(base, datasets, config.training, str(workdir), run_id)
+        sample_replies(model_path, run_id, config.character)
         with tempfile.TemporaryDirectory() as tmp:
             champion_path = download_champion(config.model_name, tmp)
             scores = {

@@ -1,5 +1,6 @@
 """MLflow tracking and registry: the training run, the champion, registration and the alias."""
 
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -8,6 +9,7 @@ import mlflow
 import yaml
 from mlflow import MlflowClient
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from castbot.config import PipelineConfig
 from castbot.settings import artifact_root
@@ -91,9 +93,20 @@ def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: d
             registered_model_name=config.model_name,
         )
     version = str(info.registered_model_version)
-    run_tags = client.get_run(run_id).data.tags
+    run = client.get_run(run_id)
+    run_tags = run.data.tags
     for key, value in {**{k: v for k, v in run_tags.items() if k.startswith("castbot.")}, **tags}.items():
         client.set_model_version_tag(config.model_name, version, key, value)
     if promote:
         client.set_registered_model_alias(config.model_name, CHAMPION, version)
+    create_markdown_artifact(mlflow_links(run.info.experiment_id, run_id, config.model_name, version, promote),
+                             key="mlflow-links", description="MLflow run and model version")
     return version
+
+
+def mlflow_links(experiment_id: str, run_id: str, model_name: str, version: str, champion: bool) -> str:
+    """Markdown links to the run and the model version in the MLflow UI (CASTBOT_MLFLOW_UI_URL)."""
+    ui = os.environ.get("CASTBOT_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+    alias = f" (alias `{CHAMPION}`)" if champion else ""
+    return (f"### MLflow\n\n- run: [{run_id}]({ui}/#/experiments/{experiment_id}/runs/{run_id})\n"
+            f"- model: [{model_name} version {version}]({ui}/#/models/{model_name}/versions/{version}){alias}\n")

@@ -2,8 +2,10 @@
 
 from prefect import task
 
+from castbot import dialogue
 from castbot.config import DialogueConfig
 from castbot.dialogue import encode_sample
+from tasks.cache import announce_cache_hit, content_policy
 
 
 def load_tokenizer(name_or_path: str):
@@ -30,7 +32,8 @@ def encode_split(samples: list[dict], tokenizer, config: DialogueConfig):
     return Dataset.from_list(samples).map(encode, batched=True, remove_columns=["episode", "context", "response"])
 
 
-@task(name="tokenize")
+# same samples + tokenizer folder + config + format code -> the stored datasets are reused
+@task(name="tokenize", cache_policy=content_policy(__file__, dialogue.__file__), on_completion=[announce_cache_hit])
 def tokenize_dialogues(splits: dict[str, list[dict]], tokenizer_path: str, config: DialogueConfig):
     """Every split tokenised with the base model's tokenizer."""
     from datasets import DatasetDict

@@ -1,0 +1,179 @@
+"""Training throughput: real tokens/s and padding for fp32 vs bf16, grouped vs naive batches, flow vs bare loop.
+
+    python -m bench.train_throughput                       # Rick and Morty, offline model and a 4x one
+    python -m bench.train_throughput --steps 40 --repeats 3 --profile configs/rick-and-morty.yaml
+
+"flow" is tasks.finetune.train_model, the body of the fine-tune task (Trainer, callbacks, checkpoint at the
+end); its tokens/s excludes evaluation and checkpoint time. "bare" is a plain torch loop over the same
+batches with the same optimiser, schedule, clipping and autocast. tokens/s counts real tokens only
+(padding excluded); padding = padded positions / all positions in the training batches. Each figure is the
+median over --repeats runs (this machine is shared and noisy). The quality check trains the profile's own
+schedule in fp32 and in bf16 and compares test perplexity (fp32 evaluation, exp(sum loss / target tokens)).
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from castbot.config import OfflineModelConfig, TrainingConfig, load_profile
+
+SHAPES = {
+    "offline": None,  # the profile's offline_model
+    "4x": {"n_embd": 256, "n_layer": 5, "n_head": 8},  # ~4x the parameters of the default offline shape
+}
+
+
+def prepare(profile: str, shape_name: str):
+    """Splits, base model folder and tokenised datasets for the profile with the named model shape."""
+    from flows.train import training_texts
+    from tasks.base_model import prepare_base_model
+    from tasks.dialogues import build_dialogues
+    from tasks.ingest import load_transcript
+    from tasks.tokenize import tokenize_dialogues
+
+    config = load_profile(profile)
+    shape = config.offline_model if SHAPES[shape_name] is None else OfflineModelConfig(
+        **{**config.offline_model.model_dump(), **SHAPES[shape_name]})
+    splits = build_dialogues.fn(load_transcript.fn(config.data), config.character, config.dialogue,
+                                config.training.seed)
+    base = prepare_base_model.fn(config.base_model, training_texts(splits["train"]), shape, config.training.seed)
+    return config, splits, base, tokenize_dialogues.fn(splits, base, config.dialogue)
+
+
+def bench_config(config: TrainingConfig, steps: int, precision: str, batching: str) -> TrainingConfig:
+    """The profile's training settings for a fixed number of steps; one evaluation and save at the end."""
+    return config.model_copy(update={"max_steps": steps, "eval_steps": steps, "save_steps": steps,
+                                     "precision": precision, "batching": batching, "early_stopping_patience": 0})
+
+
+def flow_step(base: str, datasets, config: TrainingConfig) -> dict:
+    """The fine-tune task's code path (tasks.finetune.train_model) in a fresh folder."""
+    from tasks.finetune import train_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_model(base, datasets, config, tmp)
+    return {"tokens_per_s": result["train_tokens_per_s"], "padding": result["train_padding_fraction"]}
+
+
+def bare_loop(base: str, datasets, config: TrainingConfig) -> dict:
+    """The same training with nothing but torch: sampler, collator, AdamW, schedule, clipping, autocast."""
+    import contextlib
+
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, get_scheduler
+
+    from castbot.dialogue import IGNORE_INDEX
+    from tasks.finetune import LengthBucketSampler
+    from tasks.tokenize import load_tokenizer
+
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(base)
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa").train()
+    train = datasets["train"]
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = (LengthBucketSampler([len(x) for x in train["input_ids"]], config.batch_size, config.seed)
+               if config.batching == "group_by_length" else RandomSampler(train, generator=generator))
+    loader = DataLoader(train, batch_size=config.batch_size, sampler=sampler, drop_last=False,
+                        collate_fn=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay, fused=True)
+    schedule = get_scheduler(config.lr_scheduler, optimizer, int(config.warmup_ratio * config.max_steps),
+                             config.max_steps)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if config.precision == "bf16"
+                else contextlib.nullcontext())
+    real = total = step = 0
+    start = time.perf_counter()
+    while step < config.max_steps:
+        for batch in loader:
+            mask = batch["attention_mask"]  # (batch, seq)
+            real, total = real + int(mask.sum()), total + mask.numel()
+            with autocast:
+                loss = model(**batch).loss  # mean over target tokens
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == config.max_steps:
+                break
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": real / seconds, "padding": 1 - real / total}
+
+
+def quality(base: str, datasets, config: TrainingConfig) -> dict:
+    """Test perplexity after the profile's full schedule in fp32 and in bf16 (evaluated in fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks.evaluate import perplexity
+    from tasks.finetune import train_model
+    from tasks.tokenize import load_tokenizer
+
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train_model(base, datasets, config.model_copy(update={"precision": precision}), tmp)
+            model = AutoModelForCausalLM.from_pretrained(result["model_path"])
+            pad = load_tokenizer(result["model_path"]).pad_token_id
+            scores[precision] = {"perplexity": perplexity(model, datasets["test"], pad)["perplexity"],
+                                 "tokens_per_s": result["train_tokens_per_s"], "steps": result["train_global_step"]}
+    return scores
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default="configs/rick-and-morty.yaml")
+    parser.add_argument("--steps", type=int, default=30, help="optimiser steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
+    parser.add_argument("--models", default="offline,4x")
+    parser.add_argument("--no-quality", action="store_true", help="skip the fp32-vs-bf16 perplexity check")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"avx512_bf16={torch.cpu._is_avx512_bf16_supported()} amx={torch.cpu._is_amx_tile_supported()}")
+
+    rows = {}
+    for shape in args.models.split(","):
+        profile, _, base, datasets = prepare(args.profile, shape)
+        params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(base).parameters())
+        print(f"\n{shape}: {params / 1e6:.2f}M parameters, {len(datasets['train'])} training samples, "
+              f"batch {profile.training.batch_size}, {args.steps} steps x {args.repeats} repeats")
+        for repeat in range(args.repeats):
+            for precision in ("fp32", "bf16"):
+                for batching in ("group_by_length", "random"):
+                    config = bench_config(profile.training, args.steps, precision, batching)
+                    for path, run in (("flow", flow_step), ("bare", bare_loop)):
+                        figures = run(base, datasets, config)
+                        rows.setdefault((shape, precision, batching, path), []).append(figures)
+                        print(f"  run {repeat + 1}: {precision} {batching:15s} {path}: "
+                              f"{figures['tokens_per_s']:8.0f} tokens/s, padding {figures['padding']:.1%}", flush=True)
+        if not args.no_quality and shape == "offline":
+            scores = quality(base, datasets, profile.training)
+            ratio = scores["bf16"]["perplexity"] / scores["fp32"]["perplexity"]
+            print(f"  quality ({scores['fp32']['steps']:.0f} steps): test perplexity fp32 "
+                  f"{scores['fp32']['perplexity']:.2f}, bf16 {scores['bf16']['perplexity']:.2f} "
+                  f"(bf16/fp32 = {ratio:.3f}; goal within 2%)")
+
+    median = {key: {k: statistics.median(f[k] for f in runs) for k in runs[0]} for key, runs in rows.items()}
+    print("\nmedian real tokens/s (padding excluded) and padding share of processed positions")
+    print(f"{'model':8s} {'precision':9s} {'batching':15s} {'flow tok/s':>10s} {'bare tok/s':>10s} "
+          f"{'flow/bare':>9s} {'padding':>8s} {'bf16/fp32':>9s} {'grouped/naive':>13s}")
+    for (shape, precision, batching, path), figures in median.items():
+        if path != "flow":
+            continue
+        bare = median[(shape, precision, batching, "bare")]
+        vs_fp32 = figures["tokens_per_s"] / median[(shape, "fp32", batching, "flow")]["tokens_per_s"]
+        vs_naive = figures["tokens_per_s"] / median[(shape, precision, "random", "flow")]["tokens_per_s"]
+        print(f"{shape:8s} {precision:9s} {batching:15s} {figures['tokens_per_s']:10.0f} {bare['tokens_per_s']:10.0f} "
+              f"{figures['tokens_per_s'] / bare['tokens_per_s']:9.2f} {figures['padding']:8.1%} "
+              f"{vs_fp32:9.2f} {vs_naive:13.2f}")
+    print("goals: flow/bare >= 0.95; bf16/fp32 >= 2 with perplexity within 2%; padding <= 5% (grouped)")
+
+
+if __name__ == "__main__":
+    main()

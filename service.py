@@ -1,0 +1,170 @@
+"""The chat service: a castbot model from the BentoML store behind /chat, /generate and a web page.
+
+    bentoml serve castbot-chat:latest                 # a Bento built by `python -m tasks.bento`
+    bentoml serve service:Chat                        # from the checkout: the newest imported model
+    bentoml serve service:Chat --arg model=demo-bot:v3
+
+Limits and capacity come from CASTBOT_SERVE_* variables (castbot/serving.py: ServeLimits).
+"""
+
+import contextvars
+import json
+import os
+from pathlib import Path
+
+import bentoml
+import prometheus_client
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.responses import FileResponse
+from starlette.routing import Route
+
+from castbot.serving import (LIMITS, ChatReply, ChatRequest, GenerateRequest, Generation, Prompt, chat_prompt,
+                             generate_batch, group_by_settings, load_chat_model)
+
+WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
+API_PATHS = frozenset({"/chat", "/generate"})
+
+
+class BentoArgs(BaseModel):
+    """Given at `bentoml build --arg KEY=VALUE`, stored in the Bento and used again when it is served."""
+
+    model: str | None = Field(None, description="BentoML model tag to serve, e.g. demo-bot:v3.")
+    gpu: bool = Field(False, description="Request one GPU (bentofile.gpu.yaml sets it).")
+
+
+def model_tag(args: BentoArgs) -> str:
+    """--arg model=TAG, else $CASTBOT_BENTO_MODEL, else the newest castbot model in the BentoML store."""
+    tag = args.model or os.environ.get("CASTBOT_BENTO_MODEL")
+    if tag:
+        return tag
+    imported = [m for m in bentoml.models.list() if "mlflow_model" in m.info.labels]
+    if not imported:
+        raise RuntimeError("no castbot model in the BentoML store: run `python -m tasks.bento --model NAME` first")
+    return str(max(imported, key=lambda m: m.info.creation_time).tag)
+
+
+ARGS = bentoml.use_arguments(BentoArgs)
+
+BATCH_SIZES = prometheus_client.Histogram(
+    "castbot_generate_batch_size", "Prompts per model.generate() call, as the model actually ran them.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+
+# set while an outside API request is admitted; the service's own /chat -> /generate call inherits it
+_admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("castbot_admitted", default=False)
+
+
+async def _json(scope, send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    from starlette.responses import JSONResponse
+
+    await JSONResponse(body, status_code=status, headers=headers)(scope, None, send)
+
+
+class Admission:
+    """ASGI middleware for /chat and /generate: 503 beyond max_concurrency in flight, 413 beyond max_request_bytes."""
+
+    def __init__(self, app, max_concurrency: int, max_request_bytes: int):
+        self.app, self.capacity, self.max_bytes = app, max_concurrency, max_request_bytes
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] not in API_PATHS:
+            return await self.app(scope, receive, send)
+        if not _admitted.get() and self.in_flight >= self.capacity:
+            return await _json(scope, send, 503, {"error": f"over capacity: {self.capacity} requests in flight "
+                                                    "(CASTBOT_SERVE_MAX_CONCURRENCY); retry shortly"},
+                               {"Retry-After": "1"})
+        body = await self._read_body(scope, receive)
+        if body is None:
+            return await _json(scope, send, 413, {"error": f"request body over {self.max_bytes} bytes "
+                                                    "(CASTBOT_SERVE_MAX_REQUEST_BYTES)", "field": "body"})
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        if _admitted.get():
+            return await self.app(scope, replay, send)
+        self.in_flight += 1
+        token = _admitted.set(True)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            _admitted.reset(token)
+            self.in_flight -= 1
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        """The whole body, or None once it exceeds max_bytes (by Content-Length or by counting)."""
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+async def _web_page(_request) -> FileResponse:
+    return FileResponse(WEB_PAGE, media_type="text/html")
+
+
+web = Starlette(routes=[Route("/", _web_page)])
+
+
+@bentoml.asgi_app(web, path="/ui")
+@bentoml.service(
+    name="castbot",
+    traffic={"timeout": LIMITS.timeout_s},
+    resources={"gpu": 1} if ARGS.gpu else {},
+    workers=1,
+    threads=1,  # one generate() at a time; batching is what buys throughput
+)
+class Chat:
+    """A character chatbot: /chat for one turn of a conversation, /generate for batched prompts."""
+
+    bento_model = bentoml.models.BentoModel(model_tag(ARGS))
+
+    def __init__(self) -> None:
+        stored = self.bento_model
+        self.tokenizer, self.model, self.device = load_chat_model(stored.path)
+        labels = stored.info.labels
+        self.identity = {"model_name": labels.get("mlflow_model", stored.tag.name),
+                         "model_version": labels.get("mlflow_version", stored.tag.version),
+                         "character": labels.get("character", "")}
+
+    def __is_ready__(self) -> bool:
+        return self.model is not None
+
+    @bentoml.api(route="/generate", input_spec=GenerateRequest, batchable=LIMITS.batching,
+                 max_batch_size=LIMITS.max_batch_size, max_latency_ms=LIMITS.max_latency_ms)
+    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+        """Continue each prompt; concurrent requests are merged into batches of up to max_batch_size."""
+        results: list[Generation | None] = [None] * len(prompts)
+        for indices in group_by_settings(prompts).values():
+            BATCH_SIZES.observe(len(indices))
+            for i, generation in zip(indices, generate_batch(self.tokenizer, self.model, [prompts[i] for i in indices])):
+                results[i] = generation
+        return results
+
+    @bentoml.api(route="/chat")
+    async def chat(self, request: ChatRequest, /) -> ChatReply:
+        """One chat turn: history (oldest first) and message -> the character's reply."""
+        # through the service's own /generate endpoint, so concurrent chats share its batches
+        [generation] = await self.to_async.generate(prompts=[chat_prompt(request)])
+        if not isinstance(generation, Generation):
+            generation = Generation.model_validate(generation if isinstance(generation, dict) else json.loads(generation))
+        return ChatReply(**generation.model_dump(), **self.identity)
+
+
+Chat.add_asgi_middleware(Admission, max_concurrency=LIMITS.max_concurrency, max_request_bytes=LIMITS.max_request_bytes)

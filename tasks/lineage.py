@@ -1,0 +1,56 @@
+"""What data a training run saw: the per-run report folder, and the cleaned dataset + reports in MLflow."""
+
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+
+from castbot.settings import STATE_DIR
+
+
+def report_dir() -> str:
+    """A new folder for this run's data reports (cleaning report, Data Docs); earlier runs' are never touched."""
+    from prefect.runtime import flow_run
+
+    run = flow_run.get_id() or uuid.uuid4().hex[:12]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = STATE_DIR / "reports" / f"{stamp}-{run}"
+    folder.mkdir(parents=True, exist_ok=False)
+    return str(folder)
+
+
+def dataset_digest(frame: pd.DataFrame) -> str:
+    """Content hash of the cleaned transcript (values, order and columns), 16 hex digits."""
+    import hashlib
+
+    digest = hashlib.sha256(",".join(frame.columns).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
+    return digest.hexdigest()[:16]
+
+
+@task(name="log-data-lineage", retries=2, retry_delay_seconds=2)
+def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: str) -> str:
+    """Log the cleaned dataset as the run's training input (with digest) and the data reports as artifacts."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput, InputTag
+
+    digest = dataset_digest(cleaned)
+    dataset = mlflow.data.from_pandas(cleaned, source=source, name=f"{Path(source).stem}-cleaned", digest=digest)
+    client = MlflowClient()
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                     tags=[InputTag("mlflow.data.context", "training")])])
+    client.set_tag(run_id, "castbot.cleaned_data_digest", digest)  # copied onto the model version at registration
+    client.log_artifacts(run_id, reports, artifact_path="data_reports")
+    return digest
+
+
+def publish_markdown(markdown: str, key: str, description: str) -> None:
+    """A Prefect markdown artifact when running inside a flow; nothing when a task is called directly (tests)."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() or TaskRunContext.get():
+        create_markdown_artifact(markdown, key=key, description=description)

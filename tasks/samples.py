@@ -1,0 +1,59 @@
+"""Sample replies to fixed prompts after training, so a person can judge the character's style."""
+
+from prefect import task
+
+from castbot.dialogue import DECODING_DEFAULTS, decode_reply, prompt_ids
+
+# The same prompts for every run and profile, so runs compare side by side.
+PROMPTS = (
+    "Hello, how are you today?",
+    "Where are we going?",
+    "What do you think about science?",
+    "I need your help with something.",
+    "Why did you do that?",
+)
+
+
+def generate_replies(model_path: str, prompts: tuple[str, ...] = PROMPTS, seed: int = 0) -> list[str]:
+    """One sampled reply per prompt with the shared decoding defaults; seeded, so a rerun gives the same text."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.tokenize import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    budget = model.config.n_positions - DECODING_DEFAULTS["max_new_tokens"]  # prompt tokens that still fit
+    torch.manual_seed(seed)
+    replies = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt_ids(tokenizer, [prompt], budget)])  # (1, prompt_len)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 pad_token_id=tokenizer.pad_token_id, **DECODING_DEFAULTS)
+            replies.append(decode_reply(tokenizer, out[0, ids.shape[1]:].tolist()))
+    return replies
+
+
+def samples_markdown(character: str, prompts: tuple[str, ...], replies: list[str]) -> str:
+    """A two-column table: prompt, reply."""
+    decoding = ", ".join(f"{k}={v}" for k, v in DECODING_DEFAULTS.items())
+
+    def cell(text: str) -> str:
+        return (text or "*(empty)*").replace("|", "\\|").replace("\n", " ")
+
+    rows = "\n".join(f"| {cell(p)} | {cell(r)} |" for p, r in zip(prompts, replies))
+    return f"### Sample replies from {character}\n\nDecoding: {decoding}\n\n| prompt | reply |\n|---|---|\n{rows}\n"
+
+
+@task(name="sample-replies", retries=1, retry_delay_seconds=2)
+def sample_replies(model_path: str, run_id: str, character: str) -> list[str]:
+    """Generate replies to PROMPTS; log them as MLflow text (samples.md) and a Prefect markdown artifact."""
+    from mlflow import MlflowClient
+    from prefect.artifacts import create_markdown_artifact
+
+    replies = generate_replies(model_path)
+    markdown = samples_markdown(character, PROMPTS, replies)
+    MlflowClient().log_text(run_id, markdown, "samples.md")
+    create_markdown_artifact(markdown, key="sample-replies", description=f"{character}: replies to fixed prompts")
+    return replies

@@ -1,0 +1,155 @@
+"""Fine-tuning: grouped batches, checkpoints a rerun can trust, LoRA merged into a plain model, config bounds."""
+
+import logging
+import shutil
+
+import pytest
+from conftest import tiny_config
+
+from castbot.config import ConfigError, PipelineConfig, load_profile
+from tasks.finetune import CHECKPOINTS, LengthBucketSampler, checkpoint_problem, latest_checkpoint, train_model
+
+
+@pytest.fixture
+def tiny_data(tiny_show):
+    """Config, base model folder and tokenised splits of the tiny show."""
+    from flows.train import training_texts
+    from tasks.base_model import prepare_base_model
+    from tasks.dialogues import build_dialogues
+    from tasks.ingest import load_transcript
+    from tasks.tokenize import tokenize_dialogues
+
+    config = tiny_config(tiny_show, **{"training.early_stopping_patience": 0})
+    splits = build_dialogues.fn(load_transcript.fn(config.data), config.character, config.dialogue, 42)
+    base = prepare_base_model.fn(config.base_model, training_texts(splits["train"]), config.offline_model, 42)
+    return config, base, tokenize_dialogues.fn(splits, base, config.dialogue)
+
+
+def padding(lengths, batches):
+    processed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths) / processed
+
+
+def test_length_buckets_cut_padding_below_5_percent_and_cover_every_sample_once():
+    import random
+
+    rng = random.Random(0)
+    lengths = [min(128, int(rng.lognormvariate(3.5, 0.6))) + 2 for _ in range(1600)]  # dialogue-like spread
+    sampler = LengthBucketSampler(lengths, batch_size=16, seed=42)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(lengths)))
+    batches = [order[i:i + 16] for i in range(0, len(order), 16)]
+    naive = list(range(len(lengths)))
+    rng.shuffle(naive)
+    assert padding(lengths, batches) <= 0.05 < padding(lengths, [naive[i:i + 16] for i in range(0, 1600, 16)])
+    assert list(sampler) == order, "the same epoch must give the same order (resume skips trained batches)"
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+def test_a_corrupt_or_partial_checkpoint_is_skipped_with_a_warning_and_training_resumes(tiny_data, tmp_path, caplog):
+    config, base, datasets = tiny_data
+    first = train_model(base, datasets, config.training, str(tmp_path))
+    assert first["train_global_step"] == 12 and first["train_resumed_from_step"] == 0
+    checkpoints = tmp_path / CHECKPOINTS
+    assert checkpoint_problem(checkpoints / "checkpoint-12") is None
+    weights = checkpoints / "checkpoint-12" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    partial = checkpoints / "checkpoint-18"
+    shutil.copytree(checkpoints / "checkpoint-6", partial)
+    (partial / "trainer_state.json").unlink()  # killed before the Trainer wrote its state
+
+    assert checkpoint_problem(checkpoints / "checkpoint-12") == "model.safetensors is truncated"
+    with caplog.at_level(logging.WARNING, logger="castbot.finetune"):
+        assert latest_checkpoint(checkpoints) == str(checkpoints / "checkpoint-6")
+    warnings = caplog.text
+    assert "checkpoint-18: no trainer_state.json" in warnings and "checkpoint-12: model.safetensors is truncated" in warnings
+    assert len(list(checkpoints.glob("skipped-checkpoint-*"))) == 2 and not partial.exists()
+
+    resumed = train_model(base, datasets, config.training, str(tmp_path))
+    assert resumed["train_resumed_from_step"] == 6 and resumed["train_global_step"] == 12
+    assert resumed["train_tokens"] < first["train_tokens"], "the resumed run trains only the steps after 6"
+
+
+def test_lora_trains_adapters_and_saves_a_plain_merged_gpt2(tiny_data, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config, base, datasets = tiny_data
+    training = config.training.model_copy(update={"method": "lora", "max_steps": 6, "learning_rate": 0.05})
+    result = train_model(base, datasets, training, str(tmp_path))
+    before = AutoModelForCausalLM.from_pretrained(base)
+    after = AutoModelForCausalLM.from_pretrained(result["model_path"])
+    assert type(after).__name__ == "GPT2LMHeadModel"
+    assert not (tmp_path / "model" / "adapter_config.json").exists()
+    assert result["train_trainable_params"] < 0.5 * sum(p.numel() for p in before.parameters())
+    block_before, block_after = before.transformer.h[0], after.transformer.h[0]
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        assert not torch.equal(block_before.get_submodule(name).weight, block_after.get_submodule(name).weight), name
+    assert torch.equal(before.transformer.wte.weight, after.transformer.wte.weight), "LoRA leaves embeddings alone"
+
+
+def test_bf16_training_runs_and_reports_its_precision(tiny_data, tmp_path):
+    config, base, datasets = tiny_data
+    result = train_model(base, datasets, config.training.model_copy(update={"precision": "bf16", "max_steps": 6}),
+                         str(tmp_path))
+    assert result["precision"] == "bf16" and result["train_precision_bf16"] == 1.0
+    assert 0 <= result["train_padding_fraction"] < 1 and result["train_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"training.method": "lora", "training.lora.r": 0}, "training.lora.r"),
+    ({"training.lora.dropout": 0.9}, "training.lora.dropout"),
+    ({"training.eval_steps": 4, "training.save_steps": 6}, "save_steps (6) must be a multiple of training.eval_steps (4)"),
+    ({"training.early_stopping_patience": -1}, "training.early_stopping_patience"),
+])
+def test_bad_training_settings_are_refused_naming_the_key(tmp_path, overrides, message):
+    import yaml
+
+    raw = tiny_config(tmp_path / "x.csv").model_dump(mode="json")
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    profile = tmp_path / "bad.yaml"
+    profile.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_profile(profile)
+
+
+def test_fp16_on_a_cpu_is_refused_and_auto_picks_a_supported_precision():
+    import torch
+
+    from tasks.finetune import pick_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        pick_precision("fp16")
+    assert pick_precision("auto") in ("fp32", "bf16")
+    assert pick_precision("bf16") == "bf16"
+
+
+def test_profiles_shipped_with_the_repo_load():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    dialogpt = load_profile(configs / "rick-dialogpt-small.yaml")
+    assert isinstance(dialogpt, PipelineConfig) and dialogpt.base_model == "microsoft/DialoGPT-small"
+    assert load_profile(configs / "demo.yaml").gate.max_perplexity < 1000
+
+
+def test_sample_replies_are_reproducible_text_for_every_fixed_prompt(tiny_data, tmp_path):
+    from tasks.samples import PROMPTS, generate_replies, samples_markdown
+
+    config, base, datasets = tiny_data
+    model_path = train_model(base, datasets, config.training.model_copy(update={"max_steps": 6}),
+                             str(tmp_path))["model_path"]
+    replies = generate_replies(model_path)
+    assert len(replies) == len(PROMPTS) and all(isinstance(r, str) for r in replies)
+    assert any(replies), "a trained model says something"
+    assert generate_replies(model_path) == replies
+    table = samples_markdown("Ada", PROMPTS, replies)
+    assert table.count("\n| ") == len(PROMPTS) + 1 and "top_p=0.7" in table and PROMPTS[0] in table

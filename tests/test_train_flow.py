@@ -1,0 +1,99 @@
+"""The training flow end to end under a Prefect test server, with a real SQLite MLflow registry."""
+
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO, tiny_config, write_tiny_show
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def champion_version(name: str) -> str | None:
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
+    except Exception:
+        return None
+
+
+def test_first_run_promotes_and_identical_rerun_does_not(tmp_path):
+    from flows.train import train
+
+    data = write_tiny_show(tmp_path / "show.csv")
+    config = tiny_config(data, **{"registry.model_name": "rerun-bot"})
+
+    first = train(config)
+    assert first["promoted"] and first["version"] == "1"
+    assert champion_version("rerun-bot") == "1"
+
+    version = MlflowClient().get_model_version("rerun-bot", "1")
+    assert len(version.tags["castbot.data_sha256"]) == 64
+    assert version.tags["castbot.config_sha256"] == config.digest()
+    assert version.tags["castbot.git_commit"] != ""
+    assert float(version.tags["gate.candidate"]) == pytest.approx(first["perplexity"])
+
+    second = train(config)
+    assert not second["promoted"] and second["version"] == "2"
+    assert "does not beat the champion" in second["reason"]
+    assert champion_version("rerun-bot") == "1"
+    run = MlflowClient().get_run(second["run_id"])
+    assert run.data.tags["gate.promote"] == "False"
+    assert run.data.metrics["test_perplexity_champion"] == pytest.approx(first["perplexity"], rel=1e-3)
+
+
+def test_candidate_above_the_limit_is_registered_but_never_champion(tmp_path):
+    from flows.train import train
+
+    config = tiny_config(write_tiny_show(tmp_path / "show.csv"),
+                         **{"registry.model_name": "strict-bot", "gate.max_perplexity": 1.5})
+    result = train(config)
+    assert not result["promoted"] and "above the limit" in result["reason"]
+    assert champion_version("strict-bot") is None
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "transcript not found"),
+        ("empty", "the file is empty"),
+        ("no_column", "mapped column(s) missing: line -> 'line'"),
+        ("absent_character", "character 'Ada' never speaks"),
+        ("cp1252", "not UTF-8"),
+    ],
+)
+def test_bad_data_fails_before_training_and_registers_nothing(tmp_path, case, message):
+    import pandas as pd
+
+    from flows.train import train
+    from tasks.errors import DataError
+
+    path = tmp_path / "show.csv"
+    if case == "empty":
+        path.write_text("")
+    elif case == "no_column":
+        write_tiny_show(path)
+        pd.read_csv(path).rename(columns={"line": "text"}).to_csv(path, index=False)
+    elif case == "absent_character":
+        write_tiny_show(path)
+        frame = pd.read_csv(path)
+        frame.loc[frame.speaker == "Ada", "speaker"] = "Zed"
+        frame.to_csv(path, index=False)
+    elif case == "cp1252":
+        write_tiny_show(path)
+        path.write_bytes(path.read_bytes().replace(b"rocket", "r\u00f6cket".encode("cp1252")))
+    name = f"bad-{case.replace('_', '-')}-bot"
+    with pytest.raises(DataError) as error:
+        train(tiny_config(path, **{"registry.model_name": name}))
+    assert str(path) in str(error.value) and message in str(error.value)
+    assert not MlflowClient().search_model_versions(f"name='{name}'")
+
+
+def test_cli_reports_a_bad_profile_key_and_exits_non_zero(tmp_path):
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("data: {path: show.csv}\ncharacter: Ada\ntraining: {epochs: 0}\n")
+    result = subprocess.run([sys.executable, "-m", "flows.train", str(profile)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "training.epochs: Input should be greater than 0" in result.stderr

@@ -1,0 +1,153 @@
+"""Fast tests of the pieces users rely on: config errors, dialogue format, splits, perplexity, gate."""
+
+import math
+import textwrap
+
+import pytest
+
+from castbot.config import ConfigError, GateConfig, load_profile
+from tests.conftest import CHARACTER, tiny_config, tiny_show_rows
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_profile_unknown_key_is_named(tmp_path):
+    profile = write(tmp_path / "p.yaml", """
+        data: {path: x.csv}
+        character: Rick
+        training: {learning_rat: 0.1}
+    """)
+    with pytest.raises(ConfigError, match=r"training\.learning_rat: Extra inputs are not permitted"):
+        load_profile(profile)
+
+
+def test_profile_out_of_range_value_is_named(tmp_path):
+    profile = write(tmp_path / "p.yaml", """
+        data: {path: x.csv}
+        character: Rick
+        gate: {min_improvement: 2}
+    """)
+    with pytest.raises(ConfigError, match=r"gate\.min_improvement: Input should be less than 1"):
+        load_profile(profile)
+
+
+def test_relative_data_path_resolves_against_profile_folder(tmp_path):
+    (tmp_path / "configs").mkdir()
+    profile = write(tmp_path / "configs" / "p.yaml", "data: {path: ../data/show.csv}\ncharacter: Rick\n")
+    assert load_profile(profile).data.path == str(tmp_path / "data" / "show.csv")
+
+
+def test_shipped_profiles_load():
+    from tests.conftest import REPO
+
+    for profile in sorted((REPO / "configs").glob("*.yaml")):
+        config = load_profile(profile)
+        assert config.character, profile
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from castbot.config import OfflineModelConfig
+    from tasks.base_model import build_offline_model
+    from tasks.tokenize import load_tokenizer
+
+    texts = [row["line"] for row in tiny_show_rows()]
+    folder = build_offline_model(texts, OfflineModelConfig(vocab_size=300, n_layer=1, n_embd=32, n_head=2),
+                                 seed=0, folder=tmp_path_factory.mktemp("m") / "model")
+    return load_tokenizer(str(folder))
+
+
+def test_sample_joins_turns_with_eos_and_masks_context(tokenizer):
+    from castbot.dialogue import IGNORE_INDEX, encode_sample
+
+    sample = encode_sample(tokenizer, ["Hello there", "How are you"], "Fine thanks", max_length=64)
+    eos = tokenizer.eos_token_id
+    assert sample["input_ids"].count(eos) == 3 and sample["input_ids"][-1] == eos
+    n_response = len(tokenizer.encode("Fine thanks", add_special_tokens=False)) + 1
+    assert sample["labels"][-n_response:] == sample["input_ids"][-n_response:]
+    assert set(sample["labels"][:-n_response]) == {IGNORE_INDEX}
+    assert tokenizer.decode(sample["input_ids"], skip_special_tokens=True).endswith("Fine thanks")
+
+
+def test_truncation_drops_oldest_turns_never_the_response(tokenizer):
+    from castbot.dialogue import encode_sample
+
+    context = [f"old turn number {i} about the rocket" for i in range(30)]
+    sample = encode_sample(tokenizer, context, "The newest answer", max_length=40)
+    text = tokenizer.decode(sample["input_ids"], skip_special_tokens=False)
+    assert len(sample["input_ids"]) <= 40
+    assert text.endswith("The newest answer" + tokenizer.eos_token)
+    assert "old turn number 29" in text and "old turn number 0 " not in text
+
+
+def test_loss_on_all_keeps_every_label(tokenizer):
+    from castbot.dialogue import encode_sample
+
+    sample = encode_sample(tokenizer, ["Hello"], "Hi", max_length=32, loss_on="all")
+    assert sample["labels"] == sample["input_ids"]
+
+
+def test_splits_never_share_an_episode():
+    import pandas as pd
+
+    from castbot.config import DialogueConfig
+    from tasks.dialogues import build_dialogues
+
+    frame = pd.DataFrame(tiny_show_rows(episodes=10))
+    splits = build_dialogues.fn(frame, CHARACTER, DialogueConfig(context_turns=2), seed=1)
+    episodes = {name: {s["episode"] for s in samples} for name, samples in splits.items()}
+    assert not episodes["train"] & episodes["test"] and not episodes["train"] & episodes["validation"]
+    assert not episodes["validation"] & episodes["test"]
+    assert sum(len(s) for s in splits.values()) == sum(1 for r in tiny_show_rows(episodes=10) if r["speaker"] == CHARACTER)
+    # context comes from the same episode and scene, at most context_turns lines
+    assert all(len(s["context"]) <= 2 for s in splits["train"])
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])  # 1: weighting across batches; 2: padding inside a batch
+def test_perplexity_is_token_weighted_over_padded_batches(batch_size):
+    """Two samples of very different lengths: the result is exp(total loss / total tokens)."""
+    import torch
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tasks.evaluate import perplexity
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    rows = [
+        {"input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "attention_mask": [1] * 10, "labels": [-100, -100, 3, 4, 5, 6, 7, 8, 9, 10]},
+        {"input_ids": [11, 12, 13], "attention_mask": [1] * 3, "labels": [-100, 12, 13]},
+    ]
+    expected_loss, expected_tokens = 0.0, 0
+    for row in rows:  # one sample at a time: no padding involved
+        out = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]))
+        n = sum(1 for label in row["labels"][1:] if label != -100)
+        expected_loss += out.loss.item() * n
+        expected_tokens += n
+    result = perplexity(model, Dataset.from_list(rows), pad_token_id=0, batch_size=batch_size)
+    assert result["tokens"] == expected_tokens == 10
+    assert result["perplexity"] == pytest.approx(math.exp(expected_loss / expected_tokens), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "candidate, champion, promote, why",
+    [
+        (50.0, None, True, "no champion yet"),
+        (50.0, 60.0, True, "beats the champion"),
+        (59.9, 60.0, False, "does not beat the champion"),  # better, but by less than 1%
+        (60.0, 60.0, False, "does not beat the champion"),
+        (70.0, 60.0, False, "does not beat the champion"),
+        (150.0, None, False, "above the limit"),
+        (float("nan"), None, False, "above the limit"),
+    ],
+)
+def test_gate_never_promotes_a_worse_model(candidate, champion, promote, why):
+    from tasks.gate import decide
+
+    decision = decide(candidate, champion, base=300.0, gate=GateConfig(max_perplexity=100, min_improvement=0.01))
+    assert decision.promote is promote
+    assert why in decision.reason
