@@ -143,6 +143,8 @@ def main() -> None:
         params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(base).parameters())
         print(f"\n{shape}: {params / 1e6:.2f}M parameters, {len(datasets['train'])} training samples, "
               f"batch {profile.training.batch_size}, {args.steps} steps x {args.repeats} repeats")
+        warm = bench_config(profile.training, 2, "bf16", "group_by_length")
+        flow_step(base, datasets, warm), bare_loop(base, datasets, warm)  # untimed: first-call costs (oneDNN kernels)
         for repeat in range(args.repeats):
             for precision in ("fp32", "bf16"):
                 for batching in ("group_by_length", "random"):

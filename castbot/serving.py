@@ -52,8 +52,8 @@ def _text(max_chars: int) -> type[str]:
 class Decoding(Strict):
     """Sampling settings; defaults are castbot.dialogue.DECODING_DEFAULTS, shared with evaluation."""
 
-    max_new_tokens: int = Field(DECODING_DEFAULTS["max_new_tokens"], ge=1, le=LIMITS.max_new_tokens,
-                                description="Most tokens in the reply.")
+    max_new_tokens: int = Field(min(DECODING_DEFAULTS["max_new_tokens"], LIMITS.max_new_tokens), ge=1,
+                                le=LIMITS.max_new_tokens, description="Most tokens in the reply.")
     temperature: float = Field(DECODING_DEFAULTS["temperature"], ge=0, le=2,
                                description="Sampling temperature; 0 decodes greedily.")
     top_p: float = Field(DECODING_DEFAULTS["top_p"], gt=0, le=1, description="Nucleus sampling mass.")

@@ -23,7 +23,7 @@ ON_DEMAND = {"smoke"}  # profiles deployed without a schedule
 FIRST_NIGHTLY, STAGGER_MINUTES = 2 * 60, 30  # 02:00, 02:30, ... in profile-name order; the pool runs one at a time
 TRAIN_IMAGE = "registry.example.com/castbot/train:0.1.0"  # built from deployments/docker/Dockerfile.train
 IMAGE_WORKDIR = "/opt/castbot"  # where Dockerfile.train copies the project
-# A GPU node: one GPU per flow run (multi-GPU jobs: deployments/k8s/training/multi-gpu-job.yaml)
+# A GPU node: one GPU per flow run (multi-GPU: deployments/k8s/jobs/multi-gpu-train.yaml)
 K8S_JOB_VARIABLES = {
     "image": TRAIN_IMAGE,
     "resources": {"requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
@@ -41,7 +41,7 @@ HEADER = """\
 # Deploy from the repository root (the local pool's runs start in the folder `prefect deploy` ran in):
 #   prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --all
 # castbot-local: a `process` work pool on this machine; castbot-k8s: a `kubernetes` work pool whose base job
-# template (deployments/k8s/training/prefect-base-job-template.json) takes the image, resources, node selector
+# template (deployments/k8s/base/prefect-base-job-template.json) takes the image, resources, node selector
 # and tolerations below. The k8s schedules start inactive so a machine with both pools trains each profile once.
 # Nightly runs are staggered by profile name; give castbot-local a concurrency limit of 1 so they queue.
 """

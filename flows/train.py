@@ -14,6 +14,7 @@ from prefect import flow
 from castbot.config import ConfigError, PipelineConfig, load_profile
 from castbot.settings import STATE_DIR
 from tasks.base_model import prepare_base_model
+from tasks.bento import build_bento
 from tasks.clean import clean_transcript, publish_cleaning_report
 from tasks.dialogues import build_dialogues
 from tasks.errors import DataError
@@ -73,13 +74,14 @@ def train(config: PipelineConfig) -> dict:
         for key, value in decision.as_tags().items():
             client.set_tag(run_id, key, value)
         version = register_model(run_id, model_path, config, decision.as_tags(), decision.promote)
+        bento = build_bento(config.model_name, version) if decision.promote and config.registry.build_bento else None
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # finished: a rerun trains afresh
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, "model_name": config.model_name, "version": version, "promoted": decision.promote,
-            "reason": decision.reason, "perplexity": scores["candidate"]["perplexity"]}
+            "reason": decision.reason, "perplexity": scores["candidate"]["perplexity"], "bento": bento}
 
 
 def main(argv: list[str]) -> int:
@@ -94,6 +96,8 @@ def main(argv: list[str]) -> int:
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     print(f"{result['model_name']} version {result['version']}: {verdict} "
           f"(test perplexity {result['perplexity']:.3f}). {result['reason']}")
+    if result["bento"]:
+        print(f"Bento {result['bento']}: bentoml serve {result['bento']} --host 127.0.0.1 --port 3000")
     return 0
 
 

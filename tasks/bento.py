@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     try:
         bento_tag = build_bento.fn(args.model, args.version, args.alias, args.gpu)
     except MlflowException as exc:
-        print(f"castbot: {exc.message}", file=sys.stderr)
+        print(f"castbot: model {args.model}: {exc.message}", file=sys.stderr)
         return 1
     print(f"built {bento_tag}; serve it with: bentoml serve {bento_tag} --host 127.0.0.1 --port 3000")
     return 0

@@ -140,7 +140,9 @@ class LengthBucketSampler:
         for start in range(0, len(order), span):
             chunk = sorted(order[start:start + span], key=self.lengths.__getitem__)
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        for b in torch.randperm(len(batches), generator=generator).tolist():
+        # only the very last batch can be short; it stays last, or every later batch would straddle two buckets
+        full = len(batches) - (len(batches[-1]) < self.batch_size if batches else 0)
+        for b in torch.randperm(full, generator=generator).tolist() + list(range(full, len(batches))):
             yield from batches[b]
 
 
@@ -298,6 +300,7 @@ def train_model(base_model: str, datasets, config: TrainingConfig, output_dir: s
 
     figures = {
         "train_precision_bf16": float(precision == "bf16"),
+        "train_processes": float(trainer.args.world_size),  # DDP ranks; tokens below are this rank's
         "train_resumed_from_step": float(start_step),
         "train_global_step": float(trainer.state.global_step),
         "train_trainable_params": float(trainable),

@@ -32,6 +32,13 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def source_uri(path: str) -> str:
+    """file:// URI of the transcript (for chatterbot:LANGUAGE, of the corpus folder)."""
+    if path.startswith(CHATTERBOT_PREFIX):
+        return _chatterbot_folder(path).as_uri()
+    return Path(path).resolve().as_uri()
+
+
 def _source_files(path: str) -> list[Path]:
     if path.startswith(CHATTERBOT_PREFIX):
         return sorted(_chatterbot_folder(path).glob("*.yml"))

@@ -37,8 +37,11 @@ def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: s
     from mlflow import MlflowClient
     from mlflow.entities import DatasetInput, InputTag
 
+    from tasks.ingest import source_uri
+
     digest = dataset_digest(cleaned)
-    dataset = mlflow.data.from_pandas(cleaned, source=source, name=f"{Path(source).stem}-cleaned", digest=digest)
+    name = f"{Path(source.replace(':', '-')).stem}-cleaned"
+    dataset = mlflow.data.from_pandas(cleaned, source=source_uri(source), name=name, digest=digest)
     client = MlflowClient()
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
                                                      tags=[InputTag("mlflow.data.context", "training")])])

@@ -44,6 +44,13 @@ def flat_params(config: PipelineConfig) -> dict[str, str]:
     return flat
 
 
+def experiment_artifacts(experiment: str) -> str | None:
+    """Beside the local registry; None with a tracking server, which stores them where --artifacts-destination says."""
+    if mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return None
+    return f"{artifact_root()}/{experiment}"
+
+
 @task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
 def start_run(config: PipelineConfig, data_sha256: str) -> str:
     """Create the MLflow run for this training, tagged with data, code and config; return its id."""
@@ -51,7 +58,8 @@ def start_run(config: PipelineConfig, data_sha256: str) -> str:
     experiment = client.get_experiment_by_name(config.registry.experiment)
     experiment_id = (
         experiment.experiment_id if experiment
-        else client.create_experiment(config.registry.experiment, artifact_location=f"{artifact_root()}/{config.registry.experiment}")
+        else client.create_experiment(config.registry.experiment,
+                                      artifact_location=experiment_artifacts(config.registry.experiment))
     )
     tags = {"castbot.data_sha256": data_sha256, "castbot.git_commit": git_commit(),
             "castbot.config_sha256": config.digest(), "castbot.base_model": config.base_model,

@@ -22,7 +22,7 @@ from deployments import render
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 FLOW = "train-character-bot"
-K8S_TEMPLATE = REPO / "deployments" / "k8s" / "training" / "prefect-base-job-template.json"
+K8S_TEMPLATE = REPO / "deployments" / "k8s" / "base" / "prefect-base-job-template.json"
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 

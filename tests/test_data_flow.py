@@ -1,0 +1,82 @@
+"""The data steps inside the real flow: reuse on rerun, lineage in MLflow and Prefect, any language."""
+
+import pytest
+
+from conftest import tiny_config, write_tiny_show
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """Task name -> state name ('Completed', 'Cached', ...) for one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+@pytest.fixture(scope="module")
+def reruns(prefect_harness, tmp_path_factory):
+    """The tiny show trained three times: once, again unchanged, then with another cleaning setting."""
+    from flows.train import train
+
+    data = write_tiny_show(tmp_path_factory.mktemp("show") / "show.csv")
+    config = tiny_config(data, **{"registry.model_name": "rerun-bot"})
+    changed = tiny_config(data, **{"registry.model_name": "rerun-bot", "cleaning.duplicates": "all"})
+    return [train(c, return_state=True) for c in (config, config, changed)]
+
+
+def test_unchanged_rerun_reuses_cleaned_and_tokenised_data(reruns):
+    first, second, changed = (task_states(state) for state in reruns)
+    assert first["clean"] == "Completed" and first["tokenize"] == "Completed"
+    assert second["clean"] == "Cached" and second["tokenize"] == "Cached"
+    assert changed["clean"] == "Completed"  # another cleaning config invalidates the cache
+
+
+def test_run_names_its_cleaned_dataset_and_keeps_the_reports(reruns):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    result = reruns[0].result()
+    run = client.get_run(result["run_id"])
+    [dataset_input] = run.inputs.dataset_inputs
+    digest = run.data.tags["castbot.cleaned_data_digest"]
+    assert dataset_input.dataset.digest == digest and dataset_input.dataset.name == "show-cleaned"
+    version = client.get_model_version(result["model_name"], result["version"])
+    assert version.tags["castbot.cleaned_data_digest"] == digest  # the model version names the data it saw
+    logged = {f.path for f in client.list_artifacts(result["run_id"], "data_reports")}
+    assert {"data_reports/cleaning_report.md", "data_reports/raw_transcript", "data_reports/dialogue"} <= logged
+    pages = [f.path for f in client.list_artifacts(result["run_id"], "data_reports/dialogue")]
+    assert "data_reports/dialogue/index.html" in pages
+
+
+def test_prefect_run_links_the_cleaning_report_and_data_docs(reruns):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run_id = reruns[0].state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key = {a.key: a.data for a in artifacts}
+    assert "| rule | rows touched | characters |" in by_key["cleaning-report"]
+    for suite in ("raw-transcript", "dialogue"):
+        assert "passed" in by_key[f"validation-{suite}"] and "file://" in by_key[f"validation-{suite}"]
+
+
+def test_russian_dialogue_end_to_end(prefect_harness, tmp_path):
+    import mlflow
+
+    from castbot.pyfunc import HF_ARTIFACT
+    from flows.train import train
+    from tasks.tokenize import load_tokenizer
+
+    config = tiny_config("chatterbot:russian", character="Bot", **{"registry.model_name": "russian-bot",
+                                                                    "validation.min_character_lines": 30})
+    result = train(config)
+    assert result["version"] == "1"
+    folder = mlflow.artifacts.download_artifacts(f"models:/russian-bot/{result['version']}", dst_path=str(tmp_path))
+    tokenizer = load_tokenizer(f"{folder}/artifacts/{HF_ARTIFACT}")
+    text = "Доброе утро! Как дела? Ёжик съел щи."
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text

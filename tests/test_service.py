@@ -1,0 +1,408 @@
+"""The chat service: a tiny model trained by the real flow, built into a Bento, served by a real `bentoml serve`."""
+
+import concurrent.futures
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import CHARACTER, REPO, tiny_config, write_tiny_show
+
+# the served process's limits (CASTBOT_SERVE_*); small so the bad-input and overload cases are cheap
+SERVER_LIMITS = {"max_message_chars": 200, "max_turn_chars": 200, "max_history_turns": 8, "max_new_tokens": 32,
+                 "max_prompts": 4, "max_request_bytes": 8192, "max_concurrency": 24, "max_batch_size": 16}
+BOT_CHAT = {"max_new_tokens": 8}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"bentoml serve not ready after {seconds} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def trained(prefect_harness, tmp_path_factory) -> dict:
+    """The training flow with build_bento on: a promoted tiny model, its Bento and the MLflow version."""
+    from flows.train import train
+
+    data = write_tiny_show(tmp_path_factory.mktemp("show") / "show.csv")
+    result = train(tiny_config(data, **{"registry.model_name": "serve-bot", "registry.build_bento": True}))
+    assert result["promoted"], result["reason"]
+    return result
+
+
+@pytest.fixture(scope="session")
+def server(trained, tmp_path_factory) -> str:
+    """`bentoml serve BENTO` on a free loopback port; stopped after the session."""
+    port, workdir = free_port(), tmp_path_factory.mktemp("serve")
+    env = {**os.environ, **{f"CASTBOT_SERVE_{k.upper()}": str(v) for k, v in SERVER_LIMITS.items()}}
+    log = workdir / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", trained["bento"],
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(trained):
+    """The served model's tokenizer, from the BentoML store."""
+    import bentoml
+
+    from castbot.serving import load_chat_model
+
+    bento = bentoml.get(trained["bento"])
+    [model_tag] = [m.tag for m in bento.info.all_models]
+    return load_chat_model(bentoml.models.get(model_tag).path)[0]
+
+
+def chat(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/chat", json=body, timeout=60)
+
+
+def batch_histogram(url: str) -> dict[str, float]:
+    """castbot_generate_batch_size from /metrics: bucket le -> cumulative count, plus _count and _sum."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        match = re.match(r'castbot_generate_batch_size_(bucket\{le="([^"]+)"\}|count|sum)\s+(\S+)', line)
+        if match:
+            values[match.group(2) or match.group(1)] = float(match.group(3))
+    return values
+
+
+# ---- the build --------------------------------------------------------------------------------------------
+
+
+def test_flow_builds_a_bento_and_tags_the_model_version(trained):
+    import bentoml
+    from mlflow import MlflowClient
+
+    version = MlflowClient().get_model_version(trained["model_name"], trained["version"])
+    assert version.tags["castbot.bento"] == trained["bento"]
+    bento = bentoml.get(trained["bento"])
+    [model_tag] = [m.tag for m in bento.info.all_models]
+    labels = bentoml.models.get(model_tag).info.labels
+    assert labels["mlflow_model"] == "serve-bot" and labels["mlflow_version"] == trained["version"]
+    assert labels["character"] == CHARACTER
+    assert bento.info.args == {"model": str(model_tag)}
+    src = Path(bento.path) / "src"
+    assert (src / "castbot" / "dialogue.py").is_file() and (src / "web" / "chat.html").is_file()
+    assert not (src / "tasks").exists() and not (src / "flows").exists()
+
+
+def test_standalone_command_builds_for_a_given_version(trained):
+    from mlflow import MlflowClient
+
+    done = subprocess.run([sys.executable, "-m", "tasks.bento", "--model", "serve-bot", "--version", trained["version"]],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tag = re.search(r"built (\S+);", done.stdout).group(1)
+    assert tag.startswith("castbot-chat:") and tag != trained["bento"]
+    assert MlflowClient().get_model_version("serve-bot", trained["version"]).tags["castbot.bento"] == tag
+
+    missing = subprocess.run([sys.executable, "-m", "tasks.bento", "--model", "no-such-bot"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "no-such-bot" in missing.stderr
+
+
+# ---- prompt construction (the code the service runs) --------------------------------------------------------
+
+
+def test_chat_prompt_puts_history_first_and_message_last():
+    from castbot.serving import ChatRequest, chat_prompt
+
+    request = ChatRequest(history=[{"speaker": "Bram", "text": "Fuel?"}, {"speaker": "Ada", "text": " Full. "}],
+                          message="Then fly.", temperature=0)
+    prompt = chat_prompt(request)
+    assert prompt.turns == ["Fuel?", "Full.", "Then fly."]
+    assert prompt.temperature == 0 and prompt.max_new_tokens == 40
+
+
+def test_prompt_ids_depend_on_history_and_drop_the_oldest_turns_first(tokenizer):
+    from castbot.dialogue import prompt_ids
+
+    eos = tokenizer.eos_token_id
+    alone = prompt_ids(tokenizer, ["the moon"], 100)
+    with_history = prompt_ids(tokenizer, ["the rocket needs fuel", "the moon"], 100)
+    assert with_history != alone and with_history[-len(alone):] == alone and alone[-1] == eos
+    long = [f"turn {i} the rocket needs fuel before we fly" for i in range(30)] + ["the moon"]
+    cut = prompt_ids(tokenizer, long, 40)
+    assert len(cut) <= 40 and cut[-len(alone):] == alone
+    # whole turns are dropped from the front: the kept ids start right after an <eos>
+    assert prompt_ids(tokenizer, long[-3:], 40) == cut[-len(prompt_ids(tokenizer, long[-3:], 40)):]
+
+
+def test_left_pad_aligns_prompts_on_the_right():
+    from castbot.serving import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids == [[5, 6, 7], [0, 0, 8]] and mask == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_limits_come_from_the_environment_and_bad_values_are_refused():
+    from pydantic import ValidationError
+
+    from castbot.serving import load_limits
+
+    limits = load_limits({"CASTBOT_SERVE_MAX_CONCURRENCY": "7", "CASTBOT_SERVE_BATCHING": "false"})
+    assert limits.max_concurrency == 7 and limits.batching is False
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        load_limits({"CASTBOT_SERVE_MAX_NEW_TOKENS": "0"})
+
+
+# ---- the served Bento ---------------------------------------------------------------------------------------
+
+
+def test_chat_round_trip(server, trained):
+    resp = chat(server, message="Is the rocket ready?", **BOT_CHAT)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert isinstance(body["reply"], str) and body["reply"].strip()
+    assert body["model_name"] == "serve-bot" and body["model_version"] == trained["version"]
+    assert body["character"] == CHARACTER
+    assert 1 <= body["new_tokens"] <= BOT_CHAT["max_new_tokens"]
+
+
+def test_reply_is_conditioned_on_the_history(server, tokenizer):
+    from castbot.dialogue import prompt_ids
+
+    budget = 128 - BOT_CHAT["max_new_tokens"]  # tiny_config's n_positions minus the reply
+    message = "Is the rocket ready?"
+    history = [{"speaker": "Bram", "text": "The rocket needs fuel."}, {"speaker": "Ada", "text": "Science is simple."}]
+    alone = chat(server, message=message, temperature=0, **BOT_CHAT).json()
+    with_history = chat(server, history=history, message=message, temperature=0, **BOT_CHAT).json()
+    # the server built exactly the dialogue-format prompt of history + message
+    assert alone["prompt_tokens"] == len(prompt_ids(tokenizer, [message], budget))
+    assert with_history["prompt_tokens"] == len(prompt_ids(tokenizer, [h["text"] for h in history] + [message], budget))
+    assert with_history["prompt_tokens"] > alone["prompt_tokens"]
+    # greedy decoding is deterministic for the same conversation
+    assert chat(server, message=message, temperature=0, **BOT_CHAT).json()["reply"] == alone["reply"]
+    # a history longer than the context is cut from the oldest turn, not refused
+    long = [{"speaker": "Bram", "text": "the rocket needs fuel before we fly to the moon tonight " * 3}] * 8
+    cut = chat(server, history=long, message=message, temperature=0, **BOT_CHAT)
+    assert cut.status_code == 200 and cut.json()["prompt_tokens"] <= budget
+
+
+BIG = "x" * (SERVER_LIMITS["max_message_chars"] + 1)
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/chat", {"message": ""}, "message"),
+    ("/chat", {"message": "   "}, "message"),
+    ("/chat", {"message": BIG}, "message"),
+    ("/chat", {"history": []}, "message"),
+    ("/chat", {"message": 5}, "message"),
+    ("/chat", {"message": "hi", "history": "hello"}, "history"),
+    ("/chat", {"message": "hi", "history": [{"speaker": "Bram"}]}, "history.0.text"),
+    ("/chat", {"message": "hi", "history": [{"text": "a"}] * (SERVER_LIMITS["max_history_turns"] + 1)}, "history"),
+    ("/chat", {"message": "hi", "mood": "happy"}, "mood"),
+    ("/chat", {"message": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+    ("/chat", {"message": "hi", "max_new_tokens": SERVER_LIMITS["max_new_tokens"] + 1}, "max_new_tokens"),
+    ("/chat", {"message": "hi", "max_new_tokens": "many"}, "max_new_tokens"),
+    ("/chat", {"message": "hi", "temperature": -0.1}, "temperature"),
+    ("/chat", {"message": "hi", "temperature": 9}, "temperature"),
+    ("/chat", {"message": "hi", "top_p": 0}, "top_p"),
+    ("/generate", {"prompts": []}, "prompts"),
+    ("/generate", {"prompts": [{"turns": ["hi"]}] * (SERVER_LIMITS["max_prompts"] + 1)}, "prompts"),
+    ("/generate", {"prompts": [{"turns": ["hi"], "top_k": -1}]}, "prompts.0.top_k"),
+])
+def test_bad_input_gets_a_400_naming_the_field(server, route, body, field):
+    resp = httpx.post(f"{server}{route}", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    locations = [".".join(map(str, d["loc"])) for d in resp.json()["detail"]]
+    assert field in locations, locations
+
+
+def test_body_that_is_not_json_or_not_an_object_gets_a_400(server):
+    for content in (b"{not json", b"[1, 2]"):
+        resp = httpx.post(f"{server}/chat", content=content, headers={"content-type": "application/json"}, timeout=30)
+        assert resp.status_code == 400 and resp.json()["detail"], resp.text
+
+
+def test_oversized_body_gets_a_413_naming_the_body(server):
+    body = json.dumps({"message": "hi", "history": [{"text": "y" * 150}] * 60}).encode()
+    assert len(body) > SERVER_LIMITS["max_request_bytes"]
+    for content in (body, iter([body[:4000], body[4000:]])):  # with Content-Length, then chunked
+        resp = httpx.post(f"{server}/chat", content=content, headers={"content-type": "application/json"}, timeout=30)
+        assert resp.status_code == 413 and resp.json()["field"] == "body", resp.text
+
+
+def test_generate_takes_a_list_of_prompts_and_returns_one_reply_each(server):
+    prompts = [{"turns": ["Is the rocket ready?"], "max_new_tokens": 6},
+               {"turns": ["Fuel?", "Full.", "Then fly?"], "max_new_tokens": 4, "temperature": 0}]
+    resp = httpx.post(f"{server}/generate", json={"prompts": prompts}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert len(out) == 2 and all(isinstance(o["reply"], str) for o in out)
+    assert out[0]["new_tokens"] <= 6 and out[1]["new_tokens"] <= 4
+
+
+def burst(url: str, n: int, **body) -> list[tuple[int, float]]:
+    """n concurrent /chat calls: (status, seconds) each."""
+    def one(i: int) -> tuple[int, float]:
+        start = time.monotonic()
+        resp = chat(url, message=f"Is the rocket ready for flight {i}?", **body)
+        return resp.status_code, time.monotonic() - start
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_concurrent_chats_run_in_batches(server):
+    for _ in range(3):  # the dispatcher spends its first ~20 calls measuring latency with small batches
+        before = batch_histogram(server)
+        results = burst(server, 16, **BOT_CHAT)
+        after = batch_histogram(server)
+        assert [status for status, _ in results] == [200] * 16
+        assert after["sum"] - before["sum"] == 16  # every prompt ran once
+        calls = after["count"] - before["count"]
+        if calls - (after["1.0"] - before["1.0"]) > 0:  # a generate() call with more than one prompt
+            assert calls < 16
+            return
+    pytest.fail(f"16 concurrent chats never ran in a batch larger than 1: {after}")
+
+
+def test_overload_answers_503_fast_and_recovers(server):
+    results = burst(server, 3 * SERVER_LIMITS["max_concurrency"], max_new_tokens=SERVER_LIMITS["max_new_tokens"])
+    statuses = {status for status, _ in results}
+    assert statuses <= {200, 503}, statuses
+    refused = [seconds for status, seconds in results if status == 503]
+    assert refused, "no request was refused beyond max_concurrency"
+    assert max(refused) < 5, refused  # refused at the door, not after queueing
+    resp = chat(server, message="Still there?", **BOT_CHAT)
+    assert resp.status_code == 200
+
+
+def test_health_metrics_and_openapi(server):
+    assert httpx.get(f"{server}/livez").status_code == 200
+    assert httpx.get(f"{server}/readyz").status_code == 200
+    assert "castbot_generate_batch_size_bucket" in httpx.get(f"{server}/metrics").text
+    spec = httpx.get(f"{server}/docs.json").json()
+    assert {"/chat", "/generate"} <= set(spec["paths"])
+    assert "swagger" in httpx.get(f"{server}/").text.lower()
+
+
+def test_terminal_chat_keeps_the_history(server):
+    done = subprocess.run([sys.executable, "-m", "castbot.chat", "--url", server, "--verbose", "--max-new-tokens", "6"],
+                          input="Is the rocket ready?\nAnd the moon?\n/quit\n", capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    replies = [line for line in done.stdout.splitlines() if line.startswith(f"{CHARACTER}> ")]
+    sizes = [int(n) for n in re.findall(r"prompt (\d+) tokens", done.stdout)]
+    assert len(replies) == 2 and len(sizes) == 2
+    assert sizes[1] > sizes[0]  # the second prompt carries the first exchange
+
+
+# ---- the web page in headless Chromium ---------------------------------------------------------------------
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over one page's websocket."""
+
+    def __init__(self, ws_url: str):
+        from websockets.sync.client import connect
+
+        self.ws, self.next_id = connect(ws_url, max_size=None), 0
+
+    def send(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=30))
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def eval(self, expression: str):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, seconds: float = 60):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if value := self.eval(expression):
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium with remote debugging on a free loopback port: the page target's DevTools client."""
+    exe = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
+    if exe is None:
+        pytest.fail("chromium is not installed: apt-get install -y chromium")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                             "--disable-component-update", "--disable-sync", "--no-first-run",
+                             f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}",
+                             "--remote-debugging-address=127.0.0.1", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, pages = time.monotonic() + 60, []
+        while not pages and time.monotonic() < deadline:
+            try:
+                pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                         if t["type"] == "page"]
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert pages, "chromium did not open its debugging port"
+        devtools = DevTools(pages[0]["webSocketDebuggerUrl"])
+        yield devtools
+        devtools.ws.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_web_page_chat_in_headless_chromium(server, browser):
+    browser.send("Page.enable")
+    browser.send("Page.navigate", url=f"{server}/ui/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')")
+    browser.eval("document.getElementById('message').focus()")
+    browser.send("Input.insertText", text="Is the rocket ready?")
+    box = browser.eval("(() => { const r = document.getElementById('send').getBoundingClientRect();"
+                       " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+    for kind in ("mousePressed", "mouseReleased"):
+        browser.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+    answer = browser.wait_for("(() => { const b = document.querySelector('.turn.bot, .turn.error');"
+                              " return b && [b.className, b.textContent]; })()")
+    assert answer[0] == "turn bot", answer  # the page shows refused requests as "turn error"
+    assert answer[1].startswith(f"{CHARACTER}:") and len(answer[1]) > len(CHARACTER) + 1
+    assert browser.eval("document.querySelector('.turn.user').textContent") == "You:Is the rocket ready?"
+    assert "serve-bot" in browser.eval("document.getElementById('who').textContent")
