@@ -137,7 +137,7 @@ class Chat:
 
     def __init__(self) -> None:
         stored = self.bento_model
-        self.tokenizer, self.model, self.device = load_chat_model(stored.path)
+        self.tokenizer, self.model, self.device = load_chat_model(stored.path, LIMITS.torch_threads)
         labels = stored.info.labels
         self.identity = {"model_name": labels.get("mlflow_model", stored.tag.name),
                          "model_version": labels.get("mlflow_version", stored.tag.version),

@@ -90,7 +90,7 @@ def serve_and_measure(name: str, bento: str, batching: bool, args) -> dict:
     port = free_port()
     env = {**os.environ, "CASTBOT_SERVE_BATCHING": str(batching).lower(),
            "CASTBOT_SERVE_MAX_CONCURRENCY": str(4 * args.concurrency),
-           "CASTBOT_SERVE_MAX_BATCH_SIZE": str(args.concurrency)}
+           "CASTBOT_SERVE_MAX_BATCH_SIZE": str(args.concurrency), "CASTBOT_SERVE_TORCH_THREADS": str(args.torch_threads)}
     log = Path(tempfile.mkdtemp(prefix="castbot-bench-")) / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", bento,
@@ -127,7 +127,7 @@ def direct(bento: str, args) -> dict:
     from castbot.serving import Prompt, generate_batch, load_chat_model
 
     [model_tag] = [m.tag for m in bentoml.get(bento).info.all_models]
-    tokenizer, model, _ = load_chat_model(bentoml.models.get(model_tag).path)
+    tokenizer, model, _ = load_chat_model(bentoml.models.get(model_tag).path, args.torch_threads)
     prompts = [Prompt(turns=[MESSAGES[i % len(MESSAGES)]], max_new_tokens=args.max_new_tokens)
                for i in range(args.requests)]
     generate_batch(tokenizer, model, prompts[: args.concurrency])  # warm-up
@@ -149,6 +149,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--requests", type=int, default=256, help="Timed requests per phase.")
     parser.add_argument("--concurrency", type=int, default=32, help="Concurrent clients.")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="Reply length limit per request.")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch CPU threads in every phase (0: torch's default; 1 suits a shared machine).")
     parser.add_argument("--phase-timeout", type=float, default=180, help="Seconds before a phase stops early.")
     args = parser.parse_args(argv)
 
@@ -159,7 +161,8 @@ def main(argv: list[str]) -> int:
 
     bento = args.bento or champion_bento(args.model)
     print(f"bento {bento}; {args.concurrency} clients, {args.requests} timed requests per phase, "
-          f"max_new_tokens={args.max_new_tokens}, torch threads={torch.get_num_threads()}", flush=True)
+          f"max_new_tokens={args.max_new_tokens}, torch threads={args.torch_threads or torch.get_num_threads()}",
+          flush=True)
     rows = [serve_and_measure("served, batched", bento, True, args),
             serve_and_measure("served, unbatched", bento, False, args),
             direct(bento, args)]

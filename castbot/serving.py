@@ -32,6 +32,8 @@ class ServeLimits(Strict):
     batching: bool = Field(True, description="Adaptive batching of /generate (false: one prompt list at a time).")
     max_batch_size: int = Field(32, ge=2, description="Most prompts the model runs in one batch.")
     max_latency_ms: int = Field(5000, ge=10, description="Latency budget of a batched call; beyond it a 503.")
+    torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default, one per core); "
+                               "1 is often faster on a machine shared with other jobs.")
 
 
 def load_limits(environ: dict[str, str] | None = None) -> ServeLimits:
@@ -113,10 +115,13 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[
             [[0] * (width - len(row)) + [1] * len(row) for row in rows])
 
 
-def load_chat_model(path: str):
+def load_chat_model(path: str, torch_threads: int = 0):
     """(tokenizer, model, device) from a save_pretrained folder: CUDA in bf16/fp16 when present, else CPU fp32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"

@@ -44,6 +44,7 @@ HEADER = """\
 # template (deployments/k8s/base/prefect-base-job-template.json) takes the image, resources, node selector
 # and tolerations below. The k8s schedules start inactive so a machine with both pools trains each profile once.
 # Nightly runs are staggered by profile name; give castbot-local a concurrency limit of 1 so they queue.
+# Local schedules of profiles that fine-tune a hub model start paused: resume them where the hub and a GPU are.
 """
 
 
@@ -75,8 +76,10 @@ def deployments_for(profile: Path, cron: str | None) -> list[dict]:
         "enforce_parameter_schema": True,
         "concurrency_limit": 1,
     }
+    # a hub model (base_model other than offline-tiny) needs the network and wants a GPU: paused on this machine
+    offline = common["parameters"]["config"].get("base_model", "offline-tiny") == "offline-tiny"
     local = {"name": f"{name}-nightly" if cron else name, **common,
-             "schedules": [{"cron": cron, "timezone": TIMEZONE, "active": True}] if cron else [],
+             "schedules": [{"cron": cron, "timezone": TIMEZONE, "active": offline}] if cron else [],
              "work_pool": {"name": LOCAL_POOL, "work_queue_name": "default", "job_variables": {}}}
     k8s = {"name": f"{name}-nightly-k8s" if cron else f"{name}-k8s", **common,
            "schedules": [{"cron": cron, "timezone": TIMEZONE, "active": False}] if cron else [],

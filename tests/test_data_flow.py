@@ -68,15 +68,14 @@ def test_prefect_run_links_the_cleaning_report_and_data_docs(reruns):
 def test_russian_dialogue_end_to_end(prefect_harness, tmp_path):
     import mlflow
 
-    from castbot.pyfunc import HF_ARTIFACT
     from flows.train import train
     from tasks.tokenize import load_tokenizer
 
     config = tiny_config("chatterbot:russian", character="Bot", **{"registry.model_name": "russian-bot",
                                                                     "validation.min_character_lines": 30})
     result = train(config)
-    assert result["version"] == "1"
-    folder = mlflow.artifacts.download_artifacts(f"models:/russian-bot/{result['version']}", dst_path=str(tmp_path))
-    tokenizer = load_tokenizer(f"{folder}/artifacts/{HF_ARTIFACT}")
+    assert result["version"] == "1" and result["promoted"]
+    mlflow.artifacts.download_artifacts(artifact_uri="models:/russian-bot@champion", dst_path=str(tmp_path))
+    tokenizer = load_tokenizer(str(next(tmp_path.rglob("tokenizer.json")).parent))  # the registered model's
     text = "Доброе утро! Как дела? Ёжик съел щи."
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text

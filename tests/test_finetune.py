@@ -153,3 +153,21 @@ def test_sample_replies_are_reproducible_text_for_every_fixed_prompt(tiny_data, 
     assert generate_replies(model_path) == replies
     table = samples_markdown("Ada", PROMPTS, replies)
     assert table.count("\n| ") == len(PROMPTS) + 1 and "top_p=0.7" in table and PROMPTS[0] in table
+
+
+def test_two_processes_train_through_accelerate_launch_with_the_same_code(tiny_data, tmp_path):
+    """DDP on CPU (gloo) stands in for a GPU node: the task launches `accelerate launch` with the shipped config."""
+    from mlflow import MlflowClient
+
+    from tasks.finetune import fine_tune
+
+    config, base, datasets = tiny_data
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("ddp-test")).info.run_id
+    training = config.training.model_copy(update={"processes": 2,
+                                                  "accelerate_config": "configs/accelerate/multi-gpu.yaml"})
+    model_path = fine_tune.fn(base, datasets, training, str(tmp_path), run_id)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["train_processes"] == 2 and metrics["train_global_step"] == 12
+    assert (tmp_path / "model" / "model.safetensors").is_file() and model_path == str(tmp_path / "model")
+    assert "loss_curve.png" in {a.path for a in client.list_artifacts(run_id)}

@@ -76,6 +76,18 @@ def test_metric_names_are_the_ones_the_service_exports():
             assert f'name="{base.removeprefix("bentoml_service_")}"' in instruments, f"{name}: not a BentoML metric"
 
 
+def test_service_name_selectors_match_the_bentos():
+    """BentoML labels metrics with the Bento's name (service_name="castbot-chat" on a served Bento's /metrics)."""
+    bentos = [yaml.safe_load(p.read_text())["name"] for p in REPO.glob("bentofile*.yaml")]
+    assert bentos
+    text = "\n".join(exprs()) + RULES.read_text()
+    selectors = set(re.findall(r'service_name=~?"([^"]+)"', text))
+    assert selectors
+    for selector in selectors:
+        for bento in bentos:
+            assert re.fullmatch(selector, bento), f"service_name {selector!r} misses the Bento {bento}"
+
+
 def test_alert_rules_cover_errors_latency_and_readiness():
     rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     assert set(rules) == {"CastbotChatHighErrorRate", "CastbotChatHighLatency", "CastbotChatNoReadyReplicas"}
