@@ -69,20 +69,36 @@ def fix_mojibake(lines: pd.Series) -> pd.Series:
 
     config = ftfy.TextFixerConfig(unescape_html=False, uncurl_quotes=False, fix_latin_ligatures=False,
                                   fix_character_width=False, fix_line_breaks=False, explain=False)
-    return pd.Series([s if s.isascii() else ftfy.fix_text(s, config) for s in lines], index=lines.index, dtype=object)
+    fixed = [s if s.isascii() else ftfy.fix_text(s, config) for s in lines.tolist()]
+    return pd.Series(fixed, index=lines.index, dtype=object)
+
+
+def only_where(lines: pd.Series, candidates: str, fix) -> pd.Series:
+    """fix() applied to the lines holding one of `candidates` (a cheap vectorised pre-filter)."""
+    mask = lines.str.contains(candidates, regex=True)
+    out = lines.astype(object)
+    if mask.any():
+        out[mask] = fix(lines[mask]).astype(object)
+    return out
 
 
 def strip_markup(lines: pd.Series) -> pd.Series:
     """HTML tags and entities, BBCode tags."""
-    lines = lines.str.replace(HTML_TAG, " ", regex=True).str.replace(BBCODE, " ", regex=True)
-    return pd.Series([html.unescape(s) if "&" in s else s for s in lines], index=lines.index, dtype=object)
+    def fix(part: pd.Series) -> pd.Series:
+        part = part.str.replace(HTML_TAG, " ", regex=True).str.replace(BBCODE, " ", regex=True)
+        return pd.Series([html.unescape(s) if "&" in s else s for s in part.tolist()], index=part.index, dtype=object)
+
+    return only_where(lines, r"[<\[&]", fix)
 
 
 def strip_directions(lines: pd.Series) -> pd.Series:
     """Inline [..], (..) and *..* directions (twice, for one level of nesting), then cut-off fragments."""
-    for pattern in (DIRECTION, DIRECTION, DIRECTION_FRAGMENT):
-        lines = lines.str.replace(pattern, " ", regex=True)
-    return lines
+    def fix(part: pd.Series) -> pd.Series:
+        for pattern in (DIRECTION, DIRECTION, DIRECTION_FRAGMENT):
+            part = part.str.replace(pattern, " ", regex=True)
+        return part
+
+    return only_where(lines, r"[\[\]()*]", fix)
 
 
 def normalize_whitespace(lines: pd.Series) -> pd.Series:
