@@ -11,6 +11,7 @@ timed phase, after a warm-up; latency is per request, as a client sees it (direc
 
 import argparse
 import asyncio
+import collections
 import os
 import socket
 import statistics
@@ -49,8 +50,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def summary(name: str, seconds: float, latencies: list[float], tokens: int, errors: int) -> dict:
-    return {"name": name, "requests": len(latencies), "errors": errors, "seconds": seconds,
+def summary(name: str, seconds: float, latencies: list[float], tokens: int, errors: collections.Counter) -> dict:
+    return {"name": name, "requests": len(latencies), "errors": sum(errors.values()), "by_status": dict(errors),
+            "seconds": seconds,
             "req_s": len(latencies) / seconds, "tok_s": tokens / seconds,
             "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 0.99)}
 
@@ -60,7 +62,7 @@ async def drive(url: str, requests: int, concurrency: int, max_new_tokens: int, 
     import httpx
 
     counter = iter(range(requests))
-    latencies, tokens, errors = [], 0, 0
+    latencies, tokens, errors = [], 0, collections.Counter()
 
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal tokens, errors
@@ -71,7 +73,7 @@ async def drive(url: str, requests: int, concurrency: int, max_new_tokens: int, 
             resp = await http.post("/chat", json={"message": MESSAGES[i % len(MESSAGES)],
                                                   "max_new_tokens": max_new_tokens})
             if resp.status_code != 200:
-                errors += 1
+                errors[resp.status_code] += 1
                 continue
             latencies.append(time.monotonic() - start)
             tokens += resp.json()["new_tokens"]
@@ -117,6 +119,8 @@ def serve_and_measure(name: str, bento: str, batching: bool, args) -> dict:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+    if errors:
+        print(f"{name}: refused {dict(errors)} (HTTP status: count); server log {log}", flush=True)
     return summary(name, seconds, latencies, tokens, errors)
 
 
@@ -138,7 +142,7 @@ def direct(bento: str, args) -> dict:
         out = generate_batch(tokenizer, model, prompts[i: i + args.concurrency])
         latencies += [time.monotonic() - batch_start] * len(out)
         tokens += sum(g.new_tokens for g in out)
-    return summary("direct generate()", time.monotonic() - start, latencies, tokens, 0)
+    return summary("direct generate()", time.monotonic() - start, latencies, tokens, collections.Counter())
 
 
 def main(argv: list[str]) -> int:

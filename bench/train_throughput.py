@@ -30,6 +30,7 @@ def prepare(profile: str, shape_name: str):
     """Splits, base model folder and tokenised datasets for the profile with the named model shape."""
     from flows.train import training_texts
     from tasks.base_model import prepare_base_model
+    from tasks.clean import clean_transcript
     from tasks.dialogues import build_dialogues
     from tasks.ingest import load_transcript
     from tasks.tokenize import tokenize_dialogues
@@ -37,8 +38,8 @@ def prepare(profile: str, shape_name: str):
     config = load_profile(profile)
     shape = config.offline_model if SHAPES[shape_name] is None else OfflineModelConfig(
         **{**config.offline_model.model_dump(), **SHAPES[shape_name]})
-    splits = build_dialogues.fn(load_transcript.fn(config.data), config.character, config.dialogue,
-                                config.training.seed)
+    cleaned, _ = clean_transcript.fn(load_transcript.fn(config.data), config.cleaning)  # as the flow does
+    splits = build_dialogues.fn(cleaned, config.character, config.dialogue, config.training.seed)
     base = prepare_base_model.fn(config.base_model, training_texts(splits["train"]), shape, config.training.seed)
     return config, splits, base, tokenize_dialogues.fn(splits, base, config.dialogue)
 

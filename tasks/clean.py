@@ -30,9 +30,12 @@ def _changed_chars(before: pd.Series, after: pd.Series) -> int:
     return total
 
 
-def _example(before: str, after: str, width: int = 70) -> str:
-    cut = lambda s: s if len(s) <= width else s[:width] + "..."  # noqa: E731
-    return f"{cut(before)!r} -> {cut(after)!r}"
+def _cut(text: str, width: int = 70) -> str:
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _example(before: str, after: str) -> str:
+    return f"{_cut(before)!r} -> {_cut(after)!r}"
 
 
 class Cleaner:
@@ -48,7 +51,7 @@ class Cleaner:
         after = fix(before)
         changed = before.ne(after)
         self.frame[column] = after.where(self.frame[column].notna(), self.frame[column])
-        self._record(rule, int(changed.sum()), _changed_chars(before[changed], after[changed]),
+        self.record(rule, int(changed.sum()), _changed_chars(before[changed], after[changed]),
                      next((_example(b, a) for b, a in zip(before[changed], after[changed])), ""))
 
     def drop(self, rule: str, mask: pd.Series) -> None:
@@ -56,10 +59,10 @@ class Cleaner:
         dropped = self.frame[mask]
         lines = dropped["line"].fillna("").astype(str)
         example = f"{dropped['speaker'].iloc[0]!s}: {lines.iloc[0][:70]!r}" if len(dropped) else ""
-        self._record(rule, len(dropped), int(lines.str.len().sum()), example)
+        self.record(rule, len(dropped), int(lines.str.len().sum()), example)
         self.frame = self.frame[~mask]
 
-    def _record(self, rule: str, rows: int, chars: int, example: str) -> None:
+    def record(self, rule: str, rows: int, chars: int, example: str) -> None:
         self.rules.append({"rule": rule, "rows": rows, "chars": chars, "example": example})
 
 
@@ -158,7 +161,7 @@ def clean_transcript(frame: pd.DataFrame, rules: CleaningConfig) -> tuple[pd.Dat
     if rules.multi_speaker == "drop":
         cleaner.drop("multi-speaker rows (dropped)", multi)
     else:
-        cleaner._record("multi-speaker rows (kept)", int(multi.sum()), 0, "")
+        cleaner.record("multi-speaker rows (kept)", int(multi.sum()), 0, "")
     kept = cleaner.frame
     empty = kept["line"].fillna("").astype(str).str.strip().eq("") | kept["speaker"].fillna("").astype(str).eq("")
     cleaner.drop("empty line or speaker", empty)

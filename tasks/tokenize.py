@@ -27,8 +27,14 @@ class PreEncoded:
 
     def __init__(self, tokenizer, texts: list[str]):
         self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id  # read once per turn: skip transformers' slow __getattr__
         unique = sorted({text.strip() for text in texts})
-        self.known = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"])) if unique else {}
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer of a fast tokenizer
+        if backend is not None:
+            ids = [encoding.ids for encoding in backend.encode_batch(unique, add_special_tokens=False)]
+        else:
+            ids = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+        self.known = dict(zip(unique, ids))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not add_special_tokens and text in self.known:

@@ -132,7 +132,7 @@ def test_failed_validation_builds_data_docs_naming_the_failure(tmp_path):
     [page] = (tmp_path / "docs" / "dialogue" / "validations").rglob("*.html")
     html = page.read_text(encoding="utf-8")
     assert "Unsuccessful Expectations" in html and "Zed" in html
-    assert "Must have greater than or equal to 10 rows" in html  # tiny_config's min_character_lines
+    assert "Must have greater than or equal to" in html  # the character's row count, rendered
 
 
 def bad_profile(folder: Path) -> Path:
