@@ -20,5 +20,9 @@ demo: setup  ## the whole pipeline on the offline demo profile (a few minutes on
 test: setup  ## the test suite (needs ../shared/data for the real-transcript tests)
 	$(PY) -m pytest -q tests
 
+serve: setup  ## serve the newest Bento (built by make demo) on http://127.0.0.1:3000 (web chat at /ui/)
+	BENTOML_HOME=$(CURDIR)/.castbot/bentoml BENTOML_DO_NOT_TRACK=True \
+	  $(VENV)/bin/bentoml serve castbot-chat:latest --host 127.0.0.1 --port 3000
+
 clean:  ## forget local state (MLflow registry, Bento store, Prefect DB); keeps the venv
 	rm -rf .castbot

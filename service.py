@@ -115,6 +115,17 @@ class Admission:
                 return b"".join(chunks)
 
 
+def _keep_self_session(service) -> None:
+    """Keep the in-process client that /chat uses to call /generate on one session for the process's life.
+
+    BentoML 1.4.39 replaces that aiohttp session every 100 calls or 300 s and closes the old one under the calls
+    still in flight on it: they fail with 'Server disconnected' (a 500 to the user) at every 100th chat under load.
+    """
+    manager = getattr(getattr(getattr(service, "__self_proxy__", None), "_async", None), "_session_manager", None)
+    if manager is not None and manager.max_requests != float("inf"):
+        manager.max_requests = manager.max_age = float("inf")
+
+
 async def _web_page(_request) -> FileResponse:
     return FileResponse(WEB_PAGE, media_type="text/html")
 
@@ -161,6 +172,7 @@ class Chat:
     async def chat(self, request: ChatRequest, /) -> ChatReply:
         """One chat turn: history (oldest first) and message -> the character's reply."""
         # through the service's own /generate endpoint, so concurrent chats share its batches
+        _keep_self_session(self)
         [generation] = await self.to_async.generate(prompts=[chat_prompt(request)])
         if not isinstance(generation, Generation):
             generation = Generation.model_validate(generation if isinstance(generation, dict) else json.loads(generation))

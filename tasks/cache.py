@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
@@ -41,7 +40,8 @@ def content_policy(*source_files: str) -> CachePolicy:
 
 def announce_cache_hit(task, task_run, state) -> None:
     """on_completion hook: say in the run's log when a task's result came from the cache."""
+    from prefect.logging.loggers import task_run_logger
+
     if state.name == "Cached":
-        logging.getLogger("prefect.task_runs").info(
-            "%s: same data, config and code as an earlier run; reused its stored result instead of recomputing",
-            task_run.name)
+        task_run_logger(task_run, task).info(
+            "same data, config and code as an earlier run: reused its stored result instead of recomputing")

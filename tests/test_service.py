@@ -77,15 +77,20 @@ def server(trained, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(trained):
-    """The served model's tokenizer, from the BentoML store."""
+def chat_model(trained):
+    """(tokenizer, model) of the served model, loaded from the BentoML store as the service loads it."""
     import bentoml
 
     from castbot.serving import load_chat_model
 
     bento = bentoml.get(trained["bento"])
     [model_tag] = [m.tag for m in bento.info.all_models]
-    return load_chat_model(bentoml.models.get(model_tag).path)[0]
+    return load_chat_model(bentoml.models.get(model_tag).path)[:2]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(chat_model):
+    return chat_model[0]
 
 
 def chat(url: str, **body) -> httpx.Response:
@@ -170,6 +175,20 @@ def test_left_pad_aligns_prompts_on_the_right():
 
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids == [[5, 6, 7], [0, 0, 8]] and mask == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_left_padded_batch_gives_each_prompt_the_reply_it_gets_alone(chat_model):
+    from castbot.serving import Prompt, generate_batch
+
+    tokenizer, model = chat_model
+    short = Prompt(turns=["Fuel?"], max_new_tokens=12, temperature=0)
+    long = Prompt(turns=["The rocket needs fuel before we fly.", "Science is never simple.", "Fuel?"],
+                  max_new_tokens=12, temperature=0)
+    alone = [generate_batch(tokenizer, model, [p])[0] for p in (short, long)]
+    together = generate_batch(tokenizer, model, [short, long])
+    assert together[0].prompt_tokens < together[1].prompt_tokens  # the short one was padded
+    assert [g.reply for g in together] == [g.reply for g in alone]
+    assert [g.new_tokens for g in together] == [g.new_tokens for g in alone]
 
 
 def test_limits_come_from_the_environment_and_bad_values_are_refused():
@@ -301,6 +320,8 @@ def test_overload_answers_503_fast_and_recovers(server):
     assert statuses <= {200, 503}, statuses
     refused = [seconds for status, seconds in results if status == 503]
     assert refused, "no request was refused beyond max_concurrency"
+    # admitted chats finish: the service's own /chat -> /generate call is not counted against the limit
+    assert len(results) - len(refused) >= SERVER_LIMITS["max_concurrency"]
     assert max(refused) < 5, refused  # refused at the door, not after queueing
     resp = chat(server, message="Still there?", **BOT_CHAT)
     assert resp.status_code == 200

@@ -1,0 +1,29 @@
+"""Every show profile in configs/ reads its real transcript and passes ingest, cleaning and both GX suites."""
+
+from pathlib import Path
+
+import pytest
+
+from test_data_bad_input import run_data_steps
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SHOWS = {  # profile -> (character, fewest training samples expected)
+    "rick-and-morty.yaml": ("Rick", 300),
+    "rick-and-morty-scrape.yaml": ("Rick", 1500),
+    "lotr.yaml": ("Frodo", 150),
+    "friends.yaml": ("Rachel", 7000),
+}
+
+
+@pytest.mark.parametrize("profile", list(SHOWS))
+def test_show_profile_data_steps_pass(profile, shared_data, tmp_path):
+    from castbot.config import load_profile
+
+    config = load_profile(CONFIGS / profile)
+    assert Path(config.data.path).is_relative_to(shared_data.resolve())
+    character, fewest = SHOWS[profile]
+    splits = run_data_steps(config, tmp_path / "docs")
+    assert config.character == character and len(splits["train"]) >= fewest
+    episodes = [{s["episode"] for s in samples} for samples in splits.values()]
+    assert not set.intersection(*episodes)  # no episode in two splits
+    assert (tmp_path / "docs" / "dialogue" / "index.html").is_file()
