@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prefect import task
 
-from castbot.pyfunc import HF_ARTIFACT
+from tasks.registry import hf_folder
 
 REPO = Path(__file__).resolve().parent.parent
 BENTO_TAG_KEY = "castbot.bento"
@@ -33,14 +33,6 @@ def resolve_version(model_name: str, version: str | None, alias: str):
 def bentoml_model_tag(model_name: str, version: str) -> str:
     """BentoML tag of an MLflow version: 'demo-bot', 3 -> 'demo-bot:v3' (BentoML names are lowercase)."""
     return f"{re.sub(r'[^a-z0-9._-]', '-', model_name.lower())}:v{version}"
-
-
-def hf_folder(downloaded: str) -> Path:
-    """The save_pretrained folder inside a downloaded pyfunc model (MLmodel maps the artifact key to its path)."""
-    from mlflow.models import Model
-
-    artifacts = Model.load(downloaded).flavors["python_function"]["artifacts"]
-    return Path(downloaded) / artifacts[HF_ARTIFACT]["path"]
 
 
 def import_model(model_version) -> str:

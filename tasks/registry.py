@@ -71,18 +71,26 @@ def start_run(config: PipelineConfig, data_sha256: str) -> str:
     return run.info.run_id
 
 
+def hf_folder(downloaded: str) -> Path:
+    """The save_pretrained folder inside a downloaded pyfunc model (MLmodel maps the artifact key to its path)."""
+    from mlflow.models import Model
+
+    from castbot.pyfunc import HF_ARTIFACT
+
+    artifacts = Model.load(downloaded).flavors["python_function"]["artifacts"]
+    return Path(downloaded) / artifacts[HF_ARTIFACT]["path"]
+
+
 @task(name="load-champion", retries=2, retry_delay_seconds=2)
 def download_champion(model_name: str, workdir: str) -> str | None:
     """The champion's save_pretrained folder, or None when there is no champion yet."""
-    from castbot.pyfunc import HF_ARTIFACT
-
     client = MlflowClient()
     try:
         version = client.get_model_version_by_alias(model_name, CHAMPION)
     except mlflow.exceptions.MlflowException:
         return None
     folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}", dst_path=workdir)
-    return str(Path(folder) / "artifacts" / HF_ARTIFACT)
+    return str(hf_folder(folder))
 
 
 @task(name="register", retries=2, retry_delay_seconds=2)

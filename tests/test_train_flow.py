@@ -59,7 +59,7 @@ def test_candidate_above_the_limit_is_registered_but_never_champion(tmp_path):
         ("missing", "transcript not found"),
         ("empty", "the file is empty"),
         ("no_column", "mapped column(s) missing: line -> 'line'"),
-        ("absent_character", "character 'Ada' never speaks"),
+        ("absent_character", "character 'Ada' speaks 0 line(s)"),
         ("cp1252", "not UTF-8"),
     ],
 )
