@@ -194,9 +194,11 @@ def _trainer_classes(run_id: str | None, logger):
         """Send logged loss / eval_loss to the MLflow run and the Prefect log (rank 0 only)."""
 
         def __init__(self):
-            from mlflow import MlflowClient
+            self.client = None
+            if run_id:
+                from mlflow import MlflowClient
 
-            self.client = MlflowClient() if run_id else None
+                self.client = MlflowClient()
 
         def on_train_begin(self, args, state, control, **kwargs):
             CountingTrainer.loop_started = time.perf_counter()

@@ -23,8 +23,8 @@ def reruns(prefect_harness, tmp_path_factory):
 
     # 7 episodes: content no other test uses, so the first run starts with a cold cache
     data = write_tiny_show(tmp_path_factory.mktemp("show") / "show.csv", episodes=7)
-    config = tiny_config(data, **{"registry.model_name": "rerun-bot"})
-    changed = tiny_config(data, **{"registry.model_name": "rerun-bot", "cleaning.duplicates": "all"})
+    config = tiny_config(data, **{"registry.model_name": "cache-bot"})
+    changed = tiny_config(data, **{"registry.model_name": "cache-bot", "cleaning.duplicates": "all"})
     return [train(c, return_state=True) for c in (config, config, changed)]
 
 

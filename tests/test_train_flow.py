@@ -25,7 +25,8 @@ def test_first_run_promotes_and_identical_rerun_does_not(tmp_path):
     config = tiny_config(data, **{"registry.model_name": "rerun-bot"})
 
     first = train(config)
-    assert first["promoted"] and first["version"] == "1"
+    assert first["promoted"], first["reason"]
+    assert first["version"] == "1"
     assert champion_version("rerun-bot") == "1"
 
     version = MlflowClient().get_model_version("rerun-bot", "1")
