@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -230,7 +231,8 @@ def load_profile(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: a profile is a YAML mapping, got {type(raw).__name__}")
     data_path = (raw.get("data") or {}).get("path")
     if isinstance(data_path, str) and not data_path.startswith("chatterbot:") and not Path(data_path).is_absolute():
-        raw["data"]["path"] = str((path.parent / data_path).resolve())
+        # normpath, not resolve(): a symlinked data folder keeps the path the user wrote
+        raw["data"]["path"] = os.path.normpath(path.parent.absolute() / data_path)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:

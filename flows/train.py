@@ -23,7 +23,7 @@ from tasks.finetune import fine_tune
 from tasks.gate import gate_candidate
 from tasks.ingest import file_sha256, load_transcript
 from tasks.lineage import log_data_lineage, report_dir
-from tasks.registry import download_champion, register_model, start_run
+from tasks.registry import download_champion, promote_champion, register_model, start_run
 from tasks.samples import sample_replies
 from tasks.validate import validate_dialogue, validate_raw
 
@@ -58,23 +58,24 @@ def train(config: PipelineConfig) -> dict:
         model_path = fine_tune(base, datasets, config.training, str(workdir), run_id)
         sample_replies(model_path, run_id, config.character)
         with tempfile.TemporaryDirectory() as tmp:
-            champion_path = download_champion(config.model_name, tmp)
+            champion = download_champion(config.model_name, tmp)
             scores = {
                 "candidate": measure_perplexity(model_path, splits["test"], config.dialogue),
                 "base": measure_perplexity(base, splits["test"], config.dialogue),
-                "champion": measure_perplexity(champion_path, splits["test"], config.dialogue) if champion_path else None,
+                "champion": measure_perplexity(champion["path"], splits["test"], config.dialogue) if champion else None,
             }
         for name, score in scores.items():
             if score:
                 client.log_metric(run_id, f"test_perplexity_{name}", score["perplexity"])
+                client.log_metric(run_id, f"test_char_perplexity_{name}", score["char_perplexity"])
         client.log_metric(run_id, "test_target_tokens", scores["candidate"]["tokens"])
-        decision = gate_candidate(scores["candidate"]["perplexity"],
-                                  scores["champion"]["perplexity"] if scores["champion"] else None,
-                                  scores["base"]["perplexity"], config.gate)
+        decision = gate_candidate(scores, config.gate)
         for key, value in decision.as_tags().items():
             client.set_tag(run_id, key, value)
-        version = register_model(run_id, model_path, config, decision.as_tags(), decision.promote)
+        version = register_model(run_id, model_path, config, decision.as_tags())
         bento = build_bento(config.model_name, version) if decision.promote and config.registry.build_bento else None
+        if decision.promote:  # last: a run that fails anywhere before this leaves the champion where it was
+            promote_champion(config.model_name, version, champion["version"] if champion else None)
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # finished: a rerun trains afresh
     except BaseException:
         client.set_terminated(run_id, "FAILED")

@@ -1,5 +1,6 @@
 """Held-out perplexity: exp(total token loss / total target tokens) over non-padding labels."""
 
+import hashlib
 import math
 
 from prefect import task
@@ -31,13 +32,24 @@ def perplexity(model, dataset, pad_token_id: int, batch_size: int = 32) -> dict:
                                    ignore_index=IGNORE_INDEX, reduction="sum")
             total_loss += loss.item()
             total_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
-    mean = total_loss / max(total_tokens, 1)
-    return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": total_tokens, "loss": mean}
+    if not total_tokens:
+        return {"perplexity": math.nan, "tokens": 0, "loss": math.nan, "total_loss": 0.0}
+    mean = total_loss / total_tokens
+    return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": total_tokens, "loss": mean,
+            "total_loss": total_loss}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary and merges: equal fingerprints make per-token perplexities comparable."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
 @task(name="measure-perplexity")
 def measure_perplexity(model_path: str, samples: list[dict], dialogue: DialogueConfig) -> dict:
-    """Perplexity of the model in model_path on samples, tokenised with that model's own tokenizer."""
+    """Perplexity of the model on the samples' responses, tokenised with the model's own tokenizer.
+
+    Also per character (exp(total loss / response characters)), which compares models whose tokenizers differ.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -47,4 +59,10 @@ def measure_perplexity(model_path: str, samples: list[dict], dialogue: DialogueC
     model = AutoModelForCausalLM.from_pretrained(model_path)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return perplexity(model, encode_split(samples, tokenizer, dialogue), tokenizer.pad_token_id)
+    responses_only = dialogue.model_copy(update={"loss_on": "response"})
+    result = perplexity(model, encode_split(samples, tokenizer, responses_only), tokenizer.pad_token_id)
+    chars = sum(len(s["response"].strip()) + 1 for s in samples)  # + 1: the end-of-turn token
+    mean_per_char = result["total_loss"] / max(chars, 1)
+    result["char_perplexity"] = math.exp(mean_per_char) if result["tokens"] and mean_per_char < 700 else math.nan
+    result["tokenizer"] = tokenizer_fingerprint(tokenizer)
+    return result

@@ -81,21 +81,34 @@ def hf_folder(downloaded: str) -> Path:
     return Path(downloaded) / artifacts[HF_ARTIFACT]["path"]
 
 
-@task(name="load-champion", retries=2, retry_delay_seconds=2)
-def download_champion(model_name: str, workdir: str) -> str | None:
-    """The champion's save_pretrained folder, or None when there is no champion yet."""
-    client = MlflowClient()
+# "no such model" and "model has no such alias": every other registry error must stop the run,
+# or a registry outage would look like "no champion yet" and promote anything under the limit
+NO_CHAMPION_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+def champion_version(model_name: str) -> str | None:
+    """The version the champion alias points at, or None when there is no champion yet."""
     try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
+        return str(MlflowClient().get_model_version_by_alias(model_name, CHAMPION).version)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in NO_CHAMPION_CODES:
+            return None
+        raise
+
+
+@task(name="load-champion", retries=2, retry_delay_seconds=2)
+def download_champion(model_name: str, workdir: str) -> dict | None:
+    """{"version", "path"} of the champion's save_pretrained folder, or None when there is no champion yet."""
+    version = champion_version(model_name)
+    if version is None:
         return None
-    folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version.version}", dst_path=workdir)
-    return str(hf_folder(folder))
+    folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=workdir)
+    return {"version": version, "path": str(hf_folder(folder))}
 
 
-@task(name="register", retries=2, retry_delay_seconds=2)
-def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: dict[str, str], promote: bool) -> str:
-    """Log the model to the run, register a version of config.model_name; move 'champion' only if promote."""
+@task(name="register")  # no retries: a retry after log_model would register a second version
+def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: dict[str, str]) -> str:
+    """Log the model to the run and register it as a new version of config.model_name (no alias)."""
     from castbot.pyfunc import HF_ARTIFACT, ChatModel
 
     client = MlflowClient()
@@ -110,19 +123,26 @@ def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: d
         )
     version = str(info.registered_model_version)
     run = client.get_run(run_id)
-    run_tags = run.data.tags
-    for key, value in {**{k: v for k, v in run_tags.items() if k.startswith("castbot.")}, **tags}.items():
+    for key, value in {**{k: v for k, v in run.data.tags.items() if k.startswith("castbot.")}, **tags}.items():
         client.set_model_version_tag(config.model_name, version, key, value)
-    if promote:
-        client.set_registered_model_alias(config.model_name, CHAMPION, version)
-    create_markdown_artifact(mlflow_links(run.info.experiment_id, run_id, config.model_name, version, promote),
+    create_markdown_artifact(mlflow_links(run.info.experiment_id, run_id, config.model_name, version),
                              key="mlflow-links", description="MLflow run and model version")
     return version
 
 
-def mlflow_links(experiment_id: str, run_id: str, model_name: str, version: str, champion: bool) -> str:
+@task(name="promote", retries=2, retry_delay_seconds=2)
+def promote_champion(model_name: str, version: str, measured_champion: str | None) -> None:
+    """Point the champion alias at version, unless another run moved it since this run measured it."""
+    current = champion_version(model_name)
+    if current != measured_champion:
+        raise RuntimeError(f"{model_name}: the champion moved from version {measured_champion} to {current} while "
+                           f"this run was training; version {version} was compared with the old one, so it is "
+                           "not promoted. Rerun to compare it with the new champion.")
+    MlflowClient().set_registered_model_alias(model_name, CHAMPION, version)
+
+
+def mlflow_links(experiment_id: str, run_id: str, model_name: str, version: str) -> str:
     """Markdown links to the run and the model version in the MLflow UI (CASTBOT_MLFLOW_UI_URL)."""
     ui = os.environ.get("CASTBOT_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
-    alias = f" (alias `{CHAMPION}`)" if champion else ""
     return (f"### MLflow\n\n- run: [{run_id}]({ui}/#/experiments/{experiment_id}/runs/{run_id})\n"
-            f"- model: [{model_name} version {version}]({ui}/#/models/{model_name}/versions/{version}){alias}\n")
+            f"- model: [{model_name} version {version}]({ui}/#/models/{model_name}/versions/{version})\n")

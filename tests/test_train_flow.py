@@ -12,10 +12,9 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def champion_version(name: str) -> str | None:
-    try:
-        return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
-    except Exception:
-        return None
+    from tasks.registry import champion_version as registry_champion
+
+    return registry_champion(name)  # None only for "no such model / no alias"; other registry errors raise
 
 
 def test_first_run_promotes_and_identical_rerun_does_not(tmp_path):
@@ -52,6 +51,44 @@ def test_candidate_above_the_limit_is_registered_but_never_champion(tmp_path):
     result = train(config)
     assert not result["promoted"] and "above the limit" in result["reason"]
     assert champion_version("strict-bot") is None
+
+
+def test_a_run_that_fails_after_the_gate_leaves_the_champion_alone(tmp_path, monkeypatch):
+    """The Bento build fails after a promoting gate: the run fails and the alias stays on version 1."""
+    import flows.train
+    from flows.train import train
+
+    config = tiny_config(write_tiny_show(tmp_path / "show.csv"), **{"registry.model_name": "late-failure-bot"})
+    assert train(config)["promoted"]
+    better = config.model_copy(update={"gate": config.gate.model_copy(update={"min_improvement": 0.0}),
+                                       "registry": config.registry.model_copy(update={"build_bento": True})})
+
+    def broken_build(*args, **kwargs):
+        raise RuntimeError("bentoml build failed")
+
+    monkeypatch.setattr(flows.train, "build_bento", broken_build)  # fault injection, not a stand-in for BentoML
+    with pytest.raises(RuntimeError, match="bentoml build failed"):
+        train(better)
+    assert champion_version("late-failure-bot") == "1"
+    [failed] = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("castbot").experiment_id],
+        filter_string="tags.`gate.promote` = 'True' and attributes.status = 'FAILED'")
+    assert failed.info.status == "FAILED"
+
+
+def test_promotion_is_refused_when_the_champion_moved_during_the_run():
+    from mlflow import MlflowClient
+
+    from tasks.registry import promote_champion
+
+    client = MlflowClient()
+    client.create_registered_model("moved-bot")
+    for _ in range(3):
+        client.create_model_version("moved-bot", source="file:///nonexistent")
+    client.set_registered_model_alias("moved-bot", "champion", "2")  # another run promoted v2 meanwhile
+    with pytest.raises(RuntimeError, match="the champion moved from version 1 to 2"):
+        promote_champion.fn("moved-bot", "3", measured_champion="1")
+    assert champion_version("moved-bot") == "2"
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,10 @@ def test_perplexity_is_token_weighted_over_padded_batches(batch_size):
     assert result["perplexity"] == pytest.approx(math.exp(expected_loss / expected_tokens), rel=1e-4)
 
 
+def score(perplexity: float, tokenizer: str = "t1", char_perplexity: float | None = None) -> dict:
+    return {"perplexity": perplexity, "char_perplexity": char_perplexity or perplexity / 10, "tokenizer": tokenizer}
+
+
 @pytest.mark.parametrize(
     "candidate, champion, promote, why",
     [
@@ -143,11 +147,25 @@ def test_perplexity_is_token_weighted_over_padded_batches(batch_size):
         (70.0, 60.0, False, "does not beat the champion"),
         (150.0, None, False, "above the limit"),
         (float("nan"), None, False, "above the limit"),
+        (99.0, None, False, "does not beat the base model"),  # within the limit, but no better than untrained
     ],
 )
 def test_gate_never_promotes_a_worse_model(candidate, champion, promote, why):
     from tasks.gate import decide
 
-    decision = decide(candidate, champion, base=300.0, gate=GateConfig(max_perplexity=100, min_improvement=0.01))
+    scores = {"candidate": score(candidate), "base": score(99.5),
+              "champion": score(champion) if champion else None}
+    decision = decide(scores, GateConfig(max_perplexity=100, min_improvement=0.01))
     assert decision.promote is promote
     assert why in decision.reason
+
+
+def test_gate_compares_per_character_when_tokenizers_differ():
+    """A smaller vocabulary lowers per-token perplexity; per character the candidate is worse and is refused."""
+    from tasks.gate import decide
+
+    scores = {"candidate": score(20.0, "small-vocab", char_perplexity=3.0), "base": score(900.0, "small-vocab", 9.0),
+              "champion": score(40.0, "big-vocab", char_perplexity=2.5)}
+    decision = decide(scores, GateConfig(max_perplexity=100, min_improvement=0.01))
+    assert not decision.promote and decision.unit == "character"
+    assert "does not beat the champion's 2.500" in decision.reason
