@@ -20,7 +20,8 @@ from starlette.responses import FileResponse
 from starlette.routing import Route
 
 from castbot.serving import (LIMITS, ChatReply, ChatRequest, GenerateRequest, Generation, Prompt, chat_prompt,
-                             generate_batch, group_by_settings, load_chat_model)
+                             generate_batch, group_by_settings, load_chat_model,
+                             position_limit)
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 API_PATHS = frozenset({"/chat", "/generate"})
@@ -149,6 +150,9 @@ class Chat:
     def __init__(self) -> None:
         stored = self.bento_model
         self.tokenizer, self.model, self.device = load_chat_model(stored.path, LIMITS.torch_threads)
+        if LIMITS.max_new_tokens >= position_limit(self.model):  # else long requests would fail inside generate
+            raise RuntimeError(f"CASTBOT_SERVE_MAX_NEW_TOKENS={LIMITS.max_new_tokens} leaves no room for a prompt: "
+                               f"the model holds {position_limit(self.model)} positions")
         labels = stored.info.labels
         self.identity = {"model_name": labels.get("mlflow_model", stored.tag.name),
                          "model_version": labels.get("mlflow_version", stored.tag.version),

@@ -16,7 +16,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 from castbot.config import OfflineModelConfig, TrainingConfig, load_profile
 

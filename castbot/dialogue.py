@@ -23,6 +23,8 @@ def _turn_ids(tokenizer, text: str) -> list[int]:
 
 def prompt_ids(tokenizer, turns: list[str], max_tokens: int) -> list[int]:
     """Token ids for the turns so far, ending in <eos>; oldest turns dropped first to fit max_tokens."""
+    if max_tokens < 1:
+        raise ValueError(f"no room for a prompt: max_tokens={max_tokens}")
     ids: list[int] = []
     for turn in reversed(turns):
         turn_ids = _turn_ids(tokenizer, turn)
@@ -35,7 +37,8 @@ def prompt_ids(tokenizer, turns: list[str], max_tokens: int) -> list[int]:
 
 
 def encode_sample(tokenizer, context: list[str], response: str, max_length: int, loss_on: str = "response") -> dict:
-    """One training sample; the context is cut from the left, never the response."""
+    """One training sample; the context is cut from the left. Only a response that alone exceeds
+    max_length - 1 tokens is cut: it keeps its start and still ends in <eos>."""
     response_ids = _turn_ids(tokenizer, response)[: max_length - 1]
     if response_ids[-1] != tokenizer.eos_token_id:
         response_ids[-1] = tokenizer.eos_token_id

@@ -135,12 +135,18 @@ def load_chat_model(path: str, torch_threads: int = 0):
     return tokenizer, model, device
 
 
+def position_limit(model) -> int:
+    """Longest sequence (prompt + reply) the model's position table holds."""
+    config = model.config
+    return getattr(config, "n_positions", None) or config.max_position_embeddings
+
+
 def generate_batch(tokenizer, model, prompts: list[Prompt]) -> list[Generation]:
     """Replies to prompts that share decoding settings, in one left-padded generate() call."""
     import torch
 
     decoding = prompts[0]
-    budget = model.config.n_positions - decoding.max_new_tokens  # prompt + reply must fit the position table
+    budget = position_limit(model) - decoding.max_new_tokens  # prompt + reply must fit the position table
     ids, mask = left_pad([prompt_ids(tokenizer, p.turns, budget) for p in prompts], tokenizer.pad_token_id)
     device = model.device
     sampling = ({"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p,

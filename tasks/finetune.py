@@ -8,7 +8,6 @@ Several processes (DDP on a GPU node): `training.processes > 1` makes the task r
 """
 
 import json
-import logging
 import math
 import struct
 import subprocess
@@ -20,20 +19,14 @@ from pathlib import Path
 from prefect import task
 
 from castbot.config import TrainingConfig
+from tasks.logs import run_logger
 from castbot.dialogue import DECODING_DEFAULTS, IGNORE_INDEX
 
 CHECKPOINTS = "checkpoints"
 
 
 def _logger():
-    """The Prefect run logger inside a flow or task, else a plain logger (bench, `accelerate launch` ranks)."""
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("castbot.finetune")
+    return run_logger("castbot.finetune")
 
 
 def pick_precision(requested: str) -> str:

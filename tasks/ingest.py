@@ -9,14 +9,14 @@ import csv
 import hashlib
 import io
 import json
-import logging
 from pathlib import Path
 
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import task
 
 from castbot.config import DataConfig
 from tasks.errors import DataError
+from tasks.logs import run_logger
 
 CANONICAL = ["episode", "scene", "speaker", "line"]
 CHATTERBOT_PREFIX = "chatterbot:"
@@ -69,10 +69,7 @@ def read_chatterbot(path: str) -> pd.DataFrame:
 
 
 def _logger():
-    try:
-        return get_run_logger()
-    except Exception:  # called outside a flow (tests, bench)
-        return logging.getLogger("castbot.ingest")
+    return run_logger("castbot.ingest")
 
 
 def _short(values, limit: int = 8, width: int = 40) -> str:

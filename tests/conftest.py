@@ -74,6 +74,29 @@ def tiny_config(data_path, **overrides):
     return PipelineConfig.model_validate(raw)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's state folder (MLflow DB, BentoML store, Prefect DB) unless asked to keep it."""
+    import shutil
+
+    if not os.environ.get("CASTBOT_KEEP_TEST_STATE"):
+        shutil.rmtree(STATE, ignore_errors=True)
+
+
+def stop_process_group(proc, timeout: float = 20) -> None:
+    """SIGTERM a process started with start_new_session=True and all its children; SIGKILL if they linger."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture
 def tiny_show(tmp_path) -> Path:
     return write_tiny_show(tmp_path / "tiny_show.csv")

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CHARACTER, REPO, tiny_config, write_tiny_show
+from tests.conftest import CHARACTER, REPO, stop_process_group, tiny_config, write_tiny_show
 
 # the served process's limits (CASTBOT_SERVE_*); small so the bad-input and overload cases are cheap
 SERVER_LIMITS = {"max_message_chars": 200, "max_turn_chars": 200, "max_history_turns": 8, "max_new_tokens": 32,
@@ -68,12 +68,7 @@ def server(trained, tmp_path_factory) -> str:
         wait_ready(url, proc, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process_group(proc)
 
 
 @pytest.fixture(scope="session")
@@ -408,11 +403,7 @@ def browser(tmp_path):
         yield devtools
         devtools.ws.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process_group(proc, timeout=10)
 
 
 def test_web_page_chat_in_headless_chromium(server, browser):

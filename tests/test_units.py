@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from castbot.config import ConfigError, GateConfig, load_profile
-from tests.conftest import CHARACTER, tiny_config, tiny_show_rows
+from tests.conftest import CHARACTER, tiny_show_rows
 
 
 def write(path, text):
