@@ -101,7 +101,11 @@ def test_splits_never_share_an_episode():
     episodes = {name: {s["episode"] for s in samples} for name, samples in splits.items()}
     assert not episodes["train"] & episodes["test"] and not episodes["train"] & episodes["validation"]
     assert not episodes["validation"] & episodes["test"]
-    assert sum(len(s) for s in splits.values()) == sum(1 for r in tiny_show_rows(episodes=10) if r["speaker"] == CHARACTER)
+    seen = {(tuple(s["context"]), s["response"]) for s in splits["train"]}
+    assert not any((tuple(s["context"]), s["response"]) in seen for s in splits["validation"] + splits["test"])
+    n_lines = sum(1 for r in tiny_show_rows(episodes=10) if r["speaker"] == CHARACTER)
+    assert len(splits["train"]) + len(splits["validation"]) + len(splits["test"]) <= n_lines
+    assert splits["validation"] and splits["test"]
     # context comes from the same episode and scene, at most context_turns lines
     assert all(len(s["context"]) <= 2 for s in splits["train"])
 
