@@ -259,7 +259,10 @@ def training_arguments(config: TrainingConfig, checkpoints: Path, precision: str
         data_seed=config.seed,
         report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
+        # on a GPU, collate in worker processes so the GPU does not wait on Python padding; on CPU they
+        # would take the cores the model needs
+        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
     )
 
