@@ -14,23 +14,16 @@ def write(path, text):
     return path
 
 
-def test_profile_unknown_key_is_named(tmp_path):
-    profile = write(tmp_path / "p.yaml", """
-        data: {path: x.csv}
-        character: Rick
-        training: {learning_rat: 0.1}
-    """)
-    with pytest.raises(ConfigError, match=r"training\.learning_rat: Extra inputs are not permitted"):
-        load_profile(profile)
-
-
-def test_profile_out_of_range_value_is_named(tmp_path):
-    profile = write(tmp_path / "p.yaml", """
-        data: {path: x.csv}
-        character: Rick
-        gate: {min_improvement: 2}
-    """)
-    with pytest.raises(ConfigError, match=r"gate\.min_improvement: Input should be less than 1"):
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ("training: {learning_rat: 0.1}", r"training\.learning_rat: Extra inputs are not permitted"),
+        ("gate: {min_improvement: 2}", r"gate\.min_improvement: Input should be less than 1"),
+    ],
+)
+def test_a_bad_profile_key_is_named(tmp_path, section, message):
+    profile = write(tmp_path / "p.yaml", f"data: {{path: x.csv}}\ncharacter: Rick\n{section}\n")
+    with pytest.raises(ConfigError, match=message):
         load_profile(profile)
 
 
