@@ -19,9 +19,9 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse
 from starlette.routing import Route
 
+from castbot.bot import Bot
 from castbot.serving import (LIMITS, ChatReply, ChatRequest, GenerateRequest, Generation, Prompt, chat_prompt,
-                             generate_batch, group_by_settings, load_chat_model,
-                             position_limit)
+                             generate_batch, group_by_settings)
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 API_PATHS = frozenset({"/chat", "/generate"})
@@ -149,17 +149,17 @@ class Chat:
 
     def __init__(self) -> None:
         stored = self.bento_model
-        self.tokenizer, self.model, self.device = load_chat_model(stored.path, LIMITS.torch_threads)
-        if LIMITS.max_new_tokens >= position_limit(self.model):  # else long requests would fail inside generate
+        self.bot = Bot.load(stored.path, torch_threads=LIMITS.torch_threads)
+        if LIMITS.max_new_tokens >= self.bot.positions:  # else long requests would fail inside generate
             raise RuntimeError(f"CASTBOT_SERVE_MAX_NEW_TOKENS={LIMITS.max_new_tokens} leaves no room for a prompt: "
-                               f"the model holds {position_limit(self.model)} positions")
+                               f"the model holds {self.bot.positions} positions")
         labels = stored.info.labels
         self.identity = {"model_name": labels.get("mlflow_model", stored.tag.name),
                          "model_version": labels.get("mlflow_version", stored.tag.version),
                          "character": labels.get("character", "")}
 
     def __is_ready__(self) -> bool:
-        return self.model is not None
+        return self.bot is not None
 
     @bentoml.api(route="/generate", input_spec=GenerateRequest, batchable=LIMITS.batching,
                  max_batch_size=LIMITS.max_batch_size, max_latency_ms=LIMITS.max_latency_ms)
@@ -168,7 +168,7 @@ class Chat:
         results: list[Generation | None] = [None] * len(prompts)
         for indices in group_by_settings(prompts).values():
             BATCH_SIZES.observe(len(indices))
-            for i, generation in zip(indices, generate_batch(self.tokenizer, self.model, [prompts[i] for i in indices])):
+            for i, generation in zip(indices, generate_batch(self.bot, [prompts[i] for i in indices])):
                 results[i] = generation
         return results
 
@@ -177,7 +177,7 @@ class Chat:
         """One chat turn: history (oldest first) and message -> the character's reply."""
         # through the service's own /generate endpoint, so concurrent chats share its batches
         _keep_self_session(self)
-        [generation] = await self.to_async.generate(prompts=[chat_prompt(request)])
+        [generation] = await self.to_async.generate(prompts=[chat_prompt(request, self.identity["character"])])
         if not isinstance(generation, Generation):
             generation = Generation.model_validate(generation if isinstance(generation, dict) else json.loads(generation))
         return ChatReply(**generation.model_dump(), **self.identity)

@@ -105,11 +105,20 @@ class DialogueConfig(Strict):
     context_turns: int = Field(7, ge=0, le=50, description="Previous lines of the same episode/scene used as context.")
     max_length: int = Field(128, ge=16, le=1024, description="Longest tokenised sample; context is cut from the left.")
     loss_on: Literal["response", "all"] = Field("response", description="Train on the response tokens only, or on all.")
+    format: Literal["auto", "eos", "chat"] = Field(
+        "auto", description="How turns become tokens (castbot/dialogue.py): chat = the model's chat template with a "
+        "system line naming the character; eos = DialoGPT's turns joined by <eos>; auto = chat when the "
+        "tokenizer has a chat template.",
+    )
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of episodes held out for validation.")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of episodes held out for the perplexity test.")
 
 
 class OfflineModelConfig(Strict):
+    architecture: Literal["gpt2", "llama"] = Field(
+        "gpt2", description="gpt2: GPT-2 blocks, eos-joined turns; llama: Llama blocks and a ChatML chat template "
+        "(the SmolLM2 layout in miniature, for tests).",
+    )
     vocab_size: int = Field(4096, ge=300, le=65536, description="BPE vocabulary of the offline tokenizer.")
     n_layer: int = Field(4, ge=1, le=48, description="Transformer blocks of the offline model.")
     n_embd: int = Field(128, ge=32, le=2048, description="Hidden size of the offline model (multiple of n_head).")
@@ -127,9 +136,10 @@ class LoraSettings(Strict):
     r: int = Field(8, ge=1, le=256, description="LoRA rank of the adapters.")
     alpha: int = Field(16, ge=1, le=1024, description="LoRA scaling numerator (the update is scaled by alpha / r).")
     dropout: float = Field(0.05, ge=0, le=0.5, description="Dropout on the adapters' input.")
-    target_modules: list[str] = Field(
-        ["c_attn", "c_proj", "c_fc"], min_length=1,
-        description="Module names that get adapters; GPT-2: attention (c_attn, c_proj) and MLP (c_fc, c_proj).",
+    target_modules: list[str] | None = Field(
+        None, min_length=1,
+        description="Module names that get adapters, e.g. [q_proj, v_proj]; default: every linear layer but the "
+        "output head (peft's all-linear), which fits any architecture.",
     )
 
 
@@ -197,8 +207,11 @@ class RegistryConfig(Strict):
 class PipelineConfig(Strict):
     data: DataConfig
     character: str = Field(..., min_length=1, description="Speaker whose lines the bot learns to say.")
+    show: str | None = Field(None, description="Name of the show, for the chat format's system line "
+                             "('You are Rick from Rick and Morty.').")
     base_model: str = Field(
-        "offline-tiny", description="'offline-tiny', a Hugging Face id or a local folder, e.g. microsoft/DialoGPT-small."
+        "offline-tiny", description="'smollm2-135m' (SmolLM2-135M-Instruct from the package index, verified and cached), "
+        "'offline-tiny' (a tiny model built from the training text, for tests), a Hugging Face id or a local folder.",
     )
     offline_model: OfflineModelConfig = Field(default_factory=OfflineModelConfig, description="Shape of offline-tiny.")
     validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Data quality thresholds.")

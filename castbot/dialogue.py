@@ -1,11 +1,26 @@
 """The dialogue format, written once: training, evaluation and the service all import it.
 
-A sample is the DialoGPT layout: every turn is followed by the tokenizer's end-of-sequence token,
-    turn_1 <eos> turn_2 <eos> ... turn_k <eos> response <eos>
-and the model learns to continue a prompt that ends with <eos> by writing the next turn.
+Two styles, chosen per base model (`DialogueFormat.choose`):
+
+- "eos", the DialoGPT layout for GPT-2-family models: every turn is followed by the end-of-sequence token,
+      turn_1 <eos> turn_2 <eos> ... turn_k <eos> response <eos>
+  and the model learns to continue a prompt that ends with <eos> by writing the next turn. Names are not used.
+- "chat", for models that ship a chat template (SmolLM2 and other instruct models): a system line naming the
+  character and the show, the context lines as one user turn ("Morty: Rick, wait!" one per line), and the
+  character's line as the assistant turn, ended by the tokenizer's end-of-turn token (SmolLM2: <|im_end|>).
+  Measured on the Rick profile (docs/fine-tuning.md): the eos layout on a chat model leaks "assistant\\n" into
+  every reply and keeps the helpful-assistant voice; the chat layout answers in character.
+
+A turn is (speaker, text); the speaker may be "" (unnamed, e.g. the user of the service).
 """
 
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
 IGNORE_INDEX = -100  # label value the loss skips
+FORMAT_FILE = "castbot.json"  # written beside a trained model's weights: format, character, trained length
 
 # Decoding defaults from the public Rick-bot recipes; evaluation samples and the service share them.
 DECODING_DEFAULTS = {
@@ -16,13 +31,15 @@ DECODING_DEFAULTS = {
     "no_repeat_ngram_size": 3,
 }
 
+Turn = tuple[str, str]  # (speaker, text)
+
 
 def _turn_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
 def prompt_ids(tokenizer, turns: list[str], max_tokens: int) -> list[int]:
-    """Token ids for the turns so far, ending in <eos>; oldest turns dropped first to fit max_tokens."""
+    """eos style: token ids for the turns so far, ending in <eos>; oldest turns dropped first to fit max_tokens."""
     if max_tokens < 1:
         raise ValueError(f"no room for a prompt: max_tokens={max_tokens}")
     ids: list[int] = []
@@ -36,23 +53,92 @@ def prompt_ids(tokenizer, turns: list[str], max_tokens: int) -> list[int]:
     return ids
 
 
-def encode_sample(tokenizer, context: list[str], response: str, max_length: int, loss_on: str = "response") -> dict:
-    """One training sample; the context is cut from the left. Only a response that alone exceeds
-    max_length - 1 tokens is cut: it keeps its start and still ends in <eos>."""
-    response_ids = _turn_ids(tokenizer, response)[: max_length - 1]
-    if response_ids[-1] != tokenizer.eos_token_id:
-        response_ids[-1] = tokenizer.eos_token_id
-    context_ids = prompt_ids(tokenizer, context, max_length - len(response_ids)) if context else []
+def _response_ids(tokenizer, response: str, max_length: int) -> list[int]:
+    """The response and its end-of-turn token; only a response that alone exceeds max_length - 1 is cut."""
+    ids = _turn_ids(tokenizer, response)[: max_length - 1]
+    ids[-1] = tokenizer.eos_token_id
+    return ids
+
+
+def _labelled(context_ids: list[int], response_ids: list[int], loss_on: str) -> dict:
     input_ids = context_ids + response_ids
-    if loss_on == "all":
-        labels = list(input_ids)
-    else:
-        labels = [IGNORE_INDEX] * len(context_ids) + response_ids
+    labels = list(input_ids) if loss_on == "all" else [IGNORE_INDEX] * len(context_ids) + response_ids
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+def encode_sample(tokenizer, context: list[str], response: str, max_length: int, loss_on: str = "response") -> dict:
+    """eos style: one training sample; the context is cut from the left."""
+    response_ids = _response_ids(tokenizer, response, max_length)
+    context_ids = prompt_ids(tokenizer, context, max_length - len(response_ids)) if context else []
+    return _labelled(context_ids, response_ids, loss_on)
+
+
+@dataclass(frozen=True)
+class DialogueFormat:
+    """How turns become tokens for one model: the style and, for "chat", who the system line says it is."""
+
+    style: Literal["eos", "chat"] = "eos"
+    character: str = ""
+    show: str = ""
+
+    @classmethod
+    def choose(cls, tokenizer, requested: str, character: str, show: str | None) -> "DialogueFormat":
+        """auto: chat when the tokenizer has a chat template, else eos."""
+        style = requested if requested != "auto" else ("chat" if getattr(tokenizer, "chat_template", None) else "eos")
+        if style == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("dialogue.format=chat needs a tokenizer with a chat template; use eos for this model")
+        return cls(style, character, show or "")
+
+    def system_line(self) -> str:
+        who = f"{self.character} from {self.show}" if self.show else self.character
+        return f"You are {who}. Reply in character."
+
+    def _chat_ids(self, tokenizer, turns: list[Turn]) -> list[int]:
+        user = "\n".join(f"{speaker}: {text.strip()}" if speaker else text.strip() for speaker, text in turns)
+        messages = [{"role": "system", "content": self.system_line()}, {"role": "user", "content": user}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, tokenizer, turns: list[Turn], max_tokens: int) -> list[int]:
+        """Token ids that end where the character's reply starts; oldest turns dropped first to fit max_tokens."""
+        if self.style == "eos":
+            return prompt_ids(tokenizer, [text for _, text in turns], max_tokens)
+        turns = list(turns)
+        ids = self._chat_ids(tokenizer, turns)
+        while len(ids) > max_tokens and len(turns) > 1:
+            turns.pop(0)
+            ids = self._chat_ids(tokenizer, turns)
+        if len(ids) > max_tokens and turns:  # one turn alone is too long: keep the end of its text
+            overhead = len(self._chat_ids(tokenizer, [(turns[0][0], "")]))
+            if max_tokens <= overhead:
+                raise ValueError(f"no room for a prompt: max_tokens={max_tokens}, the chat template takes {overhead}")
+            text_ids = tokenizer.encode(turns[0][1].strip(), add_special_tokens=False)[-(max_tokens - overhead - 1):]
+            ids = self._chat_ids(tokenizer, [(turns[0][0], tokenizer.decode(text_ids))])[:max_tokens]
+        return ids
+
+    def encode_sample(self, tokenizer, context: list[Turn], response: str, max_length: int,
+                      loss_on: str = "response") -> dict:
+        """One training sample: prompt ids, then the response and its end-of-turn token (the loss target)."""
+        if self.style == "eos":
+            return encode_sample(tokenizer, [text for _, text in context], response, max_length, loss_on)
+        response_ids = _response_ids(tokenizer, response, max_length)
+        context_ids = self.prompt_ids(tokenizer, context, max_length - len(response_ids))
+        return _labelled(context_ids, response_ids, loss_on)
+
+    def save(self, folder: Path, max_length: int, base_model: str | None = None) -> None:
+        """Write castbot.json beside a trained model: the service prompts exactly as training did."""
+        meta = {"format": asdict(self), "max_length": max_length, "base_model": base_model}
+        (Path(folder) / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def read_model_meta(folder: str | Path) -> dict:
+    """castbot.json of a trained model folder, or {} for a plain base model."""
+    path = Path(folder) / FORMAT_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def decode_reply(tokenizer, generated_ids: list[int]) -> str:
-    """Text of one generated turn: everything up to the first <eos>."""
+    """Text of one generated turn: everything up to the first end-of-turn token."""
     if tokenizer.eos_token_id in generated_ids:
         generated_ids = generated_ids[: generated_ids.index(tokenizer.eos_token_id)]
     return tokenizer.decode(generated_ids, skip_special_tokens=True).strip()

@@ -9,13 +9,10 @@ class ChatModel(mlflow.pyfunc.PythonModel):
     """predict(["hello", ...]) -> ["reply", ...]; each message is a single-turn chat with the default decoding."""
 
     def load_context(self, context):
-        from castbot.serving import load_chat_model
+        from castbot.bot import Bot
 
-        self.tokenizer, self.model, _ = load_chat_model(context.artifacts[HF_ARTIFACT])
+        self.bot = Bot.load(context.artifacts[HF_ARTIFACT])
 
     def predict(self, context, model_input, params=None):
-        from castbot.serving import Prompt, generate_batch
-
         messages = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
-        prompts = [Prompt(turns=[str(message)]) for message in messages]
-        return [generation.reply for generation in generate_batch(self.tokenizer, self.model, prompts)]
+        return [reply.reply for reply in self.bot.generate([[("", str(message))] for message in messages])]

@@ -7,9 +7,9 @@ so a chat is built and decoded the same way everywhere. Limits come from CASTBOT
 import os
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from castbot.dialogue import DECODING_DEFAULTS, decode_reply, prompt_ids
+from castbot.dialogue import DECODING_DEFAULTS
 
 ENV_PREFIX = "CASTBOT_SERVE_"
 
@@ -72,6 +72,18 @@ class Prompt(Decoding):
     turns: list[_text(max(LIMITS.max_turn_chars, LIMITS.max_message_chars))] = Field(
         ..., min_length=1, max_length=LIMITS.max_history_turns + 1,
         description="The conversation so far, oldest first; the reply continues it.")
+    speakers: list[str] | None = Field(
+        None, max_length=LIMITS.max_history_turns + 1,
+        description="Who said each turn ('' for the user); chat-format models see 'Name: line'. Default: unnamed.")
+
+    @model_validator(mode="after")
+    def _one_speaker_per_turn(self):
+        if self.speakers is not None and len(self.speakers) != len(self.turns):
+            raise ValueError(f"speakers has {len(self.speakers)} names for {len(self.turns)} turns")
+        return self
+
+    def named_turns(self) -> list[tuple[str, str]]:
+        return list(zip(self.speakers or [""] * len(self.turns), self.turns))
 
 
 class GenerateRequest(Strict):
@@ -86,7 +98,8 @@ class Generation(BaseModel):
 
 
 class Turn(Strict):
-    speaker: str = Field("", max_length=64, description="Who said it (informational: the format has no names).")
+    speaker: str = Field("", max_length=64, description="Who said it: a name, or user/bot ('bot' and 'assistant' "
+                         "mean the character). Chat-format models see names; eos-format models ignore them.")
     text: _text(LIMITS.max_turn_chars) = Field(..., description="What was said.")
 
 
@@ -102,67 +115,31 @@ class ChatReply(Generation):
     character: str = Field(..., description="The character the model speaks as.")
 
 
-def chat_prompt(request: ChatRequest) -> Prompt:
-    """The /generate prompt for a chat: history texts then the message, with the request's decoding."""
+USER_LABELS = {"", "user", "you", "human", "me"}
+BOT_LABELS = {"bot", "assistant"}
+
+
+def speaker_name(label: str, character: str) -> str:
+    """A history turn's speaker as the model saw speakers in training: the character's name for the bot's own
+    turns, '' for the user, other names as given."""
+    key = label.strip().lower()
+    if key in BOT_LABELS or key == character.lower():
+        return character
+    return "" if key in USER_LABELS else label.strip()
+
+
+def chat_prompt(request: ChatRequest, character: str = "") -> Prompt:
+    """The /generate prompt for a chat: history then the message (the user's), with the request's decoding."""
     turns = [turn.text for turn in request.history] + [request.message]
-    return Prompt(turns=turns, **request.model_dump(include=set(Decoding.model_fields)))
+    speakers = [speaker_name(turn.speaker, character) for turn in request.history] + [""]
+    return Prompt(turns=turns, speakers=speakers, **request.model_dump(include=set(Decoding.model_fields)))
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Left-pad token rows to one width: (input_ids, attention_mask), both (batch, width)."""
-    width = max(len(row) for row in rows)
-    return ([[pad_id] * (width - len(row)) + row for row in rows],
-            [[0] * (width - len(row)) + [1] * len(row) for row in rows])
-
-
-def load_chat_model(path: str, torch_threads: int = 0):
-    """(tokenizer, model, device) from a save_pretrained folder: CUDA in bf16/fp16 when present, else CPU fp32."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if torch.cuda.is_available():
-        device, dtype = "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        device, dtype = "cpu", torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return tokenizer, model, device
-
-
-def position_limit(model) -> int:
-    """Longest sequence (prompt + reply) the model's position table holds."""
-    config = model.config
-    return getattr(config, "n_positions", None) or config.max_position_embeddings
-
-
-def generate_batch(tokenizer, model, prompts: list[Prompt]) -> list[Generation]:
-    """Replies to prompts that share decoding settings, in one left-padded generate() call."""
-    import torch
-
-    decoding = prompts[0]
-    budget = position_limit(model) - decoding.max_new_tokens  # prompt + reply must fit the position table
-    ids, mask = left_pad([prompt_ids(tokenizer, p.turns, budget) for p in prompts], tokenizer.pad_token_id)
-    device = model.device
-    sampling = ({"do_sample": True, "temperature": decoding.temperature, "top_p": decoding.top_p,
-                 "top_k": decoding.top_k} if decoding.temperature > 0 else {"do_sample": False})
-    with torch.inference_mode():
-        out = model.generate(  # (batch, width) -> (batch, width + new)
-            input_ids=torch.tensor(ids, device=device), attention_mask=torch.tensor(mask, device=device),
-            max_new_tokens=decoding.max_new_tokens, min_new_tokens=1,  # never an empty turn
-            no_repeat_ngram_size=decoding.no_repeat_ngram_size,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
-    results = []
-    for row, row_mask in zip(out[:, len(ids[0]):].tolist(), mask):
-        new = row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
-        results.append(Generation(reply=decode_reply(tokenizer, new), prompt_tokens=sum(row_mask),
-                                  new_tokens=len(new)))
-    return results
+def generate_batch(bot, prompts: list[Prompt]) -> list[Generation]:
+    """Replies to prompts that share decoding settings, in one left-padded generate() call of the Bot."""
+    decoding = prompts[0].model_dump(include=set(Decoding.model_fields))
+    return [Generation(reply=r.reply, prompt_tokens=r.prompt_tokens, new_tokens=r.new_tokens)
+            for r in bot.generate([p.named_turns() for p in prompts], **decoding)]
 
 
 def group_by_settings(prompts: list[Prompt]) -> dict[tuple, list[int]]:

@@ -12,14 +12,15 @@ from mlflow import MlflowClient
 from prefect import flow
 
 from castbot.config import ConfigError, PipelineConfig, load_profile
+from castbot.pretrained import ModelFetchError
 from castbot.settings import STATE_DIR
-from tasks.base_model import prepare_base_model
+from tasks.base_model import base_reference, prepare_base_model
 from tasks.bento import build_bento
 from tasks.clean import clean_transcript, publish_cleaning_report
 from tasks.dialogues import build_dialogues
 from tasks.errors import DataError
 from tasks.evaluate import measure_perplexity
-from tasks.finetune import fine_tune
+from tasks.finetune import ModelCard, fine_tune
 from tasks.gate import gate_candidate
 from tasks.ingest import file_sha256, load_transcript
 from tasks.lineage import log_data_lineage, report_dir
@@ -36,7 +37,7 @@ def training_texts(samples: list[dict]) -> list[str]:
 @flow(name="train-character-bot")
 def train(config: PipelineConfig) -> dict:
     """Train a character bot from a transcript and promote it if it beats the champion."""
-    from tasks.tokenize import tokenize_dialogues
+    from tasks.tokenize import choose_format, tokenize_dialogues
 
     reports = report_dir()
     frame = load_transcript(config.data)
@@ -52,22 +53,25 @@ def train(config: PipelineConfig) -> dict:
         log_data_lineage(run_id, cleaned, config.data.path, reports)
         base = prepare_base_model(config.base_model, training_texts(splits["train"]), config.offline_model,
                                   config.training.seed)
-        datasets = tokenize_dialogues(splits, base, config.dialogue)
+        fmt = choose_format(base, config.dialogue, config.character, config.show)
+        datasets = tokenize_dialogues(splits, base, config.dialogue, fmt)
         # same data + config -> same folder, so an interrupted run resumes from its checkpoints
         workdir = STATE_DIR / "runs" / hashlib.sha256(f"{data_sha256}{config.digest()}".encode()).hexdigest()[:16]
-        model_path = fine_tune(base, datasets, config.training, str(workdir), run_id)
+        card = ModelCard(fmt, config.dialogue.max_length, base_reference(config.base_model, base))
+        model_path = fine_tune(base, datasets, config.training, str(workdir), run_id, card)
         sample_replies(model_path, run_id, config.character)
         with tempfile.TemporaryDirectory() as tmp:
             champion = download_champion(config.model_name, tmp)
             scores = {
                 "candidate": measure_perplexity(model_path, splits["test"], config.dialogue),
-                "base": measure_perplexity(base, splits["test"], config.dialogue),
+                "base": measure_perplexity(base, splits["test"], config.dialogue, fmt),
                 "champion": measure_perplexity(champion["path"], splits["test"], config.dialogue) if champion else None,
             }
         for name, score in scores.items():
             if score:
                 client.log_metric(run_id, f"test_perplexity_{name}", score["perplexity"])
                 client.log_metric(run_id, f"test_char_perplexity_{name}", score["char_perplexity"])
+                client.log_metric(run_id, f"test_word_perplexity_{name}", score["word_perplexity"])
         client.log_metric(run_id, "test_target_tokens", scores["candidate"]["tokens"])
         decision = gate_candidate(scores, config.gate)
         for key, value in decision.as_tags().items():
@@ -91,7 +95,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         result = train(load_profile(argv[0]))
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, ModelFetchError) as exc:
         print(f"castbot: {exc}", file=sys.stderr)
         return 1
     verdict = "promoted to champion" if result["promoted"] else "not promoted"

@@ -5,6 +5,7 @@
 """
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -56,8 +57,23 @@ def import_model(model_version) -> str:
         folder = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{model_version.name}/{model_version.version}", dst_path=tmp)
         with bentoml.models.create(name=tag, labels=labels) as stored:
-            shutil.copytree(hf_folder(folder), stored.path, dirs_exist_ok=True)
+            save_servable(hf_folder(folder), Path(stored.path))
     return tag
+
+
+def save_servable(source: Path, dest: Path) -> None:
+    """A self-contained model folder for serving: a LoRA adapter is merged into its base here, once, so the
+    Bento needs neither peft nor the base model at start."""
+    if not (source / "adapter_config.json").is_file():
+        shutil.copytree(source, dest, dirs_exist_ok=True)
+        return
+    from castbot.bot import load_tokenizer, load_weights
+    from castbot.dialogue import FORMAT_FILE, read_model_meta
+
+    load_weights(str(source)).save_pretrained(dest)
+    load_tokenizer(str(source)).save_pretrained(dest)
+    meta = read_model_meta(source) | {"base_model": None}  # merged: no base to resolve any more
+    (dest / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def bentoml_build(model_tag: str, labels: dict[str, str], gpu: bool = False) -> str:

@@ -18,8 +18,9 @@ def samples_for(frame: pd.DataFrame, character: str, context_turns: int) -> list
         for i, speaker in enumerate(speakers):
             if speaker != character:
                 continue
-            context = lines[max(0, i - context_turns) : i] if context_turns else []
-            samples.append({"episode": str(episode), "context": context, "response": lines[i]})
+            start = max(0, i - context_turns) if context_turns else i
+            samples.append({"episode": str(episode), "context": lines[start:i], "speakers": speakers[start:i],
+                            "response": lines[i]})
     return samples
 
 

@@ -1,42 +1,22 @@
 """Held-out perplexity: exp(total token loss / total target tokens) over non-padding labels."""
 
 import hashlib
-import math
 
 from prefect import task
 
+from castbot.bot import exp_mean, sample_losses
 from castbot.config import DialogueConfig
-from castbot.dialogue import IGNORE_INDEX
+from castbot.dialogue import DialogueFormat
 
 
 def perplexity(model, dataset, pad_token_id: int, batch_size: int = 32) -> dict:
     """Sum token losses over every target token of dataset; a mean of per-batch means is wrong with padding."""
-    import torch
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    model.eval()
-    total_loss, total_tokens = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start : start + batch_size]
-            width = max(len(ids) for ids in rows["input_ids"])
-
-            def pad(seqs, value):
-                return torch.tensor([s + [value] * (width - len(s)) for s in seqs], device=device)
-
-            input_ids, labels = pad(rows["input_ids"], pad_token_id), pad(rows["labels"], IGNORE_INDEX)
-            logits = model(input_ids=input_ids, attention_mask=pad(rows["attention_mask"], 0)).logits.float()
-            # (batch, seq, vocab) predicts token t+1 from position t
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-            total_loss += loss.item()
-            total_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
-    if not total_tokens:
-        return {"perplexity": math.nan, "tokens": 0, "loss": math.nan, "total_loss": 0.0}
-    mean = total_loss / total_tokens
-    return {"perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": total_tokens, "loss": mean,
-            "total_loss": total_loss}
+    rows = [dict(zip(("input_ids", "attention_mask", "labels"), r))
+            for r in zip(dataset["input_ids"], dataset["attention_mask"], dataset["labels"])]
+    losses = sample_losses(model, rows, pad_token_id, batch_size)
+    total_loss, total_tokens = sum(loss for loss, _ in losses), sum(n for _, n in losses)
+    return {"perplexity": exp_mean(total_loss, total_tokens), "tokens": total_tokens,
+            "loss": total_loss / total_tokens if total_tokens else float("nan"), "total_loss": total_loss}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -45,24 +25,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 @task(name="measure-perplexity")
-def measure_perplexity(model_path: str, samples: list[dict], dialogue: DialogueConfig) -> dict:
-    """Perplexity of the model on the samples' responses, tokenised with the model's own tokenizer.
+def measure_perplexity(model_path: str, samples: list[dict], dialogue: DialogueConfig,
+                       fmt: DialogueFormat | None = None) -> dict:
+    """Perplexity of the model on the samples' responses, in the model's own tokenizer and dialogue format
+    (fmt for a base model that has no castbot.json).
 
-    Also per character (exp(total loss / response characters)), which compares models whose tokenizers differ.
+    Also per word and per character (exp(total loss / words or characters)), which compare models whose
+    tokenizers differ; per-sample sums are kept for paired comparisons.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    from castbot.bot import Bot
 
-    from tasks.tokenize import encode_split, load_tokenizer
-
-    tokenizer = load_tokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    responses_only = dialogue.model_copy(update={"loss_on": "response"})
-    result = perplexity(model, encode_split(samples, tokenizer, responses_only), tokenizer.pad_token_id)
+    bot = Bot.load(model_path, fmt=fmt, max_length=dialogue.max_length)
+    losses = bot.score([bot.encode(s, dialogue.max_length) for s in samples])
+    total_loss, tokens = sum(loss for loss, _ in losses), sum(n for _, n in losses)
     chars = sum(len(s["response"].strip()) + 1 for s in samples)  # + 1: the end-of-turn token
-    mean_per_char = result["total_loss"] / max(chars, 1)
-    result["char_perplexity"] = math.exp(mean_per_char) if result["tokens"] and mean_per_char < 700 else math.nan
-    result["tokenizer"] = tokenizer_fingerprint(tokenizer)
-    return result
+    words = sum(len(s["response"].split()) for s in samples)
+    return {"perplexity": exp_mean(total_loss, tokens), "tokens": tokens, "loss": total_loss / max(tokens, 1),
+            "total_loss": total_loss, "char_perplexity": exp_mean(total_loss, chars) if tokens else float("nan"),
+            "word_perplexity": exp_mean(total_loss, words) if tokens else float("nan"),
+            "sample_losses": [loss for loss, _ in losses], "sample_tokens": [n for _, n in losses],
+            "format": bot.format.style, "tokenizer": tokenizer_fingerprint(bot.tokenizer)}

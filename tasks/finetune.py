@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import task
 
 from castbot.config import TrainingConfig
+from castbot.dialogue import DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat
 from tasks.logs import run_logger
-from castbot.dialogue import DECODING_DEFAULTS, IGNORE_INDEX
 
 CHECKPOINTS = "checkpoints"
 
@@ -220,7 +221,7 @@ def load_model(base_model: str, config: TrainingConfig, pad_token_id: int):
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(task_type="CAUSAL_LM", r=config.lora.r, lora_alpha=config.lora.alpha,
-                          lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules,
+                          lora_dropout=config.lora.dropout, target_modules=config.lora.target_modules or "all-linear",
                           fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores W transposed
         model = get_peft_model(model, lora)
     return model
@@ -267,8 +268,19 @@ def training_arguments(config: TrainingConfig, checkpoints: Path, precision: str
     )
 
 
-def train_model(base_model: str, datasets, config: TrainingConfig, output_dir: str, run_id: str | None = None) -> dict:
-    """Train (resuming from output_dir's newest complete checkpoint), save a plain model; return run figures."""
+@dataclass(frozen=True)
+class ModelCard:
+    """What a trained model folder records beside its weights (castbot.json): how to prompt it, and for a LoRA
+    adapter, which base model it applies to."""
+
+    format: DialogueFormat = DialogueFormat()
+    max_length: int = 128  # tokens of the longest training sample: the service's prompt budget
+    base_reference: str = ""  # a packaged name (smollm2-135m), hub id or folder
+
+
+def train_model(base_model: str, datasets, config: TrainingConfig, output_dir: str, run_id: str | None = None,
+                card: ModelCard = ModelCard()) -> dict:
+    """Train (resuming from output_dir's newest complete checkpoint), save the model; return run figures."""
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback
 
     from tasks.tokenize import load_tokenizer
@@ -315,7 +327,7 @@ def train_model(base_model: str, datasets, config: TrainingConfig, output_dir: s
         "train_tokens_per_s": trainer.tokens_real / max(seconds, 1e-9),  # real tokens/s, padding excluded
     }
     if trainer.is_world_process_zero():
-        save_final(trainer, tokenizer, output / "model", config)
+        save_final(trainer, tokenizer, output / "model", config, card)
     return {**figures, "precision": precision, "model_path": str(output / "model"),
             "log_history": trainer.state.log_history}
 
@@ -331,16 +343,21 @@ def _broadcast(value):
     return box[0]
 
 
-def save_final(trainer, tokenizer, final: Path, config: TrainingConfig) -> None:
-    """A plain save_pretrained folder (LoRA merged in) with generation settings and the trainer state."""
+def save_final(trainer, tokenizer, final: Path, config: TrainingConfig, card: ModelCard) -> None:
+    """The trained model with its tokenizer, castbot.json and trainer state.
+
+    LoRA saves the adapters alone (about 20 MB for SmolLM2-135M at r=16, against 538 MB for the merged model)
+    and names the base in castbot.json: a nightly candidate that is not promoted costs little in the registry.
+    castbot.bot.load_weights merges them into the base on load; the Bento stores the merged model.
+    """
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if config.method == "lora":
-        model = model.merge_and_unload()  # W + (alpha/r) * B @ A, adapters gone: registry and service see GPT-2
     tokenizer.padding_side = "left"
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.max_new_tokens = DECODING_DEFAULTS["max_new_tokens"]
+    generation = model.generation_config if config.method == "full" else model.get_base_model().generation_config
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.max_new_tokens = DECODING_DEFAULTS["max_new_tokens"]
     model.save_pretrained(str(final))
     tokenizer.save_pretrained(str(final))
+    card.format.save(final, card.max_length, card.base_reference if config.method == "lora" else None)
     trainer.state.save_to_json(str(final / "trainer_state.json"))
 
 
@@ -365,12 +382,13 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> Path:
     return path
 
 
-def _launch_distributed(base_model: str, datasets, config: TrainingConfig, output: Path, run_id: str) -> dict:
+def _launch_distributed(base_model: str, datasets, config: TrainingConfig, output: Path, run_id: str,
+                        card: ModelCard) -> dict:
     """Run train_model on config.processes ranks with `accelerate launch`; rank 0 writes the figures."""
     datasets.save_to_disk(str(output / "datasets"))
     spec = output / "launch.json"
     spec.write_text(json.dumps({"base_model": base_model, "config": config.model_dump(mode="json"),
-                                "output_dir": str(output), "run_id": run_id}))
+                                "output_dir": str(output), "run_id": run_id, "card": asdict(card)}))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(config.processes)]
     if config.accelerate_config:
         command += ["--config_file", config.accelerate_config]
@@ -379,7 +397,8 @@ def _launch_distributed(base_model: str, datasets, config: TrainingConfig, outpu
 
 
 @task(name="fine-tune")
-def fine_tune(base_model: str, datasets, config: TrainingConfig, output_dir: str, run_id: str) -> str:
+def fine_tune(base_model: str, datasets, config: TrainingConfig, output_dir: str, run_id: str,
+              card: ModelCard = ModelCard()) -> str:
     """Train from base_model (resuming from output_dir's last checkpoint); returns the saved model folder."""
     from mlflow import MlflowClient
 
@@ -387,9 +406,9 @@ def fine_tune(base_model: str, datasets, config: TrainingConfig, output_dir: str
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if config.processes > 1:
-        result = _launch_distributed(base_model, datasets, config, output, run_id)
+        result = _launch_distributed(base_model, datasets, config, output, run_id, card)
     else:
-        result = train_model(base_model, datasets, config, output_dir, run_id)
+        result = train_model(base_model, datasets, config, output_dir, run_id, card)
     client = MlflowClient()
     for key, value in result.items():
         if isinstance(value, float) and math.isfinite(value):
@@ -408,8 +427,10 @@ def _rank_main(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     output = Path(spec["output_dir"])
+    card = spec["card"]
+    card = ModelCard(DialogueFormat(**card["format"]), card["max_length"], card["base_reference"])
     result = train_model(spec["base_model"], load_from_disk(str(output / "datasets")),
-                         TrainingConfig.model_validate(spec["config"]), str(output), spec["run_id"])
+                         TrainingConfig.model_validate(spec["config"]), str(output), spec["run_id"], card)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

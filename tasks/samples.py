@@ -2,7 +2,7 @@
 
 from prefect import task
 
-from castbot.dialogue import DECODING_DEFAULTS, decode_reply, prompt_ids
+from castbot.dialogue import DECODING_DEFAULTS
 
 # The same prompts for every run and profile, so runs compare side by side.
 PROMPTS = (
@@ -15,24 +15,15 @@ PROMPTS = (
 
 
 def generate_replies(model_path: str, prompts: tuple[str, ...] = PROMPTS, seed: int = 0) -> list[str]:
-    """One sampled reply per prompt with the shared decoding defaults; seeded, so a rerun gives the same text."""
+    """One sampled reply per prompt with the shared decoding defaults, in one batch; seeded, so a rerun gives
+    the same text."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from tasks.tokenize import load_tokenizer
+    from castbot.bot import Bot
 
-    tokenizer = load_tokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    budget = model.config.n_positions - DECODING_DEFAULTS["max_new_tokens"]  # prompt tokens that still fit
+    bot = Bot.load(model_path)
     torch.manual_seed(seed)
-    replies = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt_ids(tokenizer, [prompt], budget)])  # (1, prompt_len)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 pad_token_id=tokenizer.pad_token_id, **DECODING_DEFAULTS)
-            replies.append(decode_reply(tokenizer, out[0, ids.shape[1]:].tolist()))
-    return replies
+    return [r.reply for r in bot.generate([[("", prompt)] for prompt in prompts])]
 
 
 def samples_markdown(character: str, prompts: tuple[str, ...], replies: list[str]) -> str:

@@ -3,19 +3,18 @@
 from prefect import task
 
 from castbot import dialogue
+from castbot.bot import load_tokenizer
 from castbot.config import DialogueConfig
-from castbot.dialogue import encode_sample
+from castbot.dialogue import DialogueFormat
 from tasks.cache import announce_cache_hit, content_policy
 
 
-def load_tokenizer(name_or_path: str):
-    """The tokenizer with a pad token (DialoGPT has none: its eos doubles as pad)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+def choose_format(tokenizer_path: str, config: DialogueConfig, character: str, show: str | None) -> DialogueFormat:
+    """The dialogue format for this base model (dialogue.format; auto: its chat template if it has one)."""
+    try:
+        return DialogueFormat.choose(load_tokenizer(tokenizer_path), config.format, character, show)
+    except ValueError as exc:
+        raise ValueError(f"{tokenizer_path}: {exc}") from None
 
 
 class PreEncoded:
@@ -45,21 +44,27 @@ class PreEncoded:
         return getattr(self.tokenizer, name)
 
 
-def encode_split(samples: list[dict], tokenizer, config: DialogueConfig):
+def sample_turns(sample: dict) -> list[tuple[str, str]]:
+    """(speaker, text) context turns of a sample; samples built before speakers were kept have none."""
+    return list(zip(sample.get("speakers") or [""] * len(sample["context"]), sample["context"]))
+
+
+def encode_split(samples: list[dict], tokenizer, config: DialogueConfig, fmt: DialogueFormat = DialogueFormat()):
     """A datasets.Dataset of input_ids / attention_mask / labels (labels -100 where no loss is taken)."""
     from datasets import Dataset
 
     tokenizer = PreEncoded(tokenizer, [turn for s in samples for turn in [*s["context"], s["response"]]])
-    encoded = [encode_sample(tokenizer, s["context"], s["response"], config.max_length, config.loss_on)
+    encoded = [fmt.encode_sample(tokenizer, sample_turns(s), s["response"], config.max_length, config.loss_on)
                for s in samples]
     return Dataset.from_dict({key: [e[key] for e in encoded] for key in ("input_ids", "attention_mask", "labels")})
 
 
 # same samples + tokenizer folder + config + format code -> the stored datasets are reused
 @task(name="tokenize", cache_policy=content_policy(__file__, dialogue.__file__), on_completion=[announce_cache_hit])
-def tokenize_dialogues(splits: dict[str, list[dict]], tokenizer_path: str, config: DialogueConfig):
-    """Every split tokenised with the base model's tokenizer."""
+def tokenize_dialogues(splits: dict[str, list[dict]], tokenizer_path: str, config: DialogueConfig,
+                       fmt: DialogueFormat = DialogueFormat()):
+    """Every split tokenised with the base model's tokenizer in the chosen dialogue format."""
     from datasets import DatasetDict
 
     tokenizer = load_tokenizer(tokenizer_path)
-    return DatasetDict({name: encode_split(samples, tokenizer, config) for name, samples in splits.items()})
+    return DatasetDict({name: encode_split(samples, tokenizer, config, fmt) for name, samples in splits.items()})

@@ -71,20 +71,27 @@ def test_a_corrupt_or_partial_checkpoint_is_skipped_with_a_warning_and_training_
     assert resumed["train_tokens"] < first["train_tokens"], "the resumed run trains only the steps after 6"
 
 
-def test_lora_trains_adapters_and_saves_a_plain_merged_gpt2(tiny_data, tmp_path):
+def test_lora_saves_small_adapters_that_load_merged_into_their_base(tiny_data, tmp_path):
+    """A LoRA run stores adapters and the base's name (a nightly candidate costs little); loading merges them."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from castbot.bot import load_weights
+    from tasks.finetune import ModelCard
+
     config, base, datasets = tiny_data
     training = config.training.model_copy(update={"method": "lora", "max_steps": 6, "learning_rate": 0.05})
-    result = train_model(base, datasets, training, str(tmp_path))
+    result = train_model(base, datasets, training, str(tmp_path), card=ModelCard(base_reference=base))
+    folder = tmp_path / "model"
+    assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
     before = AutoModelForCausalLM.from_pretrained(base)
-    after = AutoModelForCausalLM.from_pretrained(result["model_path"])
+    base_bytes = sum(p.numel() * p.element_size() for p in before.parameters())
+    assert (folder / "adapter_model.safetensors").stat().st_size < 0.5 * base_bytes
+    after = load_weights(result["model_path"])
     assert type(after).__name__ == "GPT2LMHeadModel"
-    assert not (tmp_path / "model" / "adapter_config.json").exists()
     assert result["train_trainable_params"] < 0.5 * sum(p.numel() for p in before.parameters())
     block_before, block_after = before.transformer.h[0], after.transformer.h[0]
-    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):  # peft's all-linear default
         assert not torch.equal(block_before.get_submodule(name).weight, block_after.get_submodule(name).weight), name
     assert torch.equal(before.transformer.wte.weight, after.transformer.wte.weight), "LoRA leaves embeddings alone"
 

@@ -166,7 +166,7 @@ def test_prompt_ids_depend_on_history_and_drop_the_oldest_turns_first(tokenizer)
 
 
 def test_left_pad_aligns_prompts_on_the_right():
-    from castbot.serving import left_pad
+    from castbot.bot import left_pad
 
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids == [[5, 6, 7], [0, 0, 8]] and mask == [[1, 1, 1], [0, 0, 1]]

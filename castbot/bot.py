@@ -1,0 +1,176 @@
+"""One object answers: the service, the MLflow model, sample replies, evaluation and the benchmarks all use Bot.
+
+    bot = Bot.load("path/to/model")                     # any save_pretrained causal LM, or a castbot LoRA adapter
+    bot.generate([[("Morty", "Rick, where are we going?")]], temperature=0)
+    bot.score(samples)                                  # per-sample loss sums, for perplexity
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from castbot.dialogue import DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat, Turn, decode_reply, read_model_meta
+
+
+@dataclass
+class Reply:
+    reply: str
+    prompt_tokens: int  # tokens of the prompt after dropping the oldest turns
+    new_tokens: int  # tokens generated, including the end-of-turn token
+    hit_max_tokens: bool  # stopped by max_new_tokens, not by an end-of-turn token
+
+
+def position_limit(config) -> int:
+    """Longest sequence the model's position table holds (GPT-2: n_positions, Llama and most others:
+    max_position_embeddings)."""
+    return getattr(config, "n_positions", None) or config.max_position_embeddings
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Left-pad token rows to one width: (input_ids, attention_mask), both (batch, width)."""
+    width = max(len(row) for row in rows)
+    return ([[pad_id] * (width - len(row)) + row for row in rows],
+            [[0] * (width - len(row)) + [1] * len(row) for row in rows])
+
+
+def pick_device(requested: str | None = None):
+    """(device, dtype): CUDA in bf16 (fp16 without bf16 support) when present, else CPU fp32."""
+    import torch
+
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "left"):
+    """The tokenizer with a pad token (DialoGPT has none: its eos doubles as pad; SmolLM2's pad is its eos)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_weights(folder: str, dtype=None):
+    """A causal LM from a save_pretrained folder or hub id; a castbot LoRA adapter folder is merged into its base."""
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(folder) / "adapter_config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    from peft import PeftModel
+
+    from castbot.pretrained import resolve
+
+    base = AutoModelForCausalLM.from_pretrained(resolve(read_model_meta(folder)["base_model"]), dtype=dtype)
+    return PeftModel.from_pretrained(base, folder).merge_and_unload()  # W + (alpha/r) B A: a plain model again
+
+
+class Bot:
+    """A loaded model with its tokenizer and dialogue format: replies to conversations and scores samples."""
+
+    def __init__(self, tokenizer, model, fmt: DialogueFormat, max_length: int | None = None):
+        self.tokenizer, self.model, self.format = tokenizer, model, fmt
+        self.positions = position_limit(model.config)
+        # the prompt budget is the length the model was trained on, not its position table (8k for SmolLM2)
+        self.max_length = min(max_length or self.positions, self.positions)
+
+    @classmethod
+    def load(cls, folder: str, fmt: DialogueFormat | None = None, device: str | None = None,
+             torch_threads: int = 0, max_length: int | None = None) -> "Bot":
+        """Load a model folder; its castbot.json gives the format and trained length unless fmt is given."""
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        meta = read_model_meta(folder)
+        fmt = fmt or DialogueFormat(**meta.get("format", {}))
+        device, dtype = pick_device(device)
+        model = load_weights(folder, dtype).to(device).eval()
+        return cls(load_tokenizer(folder), model, fmt, max_length or meta.get("max_length"))
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        """Prompt tokens allowed so that prompt + reply stay within the trained length and the position table."""
+        return max(1, min(self.max_length, self.positions - max_new_tokens))
+
+    def prompt(self, turns: list[Turn], max_new_tokens: int) -> list[int]:
+        return self.format.prompt_ids(self.tokenizer, turns, self.prompt_budget(max_new_tokens))
+
+    def generate(self, conversations: list[list[Turn]], **decoding) -> list[Reply]:
+        """One reply per conversation, in one left-padded generate() call; decoding as DECODING_DEFAULTS."""
+        import torch
+
+        settings = {**DECODING_DEFAULTS, **decoding}
+        max_new = settings["max_new_tokens"]
+        rows = [self.prompt(turns, max_new) for turns in conversations]
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        ids, mask = (torch.tensor(t, device=self.device) for t in left_pad(rows, pad))  # (batch, width) each
+        width = ids.shape[1]
+        sampling = ({"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"],
+                     "top_k": settings["top_k"]} if settings["temperature"] > 0 else {"do_sample": False})
+        with torch.inference_mode():
+            out = self.model.generate(  # (batch, width) -> (batch, width + new)
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=1,  # never an empty turn
+                no_repeat_ngram_size=settings["no_repeat_ngram_size"], pad_token_id=pad, eos_token_id=eos,
+                **sampling)
+        replies = []
+        for row, prompt in zip(out[:, width:].tolist(), rows):
+            ended = eos in row
+            new = row[: row.index(eos) + 1] if ended else row
+            replies.append(Reply(decode_reply(self.tokenizer, new), len(prompt), len(new), not ended))
+        return replies
+
+    def encode(self, sample: dict, max_length: int) -> dict:
+        """A {context, speakers, response} sample as input_ids/attention_mask/labels, loss on the response."""
+        turns = list(zip(sample.get("speakers") or [""] * len(sample["context"]), sample["context"]))
+        return self.format.encode_sample(self.tokenizer, turns, sample["response"], max_length)
+
+    def score(self, encoded: list[dict], batch_size: int = 16) -> list[tuple[float, int]]:
+        """(sum of token losses in nats, target tokens) per encoded sample: perplexity = exp(sum / sum)."""
+        return sample_losses(self.model, encoded, self.tokenizer.pad_token_id, batch_size)
+
+
+def sample_losses(model, rows: list[dict], pad_token_id: int, batch_size: int = 16) -> list[tuple[float, int]]:
+    """(sum of token losses in nats, target tokens) per row of input_ids/attention_mask/labels.
+
+    Rows are batched by length (little padding); padding carries IGNORE_INDEX labels and a 0 mask, so each
+    row's figures equal those of running it alone.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    results: dict[int, tuple[float, int]] = {}
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            width = max(len(rows[i]["input_ids"]) for i in indices)
+
+            def pad(key, value):
+                return torch.tensor([list(rows[i][key]) + [value] * (width - len(rows[i][key])) for i in indices],
+                                    device=device)
+
+            labels = pad("labels", IGNORE_INDEX)[:, 1:]  # (batch, seq - 1): position t predicts token t + 1
+            logits = model(input_ids=pad("input_ids", pad_token_id),
+                           attention_mask=pad("attention_mask", 0)).logits[:, :-1].float()  # (batch, seq - 1, vocab)
+            losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                     reduction="none")  # (batch, seq - 1), 0 where ignored
+            for i, loss, label in zip(indices, losses, labels):
+                results[i] = (float(loss.sum()), int((label != IGNORE_INDEX).sum()))
+    return [results[i] for i in range(len(rows))]
+
+
+def exp_mean(total_loss: float, count: int) -> float:
+    """exp(total / count), inf on overflow, nan for no tokens."""
+    if not count:
+        return math.nan
+    mean = total_loss / count
+    return math.exp(mean) if mean < 700 else math.inf  # math.exp overflows past ~709
