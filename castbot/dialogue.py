@@ -108,12 +108,17 @@ class DialogueFormat:
         while len(ids) > max_tokens and len(turns) > 1:
             turns.pop(0)
             ids = self._chat_ids(tokenizer, turns)
-        if len(ids) > max_tokens and turns:  # one turn alone is too long: keep the end of its text
-            overhead = len(self._chat_ids(tokenizer, [(turns[0][0], "")]))
-            if max_tokens <= overhead:
-                raise ValueError(f"no room for a prompt: max_tokens={max_tokens}, the chat template takes {overhead}")
-            text_ids = tokenizer.encode(turns[0][1].strip(), add_special_tokens=False)[-(max_tokens - overhead - 1):]
-            ids = self._chat_ids(tokenizer, [(turns[0][0], tokenizer.decode(text_ids))])[:max_tokens]
+        if len(ids) > max_tokens and turns:  # the newest turn alone is too long: keep the end of its text
+            speaker, text = turns[0]
+            text_ids = tokenizer.encode(text.strip(), add_special_tokens=False)
+            room = len(text_ids) - (len(ids) - max_tokens)
+            while len(ids) > max_tokens and room > 0:  # re-encoding a cut text can shift a token or two
+                ids = self._chat_ids(tokenizer, [(speaker, tokenizer.decode(text_ids[-room:]))])
+                room -= max(1, len(ids) - max_tokens)
+            if len(ids) > max_tokens:
+                ids = self._chat_ids(tokenizer, [])  # not even the speaker's name fits: no context
+        if len(ids) > max_tokens:
+            raise ValueError(f"no room for a prompt: max_tokens={max_tokens}, the chat template takes {len(ids)}")
         return ids
 
     def encode_sample(self, tokenizer, context: list[Turn], response: str, max_length: int,
@@ -121,7 +126,11 @@ class DialogueFormat:
         """One training sample: prompt ids, then the response and its end-of-turn token (the loss target)."""
         if self.style == "eos":
             return encode_sample(tokenizer, [text for _, text in context], response, max_length, loss_on)
-        response_ids = _response_ids(tokenizer, response, max_length)
+        floor = len(self._chat_ids(tokenizer, []))  # the template and system line with no context
+        if max_length - floor < 2:
+            raise ValueError(f"dialogue.max_length={max_length} leaves no room for a reply: the chat template and "
+                             f"system line alone take {floor} tokens")
+        response_ids = _response_ids(tokenizer, response, max_length - floor)  # a very long line keeps its start
         context_ids = self.prompt_ids(tokenizer, context, max_length - len(response_ids))
         return _labelled(context_ids, response_ids, loss_on)
 

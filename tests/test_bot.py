@@ -1,0 +1,100 @@
+"""The Bot class on tiny models of both families (GPT-2 with eos-joined turns, Llama with a chat template).
+
+Greedy replies are checked against a plain argmax loop over the model's forward pass, batches against single
+prompts, and scores against the model's own loss: no flow, no Bento.
+"""
+
+import math
+
+import pytest
+from conftest import WORDS
+
+from castbot.bot import Bot
+from castbot.config import OfflineModelConfig
+from castbot.dialogue import DialogueFormat
+
+TEXTS = [" ".join(WORDS[i:i + 6]) for i in range(len(WORDS) - 6)] * 3
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def bot(request, tmp_path_factory):
+    import torch
+
+    from tasks.base_model import build_offline_model
+
+    shape = OfflineModelConfig(architecture=request.param, vocab_size=300, n_layer=2, n_embd=32, n_head=2,
+                               n_positions=128)
+    folder = build_offline_model(TEXTS, shape, seed=0, folder=tmp_path_factory.mktemp(request.param) / "model")
+    style = "chat" if request.param == "llama" else "eos"
+    torch.manual_seed(0)
+    return Bot.load(str(folder), fmt=DialogueFormat(style, "Ada", "The Tiny Show"), max_length=96)
+
+
+def argmax_reply(bot: Bot, prompt: list[int], max_new: int) -> list[int]:
+    """Greedy decoding written out: the likeliest next token, never end-of-turn first, stop at end-of-turn."""
+    import torch
+
+    ids, eos, new = list(prompt), bot.tokenizer.eos_token_id, []
+    with torch.inference_mode():
+        for step in range(max_new):
+            logits = bot.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            if step == 0:
+                logits[eos] = -math.inf  # min_new_tokens=1: a reply is never empty
+            token = int(logits.argmax())
+            new.append(token)
+            ids.append(token)
+            if token == eos:
+                break
+    return new
+
+
+GREEDY = {"temperature": 0, "no_repeat_ngram_size": 0, "max_new_tokens": 12}
+CHATS = [[("Bram", "the rocket needs fuel")], [("Cleo", "science is never simple"), ("Ada", "the answer"),
+                                                ("", "is always in the numbers before we fly to the moon")]]
+
+
+def test_greedy_reply_is_the_argmax_continuation_of_the_prompt(bot):
+    for chat in CHATS:
+        [reply] = bot.generate([chat], **GREEDY)
+        expected = argmax_reply(bot, bot.prompt(chat, GREEDY["max_new_tokens"]), GREEDY["max_new_tokens"])
+        assert reply.new_tokens == len(expected)
+        assert reply.hit_max_tokens == (bot.tokenizer.eos_token_id not in expected)
+        text_ids = expected[:-1] if expected[-1] == bot.tokenizer.eos_token_id else expected
+        assert reply.reply == bot.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+
+
+def test_a_left_padded_batch_gives_each_chat_the_reply_it_gets_alone(bot):
+    alone = [bot.generate([chat], **GREEDY)[0] for chat in CHATS]
+    assert bot.generate(CHATS, **GREEDY) == alone
+    assert alone[0].prompt_tokens < alone[1].prompt_tokens
+
+
+def test_chat_prompts_use_the_template_and_name_the_character(bot):
+    text = bot.tokenizer.decode(bot.prompt([("Cleo", "the moon"), ("Ada", "fuel"), ("", "fly")], 12))
+    if bot.format.style == "chat":
+        assert text.startswith("<|im_start|>system\nYou are Ada from The Tiny Show.")
+        assert "<|im_start|>user\nCleo: the moon\nAda: fuel\nfly<|im_end|>" in text
+        assert text.endswith("<|im_start|>assistant\n")
+    else:
+        assert "Cleo" not in text and text.endswith(bot.tokenizer.eos_token)
+
+
+def test_long_chats_keep_their_newest_turns_within_the_trained_length(bot):
+    chat = [("Bram", " ".join(WORDS))] * 20 + [("", "the moon tonight")]
+    prompt = bot.prompt(chat, 12)
+    assert len(prompt) <= bot.max_length == 96 < bot.positions
+    assert bot.tokenizer.decode(prompt).rstrip().endswith(("the moon tonight<|im_end|>\n<|im_start|>assistant",
+                                                           "the moon tonight<|endoftext|>"))
+
+
+def test_scores_equal_the_models_own_loss_on_each_sample(bot):
+    import torch
+
+    samples = [{"context": ["the rocket needs fuel"], "speakers": ["Bram"], "response": "science is never simple"},
+               {"context": [], "speakers": [], "response": "the answer is always in the numbers"}]
+    encoded = [bot.encode(s, 96) for s in samples]
+    for (loss, tokens), row in zip(bot.score(encoded, batch_size=2), encoded):
+        labels = torch.tensor([row["labels"]])
+        out = bot.model(input_ids=torch.tensor([row["input_ids"]]), labels=labels)
+        assert tokens == int((labels[:, 1:] != -100).sum()) > 0
+        assert loss == pytest.approx(out.loss.item() * tokens, rel=1e-4)
