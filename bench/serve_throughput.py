@@ -128,18 +128,19 @@ def direct(bento: str, args) -> dict:
     """Batched generate_batch() in this process on the same prompts and settings, in batches of args.concurrency."""
     import bentoml
 
-    from castbot.serving import Prompt, generate_batch, load_chat_model
+    from castbot.bot import Bot
+    from castbot.serving import Prompt, generate_batch
 
     [model_tag] = [m.tag for m in bentoml.get(bento).info.all_models]
-    tokenizer, model, _ = load_chat_model(bentoml.models.get(model_tag).path, args.torch_threads)
+    bot = Bot.load(bentoml.models.get(model_tag).path, torch_threads=args.torch_threads)
     prompts = [Prompt(turns=[MESSAGES[i % len(MESSAGES)]], max_new_tokens=args.max_new_tokens)
                for i in range(args.requests)]
-    generate_batch(tokenizer, model, prompts[: args.concurrency])  # warm-up
+    generate_batch(bot, prompts[: args.concurrency])  # warm-up
     latencies, tokens = [], 0
     start = time.monotonic()
     for i in range(0, len(prompts), args.concurrency):
         batch_start = time.monotonic()
-        out = generate_batch(tokenizer, model, prompts[i: i + args.concurrency])
+        out = generate_batch(bot, prompts[i: i + args.concurrency])
         latencies += [time.monotonic() - batch_start] * len(out)
         tokens += sum(g.new_tokens for g in out)
     return summary("direct generate()", time.monotonic() - start, latencies, tokens, collections.Counter())

@@ -3,6 +3,7 @@
     python -m bench.train_throughput                       # Rick and Morty, offline model and a 4x one
     python -m bench.train_throughput --steps 40 --repeats 3 --profile configs/rick-and-morty.yaml
     python -m bench.train_throughput --models 4x --steps 6 --repeats 2 --no-quality --threads 1
+    python -m bench.train_throughput --models smollm2 --methods full,lora --steps 6 --repeats 1 --no-quality
 
 "flow" is tasks.finetune.train_model, the body of the fine-tune task (Trainer, callbacks, checkpoint at the
 end); its tokens/s excludes evaluation and checkpoint time. "bare" is a plain torch loop over the same
@@ -20,32 +21,37 @@ import time
 from castbot.config import OfflineModelConfig, TrainingConfig, load_profile
 
 SHAPES = {
-    "offline": None,  # the profile's offline_model
+    "offline": None,  # offline-tiny in the profile's offline_model shape
     "4x": {"n_embd": 256, "n_layer": 5, "n_head": 8},  # ~4x the parameters of the default offline shape
+    "smollm2": "smollm2-135m",  # the pretrained base (134.5M parameters), in its chat format
 }
 
 
 def prepare(profile: str, shape_name: str):
     """Splits, base model folder and tokenised datasets for the profile with the named model shape."""
     from flows.train import training_texts
-    from tasks.base_model import prepare_base_model
+    from tasks.base_model import OFFLINE, prepare_base_model
     from tasks.clean import clean_transcript
     from tasks.dialogues import build_dialogues
     from tasks.ingest import load_transcript
-    from tasks.tokenize import tokenize_dialogues
+    from tasks.tokenize import choose_format, tokenize_dialogues
 
     config = load_profile(profile)
-    shape = config.offline_model if SHAPES[shape_name] is None else OfflineModelConfig(
+    named = isinstance(SHAPES[shape_name], str)
+    shape = config.offline_model if named or SHAPES[shape_name] is None else OfflineModelConfig(
         **{**config.offline_model.model_dump(), **SHAPES[shape_name]})
     cleaned, _ = clean_transcript.fn(load_transcript.fn(config.data), config.cleaning)  # as the flow does
     splits = build_dialogues.fn(cleaned, config.character, config.dialogue, config.training.seed)
-    base = prepare_base_model.fn(config.base_model, training_texts(splits["train"]), shape, config.training.seed)
-    return config, splits, base, tokenize_dialogues.fn(splits, base, config.dialogue)
+    base = prepare_base_model.fn(SHAPES[shape_name] if named else OFFLINE, training_texts(splits["train"]), shape,
+                                 config.training.seed)
+    fmt = choose_format(base, config.dialogue, config.character, config.show)
+    return config, splits, base, tokenize_dialogues.fn(splits, base, config.dialogue, fmt)
 
 
-def bench_config(config: TrainingConfig, steps: int, precision: str, batching: str) -> TrainingConfig:
+def bench_config(config: TrainingConfig, steps: int, precision: str, batching: str,
+                 method: str = "full") -> TrainingConfig:
     """The profile's training settings for a fixed number of steps; one evaluation and save at the end."""
-    return config.model_copy(update={"max_steps": steps, "eval_steps": steps, "save_steps": steps,
+    return config.model_copy(update={"max_steps": steps, "eval_steps": steps, "save_steps": steps, "method": method,
                                      "precision": precision, "batching": batching, "early_stopping_patience": 0})
 
 
@@ -64,23 +70,23 @@ def bare_loop(base: str, datasets, config: TrainingConfig) -> dict:
 
     import torch
     from torch.utils.data import DataLoader, RandomSampler
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, get_scheduler
+    from transformers import DataCollatorForSeq2Seq, get_scheduler
 
     from castbot.dialogue import IGNORE_INDEX
-    from tasks.finetune import LengthBucketSampler
+    from tasks.finetune import LengthBucketSampler, load_model
     from tasks.tokenize import load_tokenizer
 
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(base)
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa").train()
+    model = load_model(base, config, tokenizer.pad_token_id).train()  # LoRA-wrapped when config.method is lora
     train = datasets["train"]
     generator = torch.Generator().manual_seed(config.seed)
     sampler = (LengthBucketSampler([len(x) for x in train["input_ids"]], config.batch_size, config.seed)
                if config.batching == "group_by_length" else RandomSampler(train, generator=generator))
     loader = DataLoader(train, batch_size=config.batch_size, sampler=sampler, drop_last=False,
                         collate_fn=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=config.weight_decay, fused=True)
     schedule = get_scheduler(config.lr_scheduler, optimizer, int(config.warmup_ratio * config.max_steps),
                              config.max_steps)
@@ -132,7 +138,8 @@ def main() -> None:
     parser.add_argument("--profile", default="configs/rick-and-morty.yaml")
     parser.add_argument("--steps", type=int, default=30, help="optimiser steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is reported")
-    parser.add_argument("--models", default="offline,4x")
+    parser.add_argument("--models", default="offline,4x", help="offline, 4x, smollm2 (comma-separated)")
+    parser.add_argument("--methods", default="full", help="full, lora (comma-separated)")
     parser.add_argument("--no-quality", action="store_true", help="skip the fp32-vs-bf16 perplexity check")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); on a CPU shared with other jobs 1 thread avoids "
@@ -152,14 +159,16 @@ def main() -> None:
         warm = bench_config(profile.training, 2, "bf16", "group_by_length")
         flow_step(base, datasets, warm), bare_loop(base, datasets, warm)  # untimed: first-call costs (oneDNN kernels)
         for repeat in range(args.repeats):
-            for precision in ("fp32", "bf16"):
-                for batching in ("group_by_length", "random"):
-                    config = bench_config(profile.training, args.steps, precision, batching)
-                    for path, run in (("flow", flow_step), ("bare", bare_loop)):
-                        figures = run(base, datasets, config)
-                        rows.setdefault((shape, precision, batching, path), []).append(figures)
-                        print(f"  run {repeat + 1}: {precision} {batching:15s} {path}: "
-                              f"{figures['tokens_per_s']:8.0f} tokens/s, padding {figures['padding']:.1%}", flush=True)
+            for method in args.methods.split(","):
+                for precision in ("fp32", "bf16"):
+                    for batching in ("group_by_length", "random"):
+                        config = bench_config(profile.training, args.steps, precision, batching, method)
+                        for path, run in (("flow", flow_step), ("bare", bare_loop)):
+                            figures = run(base, datasets, config)
+                            rows.setdefault((f"{shape}/{method}", precision, batching, path), []).append(figures)
+                            print(f"  run {repeat + 1}: {method} {precision} {batching:15s} {path}: "
+                                  f"{figures['tokens_per_s']:8.0f} tokens/s, padding {figures['padding']:.1%}",
+                                  flush=True)
         if not args.no_quality and shape == "offline":
             scores = quality(base, datasets, profile.training)
             ratio = scores["bf16"]["perplexity"] / scores["fp32"]["perplexity"]
@@ -169,7 +178,7 @@ def main() -> None:
 
     median = {key: {k: statistics.median(f[k] for f in runs) for k in runs[0]} for key, runs in rows.items()}
     print("\nmedian real tokens/s (padding excluded) and padding share of processed positions")
-    print(f"{'model':8s} {'precision':9s} {'batching':15s} {'flow tok/s':>10s} {'bare tok/s':>10s} "
+    print(f"{'model':14s} {'precision':9s} {'batching':15s} {'flow tok/s':>10s} {'bare tok/s':>10s} "
           f"{'flow/bare':>9s} {'padding':>8s} {'bf16/fp32':>9s} {'grouped/naive':>13s}")
     for (shape, precision, batching, path), figures in median.items():
         if path != "flow":
@@ -177,7 +186,7 @@ def main() -> None:
         bare = median[(shape, precision, batching, "bare")]
         vs_fp32 = figures["tokens_per_s"] / median[(shape, "fp32", batching, "flow")]["tokens_per_s"]
         vs_naive = figures["tokens_per_s"] / median[(shape, precision, "random", "flow")]["tokens_per_s"]
-        print(f"{shape:8s} {precision:9s} {batching:15s} {figures['tokens_per_s']:10.0f} {bare['tokens_per_s']:10.0f} "
+        print(f"{shape:14s} {precision:9s} {batching:15s} {figures['tokens_per_s']:10.0f} {bare['tokens_per_s']:10.0f} "
               f"{figures['tokens_per_s'] / bare['tokens_per_s']:9.2f} {figures['padding']:8.1%} "
               f"{vs_fp32:9.2f} {vs_naive:13.2f}")
     print("goals: flow/bare >= 0.95; bf16/fp32 >= 2 with perplexity within 2%; padding <= 5% (grouped)")

@@ -73,19 +73,19 @@ def server(trained, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def chat_model(trained):
-    """(tokenizer, model) of the served model, loaded from the BentoML store as the service loads it."""
+    """The served model's Bot, loaded from the BentoML store as the service loads it."""
     import bentoml
 
-    from castbot.serving import load_chat_model
+    from castbot.bot import Bot
 
     bento = bentoml.get(trained["bento"])
     [model_tag] = [m.tag for m in bento.info.all_models]
-    return load_chat_model(bentoml.models.get(model_tag).path)[:2]
+    return Bot.load(bentoml.models.get(model_tag).path)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(chat_model):
-    return chat_model[0]
+    return chat_model.tokenizer
 
 
 def chat(url: str, **body) -> httpx.Response:
@@ -175,12 +175,11 @@ def test_left_pad_aligns_prompts_on_the_right():
 def test_left_padded_batch_gives_each_prompt_the_reply_it_gets_alone(chat_model):
     from castbot.serving import Prompt, generate_batch
 
-    tokenizer, model = chat_model
     short = Prompt(turns=["Fuel?"], max_new_tokens=12, temperature=0)
     long = Prompt(turns=["The rocket needs fuel before we fly.", "Science is never simple.", "Fuel?"],
                   max_new_tokens=12, temperature=0)
-    alone = [generate_batch(tokenizer, model, [p])[0] for p in (short, long)]
-    together = generate_batch(tokenizer, model, [short, long])
+    alone = [generate_batch(chat_model, [p])[0] for p in (short, long)]
+    together = generate_batch(chat_model, [short, long])
     assert together[0].prompt_tokens < together[1].prompt_tokens  # the short one was padded
     assert [g.reply for g in together] == [g.reply for g in alone]
     assert [g.new_tokens for g in together] == [g.new_tokens for g in alone]
@@ -210,10 +209,11 @@ def test_chat_round_trip(server, trained):
     assert 1 <= body["new_tokens"] <= BOT_CHAT["max_new_tokens"]
 
 
-def test_reply_is_conditioned_on_the_history(server, tokenizer):
+def test_reply_is_conditioned_on_the_history(server, tokenizer, chat_model):
     from castbot.dialogue import prompt_ids
 
-    budget = 128 - BOT_CHAT["max_new_tokens"]  # tiny_config's n_positions minus the reply
+    budget = chat_model.prompt_budget(BOT_CHAT["max_new_tokens"])  # the trained length, within the positions
+    assert budget == 48  # tiny_config's dialogue.max_length, not the 128-position table
     message = "Is the rocket ready?"
     history = [{"speaker": "Bram", "text": "The rocket needs fuel."}, {"speaker": "Ada", "text": "Science is simple."}]
     alone = chat(server, message=message, temperature=0, **BOT_CHAT).json()

@@ -135,3 +135,27 @@ def test_cli_reports_a_bad_profile_key_and_exits_non_zero(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "training.epochs: Input should be greater than 0" in result.stderr
+
+
+def test_a_llama_chat_model_trains_with_lora_end_to_end_and_mlflow_loads_the_version(tmp_path):
+    """The SmolLM2 layout in miniature (Llama blocks, ChatML template, <|im_end|> = pad = eos): chat format,
+    LoRA on every linear layer, adapters registered with their base named, and MLflow's own loader replies."""
+    from pathlib import Path
+
+    import mlflow
+
+    from flows.train import train
+
+    config = tiny_config(write_tiny_show(tmp_path / "show.csv"), show="The Tiny Show",
+                         **{"registry.model_name": "llama-bot", "offline_model.architecture": "llama",
+                            "training.method": "lora", "training.learning_rate": 0.01, "gate.max_perplexity": 1e5,
+                            "dialogue.max_length": 160, "offline_model.n_positions": 256})
+    result = train(config)
+    assert result["promoted"], result["reason"]
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.data.metrics["test_word_perplexity_candidate"] > 0
+    model_dir = mlflow.artifacts.download_artifacts(f"models:/llama-bot/{result['version']}", dst_path=str(tmp_path))
+    files = {p.name for p in Path(model_dir).rglob("*")}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files and "castbot.json" in files
+    replies = mlflow.pyfunc.load_model(f"models:/llama-bot/{result['version']}").predict(["the rocket", "fuel?"])
+    assert len(replies) == 2 and all(isinstance(r, str) and "<|im_" not in r for r in replies)
