@@ -191,10 +191,44 @@ class TrainingConfig(Strict):
         return self
 
 
+class EvaluationConfig(Strict):
+    """How candidates are judged on what they say (tasks/judge.py), beside perplexity."""
+
+    replies: int = Field(32, ge=0, le=2000, description="Held-out test contexts each model answers (seeded choice; "
+                         "0: judge perplexity only). Decoded with the service's defaults, in batches.")
+    reference_model: str | None = Field(
+        None, description="Model whose perplexity of a reply (given its context) measures fluency; default: the "
+        "untuned base model. Word salad scores badly here whatever words it uses.",
+    )
+    bootstrap_samples: int = Field(1000, ge=100, le=100000, description="Bootstrap replicates for intervals.")
+    seed: int = Field(0, description="Seed of the context choice, the sampled replies and the bootstrap.")
+
+
 class GateConfig(Strict):
     max_perplexity: float = Field(1e6, gt=1, description="A candidate with a higher test perplexity is never promoted.")
     min_improvement: float = Field(
-        0.01, ge=0, lt=1, description="Relative perplexity drop over the champion needed to promote (0.01 = 1%)."
+        0.01, ge=0, lt=1, description="Relative perplexity drop over the base model and the champion needed to "
+        "promote (0.01 = 1%).",
+    )
+    noise_confidence: float = Field(
+        0.95, ge=0, lt=1, description="Against the champion, the paired bootstrap interval (at this confidence) of "
+        "the per-sample loss difference must lie below 0: better beyond the noise of a small test split. 0: off.",
+    )
+    min_likeness: float | None = Field(
+        None, description="Least calibrated character likeness of the replies (0: like the other speakers, 1: like "
+        "the character's real lines). None: not checked.",
+    )
+    likeness_tolerance: float = Field(
+        0.1, ge=0, le=10, description="How much lower than the champion's the candidate's likeness may be.",
+    )
+    max_reply_perplexity: float | None = Field(
+        None, gt=1, description="Largest perplexity of the replies under the reference model (fluency). None: not checked.",
+    )
+    max_repeat3_rate: float = Field(0.5, ge=0, le=1, description="Largest share of replies that repeat a word 3-gram.")
+    max_echo_rate: float = Field(0.5, ge=0, le=1, description="Largest share of replies that copy the user's last turn.")
+    max_empty_rate: float = Field(0.25, ge=0, le=1, description="Largest share of empty (no letter or digit) replies.")
+    max_template_leak_rate: float = Field(
+        0.1, ge=0, le=1, description="Largest share of replies holding template or role tokens (<|im_end|>, 'assistant').",
     )
 
 
@@ -218,6 +252,7 @@ class PipelineConfig(Strict):
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig, description="How the transcript is cleaned.")
     dialogue: DialogueConfig = Field(default_factory=DialogueConfig, description="How samples are built and split.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Fine-tuning settings.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="How replies are judged.")
     gate: GateConfig = Field(default_factory=GateConfig, description="When a candidate becomes champion.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow registry and Bento.")
 

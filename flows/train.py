@@ -19,10 +19,11 @@ from tasks.bento import build_bento
 from tasks.clean import clean_transcript, publish_cleaning_report
 from tasks.dialogues import build_dialogues
 from tasks.errors import DataError
-from tasks.evaluate import measure_perplexity
+from tasks.evaluate import log_scores, measure_perplexity
 from tasks.finetune import ModelCard, fine_tune
 from tasks.gate import gate_candidate
 from tasks.ingest import file_sha256, load_transcript
+from tasks.judge import build_judge, judge_replies, publish_replies
 from tasks.lineage import log_data_lineage, report_dir
 from tasks.registry import download_champion, promote_champion, register_model, start_run
 from tasks.samples import sample_replies
@@ -60,19 +61,18 @@ def train(config: PipelineConfig) -> dict:
         card = ModelCard(fmt, config.dialogue.max_length, base_reference(config.base_model, base))
         model_path = fine_tune(base, datasets, config.training, str(workdir), run_id, card)
         sample_replies(model_path, run_id, config.character)
+        judge = build_judge(cleaned, splits, config, base, fmt)
+
+        def evaluate(path: str, model_format=None) -> dict:
+            return {**measure_perplexity(path, splits["test"], config.dialogue, model_format),
+                    **judge_replies(path, judge, config.evaluation, config.dialogue.max_length, model_format)}
+
         with tempfile.TemporaryDirectory() as tmp:
             champion = download_champion(config.model_name, tmp)
-            scores = {
-                "candidate": measure_perplexity(model_path, splits["test"], config.dialogue),
-                "base": measure_perplexity(base, splits["test"], config.dialogue, fmt),
-                "champion": measure_perplexity(champion["path"], splits["test"], config.dialogue) if champion else None,
-            }
-        for name, score in scores.items():
-            if score:
-                client.log_metric(run_id, f"test_perplexity_{name}", score["perplexity"])
-                client.log_metric(run_id, f"test_char_perplexity_{name}", score["char_perplexity"])
-                client.log_metric(run_id, f"test_word_perplexity_{name}", score["word_perplexity"])
-        client.log_metric(run_id, "test_target_tokens", scores["candidate"]["tokens"])
+            scores = {"candidate": evaluate(model_path), "base": evaluate(base, fmt),
+                      "champion": evaluate(champion["path"]) if champion else None}
+        log_scores(run_id, scores)
+        publish_replies(judge, scores, run_id)
         decision = gate_candidate(scores, config.gate)
         for key, value in decision.as_tags().items():
             client.set_tag(run_id, key, value)

@@ -7,6 +7,7 @@ from prefect import task
 from castbot.bot import exp_mean, sample_losses
 from castbot.config import DialogueConfig
 from castbot.dialogue import DialogueFormat
+from tasks.quality import perplexity_ci
 
 
 def perplexity(model, dataset, pad_token_id: int, batch_size: int = 32) -> dict:
@@ -40,8 +41,30 @@ def measure_perplexity(model_path: str, samples: list[dict], dialogue: DialogueC
     total_loss, tokens = sum(loss for loss, _ in losses), sum(n for _, n in losses)
     chars = sum(len(s["response"].strip()) + 1 for s in samples)  # + 1: the end-of-turn token
     words = sum(len(s["response"].split()) for s in samples)
+    interval = perplexity_ci([loss for loss, _ in losses], [n for _, n in losses], [s["episode"] for s in samples],
+                             seed=0) if tokens else {"low": float("nan"), "high": float("nan")}
     return {"perplexity": exp_mean(total_loss, tokens), "tokens": tokens, "loss": total_loss / max(tokens, 1),
+            "perplexity_low": interval["low"], "perplexity_high": interval["high"],  # 95%, bootstrap over episodes
             "total_loss": total_loss, "char_perplexity": exp_mean(total_loss, chars) if tokens else float("nan"),
             "word_perplexity": exp_mean(total_loss, words) if tokens else float("nan"),
             "sample_losses": [loss for loss, _ in losses], "sample_tokens": [n for _, n in losses],
+            "sample_chars": [len(s["response"].strip()) + 1 for s in samples],
+            "sample_episodes": [s["episode"] for s in samples],
             "format": bot.format.style, "tokenizer": tokenizer_fingerprint(bot.tokenizer)}
+
+
+@task(name="log_scores", retries=2, retry_delay_seconds=2)
+def log_scores(run_id: str, scores: dict[str, dict | None]) -> None:
+    """Every finite figure as an MLflow metric test_<figure>_<model>, e.g. test_perplexity_candidate."""
+    import math
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)  # ms
+    metrics = [Metric(f"test_{key}_{name}", float(value), now, 0) for name, score in scores.items() if score
+               for key, value in score.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
+    metrics.append(Metric("test_target_tokens", float(scores["candidate"]["tokens"]), now, 0))
+    MlflowClient().log_batch(run_id, metrics=metrics)

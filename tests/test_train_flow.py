@@ -60,7 +60,9 @@ def test_a_run_that_fails_after_the_gate_leaves_the_champion_alone(tmp_path, mon
 
     config = tiny_config(write_tiny_show(tmp_path / "show.csv"), **{"registry.model_name": "late-failure-bot"})
     assert train(config)["promoted"]
-    better = config.model_copy(update={"gate": config.gate.model_copy(update={"min_improvement": 0.0}),
+    # the same model again, with the improvement and noise tests off so that the gate promotes it
+    better = config.model_copy(update={"gate": config.gate.model_copy(update={"min_improvement": 0.0,
+                                                                              "noise_confidence": 0.0}),
                                        "registry": config.registry.model_copy(update={"build_bento": True})})
 
     def broken_build(*args, **kwargs):

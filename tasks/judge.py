@@ -1,0 +1,125 @@
+"""Judge a bot by what it says: replies to held-out contexts, scored for character, fluency and degeneracy.
+
+The same contexts, seed and decoding (the service's defaults) for the candidate, the base and the champion.
+"""
+
+import random
+from dataclasses import dataclass
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from castbot.config import EvaluationConfig, PipelineConfig
+from castbot.dialogue import DECODING_DEFAULTS, DialogueFormat
+from tasks.logs import run_logger
+from tasks.quality import CharacterClassifier, degeneracy, likeness, train_character_classifier
+
+REPLY_BATCH = 16  # contexts per generate() call
+
+
+@dataclass
+class Judge:
+    """What every model is judged against: the style classifier, its anchors and the contexts to answer."""
+
+    classifier: CharacterClassifier
+    character_lines: list[str]  # real held-out lines of the character: likeness 1
+    other_lines: list[str]  # real held-out lines of everyone else: likeness 0
+    real_lines: list[str]  # the character's training lines: how varied real replies are
+    contexts: list[dict]  # test samples the models answer
+    reference: str  # model folder whose perplexity of a reply measures fluency
+    reference_format: DialogueFormat
+
+
+def speaker_lines(frame: pd.DataFrame, episodes: set[str]) -> list[tuple[str, str]]:
+    """(speaker, line) of every row in the given episodes."""
+    rows = frame[frame["episode"].astype(str).isin(episodes)]
+    return list(zip(rows["speaker"], rows["line"]))
+
+
+@task(name="build_judge", cache_policy=NO_CACHE)
+def build_judge(cleaned: pd.DataFrame, splits: dict[str, list[dict]], config: PipelineConfig, base: str,
+                fmt: DialogueFormat) -> Judge:
+    """Train the style classifier on the training episodes; anchors from the held-out ones; pick the contexts.
+    Fluency is judged by evaluation.reference_model, else by the untuned base in the training format."""
+    from castbot.pretrained import resolve
+    from tasks.tokenize import choose_format
+
+    character, evaluation = config.character, config.evaluation
+    reference, reference_format = base, fmt
+    if evaluation.reference_model:
+        reference = resolve(evaluation.reference_model)
+        reference_format = choose_format(reference, config.dialogue, character, config.show)
+    train = speaker_lines(cleaned, {s["episode"] for s in splits["train"]})
+    held_out = speaker_lines(cleaned, {s["episode"] for name in ("validation", "test") for s in splits[name]})
+    classifier = train_character_classifier(train, character, evaluation.seed)
+    run_logger("castbot.judge").info(
+        "style classifier on %d training lines: held-out accuracy %.2f, balanced %.2f, AUC %.2f (%.1f s)",
+        len(train), classifier.heldout_accuracy, classifier.heldout_balanced_accuracy, classifier.heldout_auc,
+        classifier.train_seconds)
+    test = splits["test"]
+    contexts = random.Random(evaluation.seed).sample(test, min(evaluation.replies, len(test)))
+    return Judge(classifier, [t for s, t in held_out if s == character], [t for s, t in held_out if s != character],
+                 [t for s, t in train if s == character], contexts, reference, reference_format)
+
+
+def turns(sample: dict) -> list[tuple[str, str]]:
+    return list(zip(sample.get("speakers") or [""] * len(sample["context"]), sample["context"]))
+
+
+def generate_replies(bot, contexts: list[dict], seed: int) -> list:
+    """One reply per context with the service's decoding defaults, REPLY_BATCH contexts per generate() call."""
+    import torch
+
+    torch.manual_seed(seed)
+    replies = []
+    for start in range(0, len(contexts), REPLY_BATCH):
+        replies += bot.generate([turns(s) for s in contexts[start:start + REPLY_BATCH]], **DECODING_DEFAULTS)
+    return replies
+
+
+def reply_perplexity(judge: Judge, replies: list[str], max_length: int) -> float:
+    """Perplexity per token of the non-empty replies under the reference model, each given its context."""
+    from castbot.bot import Bot, exp_mean
+
+    reference = Bot.load(judge.reference, fmt=judge.reference_format, max_length=max_length)
+    samples = [{**context, "response": reply} for context, reply in zip(judge.contexts, replies) if reply.strip()]
+    losses = reference.score([reference.encode(s, max_length) for s in samples])
+    return exp_mean(sum(loss for loss, _ in losses), sum(n for _, n in losses))
+
+
+@task(name="judge_replies", cache_policy=NO_CACHE)
+def judge_replies(model_path: str, judge: Judge, evaluation: EvaluationConfig, max_length: int,
+                  fmt: DialogueFormat | None = None) -> dict:
+    """The model's replies to the judge's contexts, with likeness, fluency and degeneracy figures."""
+    from castbot.bot import Bot
+
+    if not judge.contexts:
+        return {}
+    bot = Bot.load(model_path, fmt=fmt, max_length=max_length)
+    generated = generate_replies(bot, judge.contexts, evaluation.seed)
+    del bot
+    texts = [g.reply for g in generated]
+    last_turns = [s["context"][-1] if s["context"] else "" for s in judge.contexts]
+    return {"replies": texts,
+            **likeness(judge.classifier, texts, judge.character_lines, judge.other_lines),
+            "likeness_classifier_auc": judge.classifier.heldout_auc,
+            **degeneracy(texts, last_turns, judge.real_lines, [g.hit_max_tokens for g in generated]),
+            "reply_perplexity": reply_perplexity(judge, texts, max_length)}
+
+
+@task(name="publish_replies", retries=2, retry_delay_seconds=2)
+def publish_replies(judge: Judge, scores: dict[str, dict | None], run_id: str) -> str:
+    """Side-by-side replies of base, champion and candidate as a Prefect artifact and MLflow text."""
+    from mlflow import MlflowClient
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.quality import side_by_side_markdown
+
+    contexts = [[f"{s}: {t}" if s else t for s, t in turns(sample)] for sample in judge.contexts]
+    replies = {name: scores[name]["replies"] for name in ("base", "champion", "candidate")
+               if scores.get(name) and "replies" in scores[name]}
+    markdown = "### Replies to held-out contexts\n\n" + side_by_side_markdown(contexts, replies)
+    MlflowClient().log_text(run_id, markdown, "replies.md")
+    create_markdown_artifact(markdown, key="side-by-side-replies", description="base, champion and candidate replies")
+    return markdown
