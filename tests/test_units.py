@@ -166,3 +166,51 @@ def test_gate_compares_per_character_when_tokenizers_differ():
     decision = decide(scores, GateConfig(max_perplexity=100, min_improvement=0.01))
     assert not decision.promote and decision.unit == "character"
     assert "does not beat the champion's 2.500" in decision.reason
+
+
+def paired_scores(candidate_losses, champion_losses, episodes):
+    tokens = [10] * len(candidate_losses)
+
+    def score(losses):
+        return {"perplexity": math.exp(sum(losses) / sum(tokens)), "char_perplexity": 2.0, "tokenizer": "t1",
+                "sample_losses": losses, "sample_tokens": tokens, "sample_chars": [40] * len(tokens),
+                "sample_episodes": episodes}
+
+    return {"candidate": score(candidate_losses), "champion": score(champion_losses),
+            "base": score([loss * 2 for loss in champion_losses])}
+
+
+def test_gate_refuses_a_candidate_better_on_average_but_within_the_noise():
+    """3% lower perplexity, yet some episodes better and some worse: the paired interval straddles 0."""
+    import random
+
+    from tasks.gate import decide
+
+    rng = random.Random(0)
+    episodes = [f"E{i // 4}" for i in range(24)]
+    champion = [30.0 + rng.uniform(-3, 3) for _ in episodes]
+    candidate = [loss + (-2.5 if int(e[1:]) % 2 else 2.0) for loss, e in zip(champion, episodes)]
+    scores = paired_scores(candidate, champion, episodes)
+    assert scores["candidate"]["perplexity"] < 0.99 * scores["champion"]["perplexity"]
+    decision = decide(scores, GateConfig(max_perplexity=100, min_improvement=0.01))
+    assert not decision.promote and "beyond the noise" in decision.reason and "nats per token" in decision.reason
+    steady = [loss - 0.5 for loss in champion]  # better on every sample
+    assert decide(paired_scores(steady, champion, episodes), GateConfig(max_perplexity=100)).promote
+
+
+@pytest.mark.parametrize("figure, value, field", [
+    ("repeat3_rate", 0.9, "max_repeat3_rate"), ("template_leak_rate", 0.5, "max_template_leak_rate"),
+    ("empty_rate", 0.5, "max_empty_rate"), ("echo_rate", 0.8, "max_echo_rate"),
+    ("likeness", 0.1, "min_likeness"), ("reply_perplexity", 900.0, "max_reply_perplexity"),
+])
+def test_gate_names_the_failing_reply_check_with_its_figure_and_threshold(figure, value, field):
+    from tasks.gate import decide
+
+    scores = {"candidate": {**score(50.0), "repeat3_rate": 0.0, "template_leak_rate": 0.0, "empty_rate": 0.0,
+                            "echo_rate": 0.0, "likeness": 0.8, "reply_perplexity": 30.0},
+              "base": score(99.5), "champion": None}
+    gate = GateConfig(max_perplexity=100, min_likeness=0.5, max_reply_perplexity=200)
+    assert decide(scores, gate).promote
+    scores["candidate"][figure] = value
+    decision = decide(scores, gate)
+    assert not decision.promote and f"gate.{field}" in decision.reason and f"{value:.3f}" in decision.reason
