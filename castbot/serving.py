@@ -58,7 +58,8 @@ class Decoding(Strict):
                                 le=LIMITS.max_new_tokens, description="Most tokens in the reply.")
     temperature: float = Field(DECODING_DEFAULTS["temperature"], ge=0, le=2,
                                description="Sampling temperature; 0 decodes greedily.")
-    top_p: float = Field(DECODING_DEFAULTS["top_p"], gt=0, le=1, description="Nucleus sampling mass.")
+    # ge, not gt: a numeric exclusiveMinimum is OpenAPI 3.1, and the Bento publishes 3.0
+    top_p: float = Field(DECODING_DEFAULTS["top_p"], ge=0.01, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(DECODING_DEFAULTS["top_k"], ge=0, le=1000, description="Sample from the k likeliest; 0: all.")
     no_repeat_ngram_size: int = Field(DECODING_DEFAULTS["no_repeat_ngram_size"], ge=0, le=10,
                                       description="Never repeat an n-gram of this size; 0: off.")

@@ -25,7 +25,7 @@ from tasks.gate import gate_candidate
 from tasks.ingest import file_sha256, load_transcript
 from tasks.judge import build_judge, judge_replies, publish_replies
 from tasks.lineage import log_data_lineage, report_dir
-from tasks.registry import download_champion, promote_champion, register_model, start_run
+from tasks.registry import ChampionMoved, download_champion, promote_champion, register_model, start_run
 from tasks.samples import sample_replies
 from tasks.validate import validate_dialogue, validate_raw
 
@@ -79,7 +79,7 @@ def train(config: PipelineConfig) -> dict:
         version = register_model(run_id, model_path, config, decision.as_tags())
         bento = build_bento(config.model_name, version) if decision.promote and config.registry.build_bento else None
         if decision.promote:  # last: a run that fails anywhere before this leaves the champion where it was
-            promote_champion(config.model_name, version, champion["version"] if champion else None)
+            promote_champion(config.model_name, version, champion["version"] if champion else None, bento)
         shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # finished: a rerun trains afresh
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         result = train(load_profile(argv[0]))
-    except (ConfigError, DataError, ModelFetchError) as exc:
+    except (ConfigError, DataError, ModelFetchError, ChampionMoved) as exc:
         print(f"castbot: {exc}", file=sys.stderr)
         return 1
     verdict = "promoted to champion" if result["promoted"] else "not promoted"

@@ -16,6 +16,10 @@ from castbot.settings import artifact_root
 CHAMPION = "champion"
 
 
+class ChampionMoved(RuntimeError):
+    """Another run promoted a model while this one trained: this candidate was compared with an old champion."""
+
+
 def git_commit() -> str:
     """HEAD of the project checkout, with '-dirty' when there are uncommitted changes; 'unknown' outside git."""
     root = Path(__file__).resolve().parent.parent
@@ -130,13 +134,20 @@ def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: d
 
 
 @task(name="promote", retries=2, retry_delay_seconds=2)
-def promote_champion(model_name: str, version: str, measured_champion: str | None) -> None:
-    """Point the champion alias at version, unless another run moved it since this run measured it."""
+def promote_champion(model_name: str, version: str, measured_champion: str | None, bento: str | None = None) -> None:
+    """Point the champion alias at version, unless another run moved it since this run measured it; then the
+    Bento built for version is deleted, so `castbot-chat:latest` stays the champion's."""
     current = champion_version(model_name)
     if current != measured_champion:
-        raise RuntimeError(f"{model_name}: the champion moved from version {measured_champion} to {current} while "
+        if bento:
+            import bentoml
+
+            bentoml.delete(bento)
+            MlflowClient().delete_model_version_tag(model_name, version, "castbot.bento")
+        raise ChampionMoved(f"{model_name}: the champion moved from version {measured_champion} to {current} while "
                            f"this run was training; version {version} was compared with the old one, so it is "
-                           "not promoted. Rerun to compare it with the new champion.")
+                           "not promoted" + (f" and its Bento {bento} was deleted" if bento else "") +
+                           ". Rerun to compare it with the new champion.")
     MlflowClient().set_registered_model_alias(model_name, CHAMPION, version)
 
 
