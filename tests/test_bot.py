@@ -7,7 +7,7 @@ prompts, and scores against the model's own loss: no flow, no Bento.
 import math
 
 import pytest
-from conftest import WORDS
+from tests.conftest import WORDS
 
 from castbot.bot import Bot
 from castbot.config import OfflineModelConfig

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import tiny_config, tiny_show_rows, write_tiny_show
+from tests.conftest import tiny_config, tiny_show_rows, write_tiny_show
 from tasks.errors import DataError
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import tiny_config, write_tiny_show
+from tests.conftest import tiny_config, write_tiny_show
 
 
 def task_states(flow_state) -> dict[str, str]:

@@ -1,10 +1,11 @@
 """Every show profile in configs/ reads its real transcript and passes ingest, cleaning and both GX suites."""
 
+import itertools
 from pathlib import Path
 
 import pytest
 
-from test_data_bad_input import run_data_steps
+from tests.test_data_bad_input import run_data_steps
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHOWS = {  # profile -> (character, fewest training samples expected)
@@ -24,6 +25,7 @@ def test_show_profile_data_steps_pass(profile, shared_data, tmp_path):
     character, fewest = SHOWS[profile]
     splits = run_data_steps(config, tmp_path / "docs")
     assert config.character == character and len(splits["train"]) >= fewest
-    episodes = [{s["episode"] for s in samples} for samples in splits.values()]
-    assert not set.intersection(*episodes)  # no episode in two splits
+    episodes = {name: {s["episode"] for s in samples} for name, samples in splits.items()}
+    for a, b in itertools.combinations(episodes, 2):  # every pair: no episode in two splits
+        assert not episodes[a] & episodes[b], f"{a} and {b} share episodes {episodes[a] & episodes[b]}"
     assert (tmp_path / "docs" / "dialogue" / "index.html").is_file()

@@ -4,7 +4,7 @@ import logging
 import shutil
 
 import pytest
-from conftest import tiny_config
+from tests.conftest import tiny_config
 
 from castbot.config import ConfigError, PipelineConfig, load_profile
 from tasks.finetune import CHECKPOINTS, LengthBucketSampler, checkpoint_problem, latest_checkpoint, train_model

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_config, write_tiny_show
+from tests.conftest import REPO, tiny_config, write_tiny_show
 
 from tasks.finetune import checkpoint_problem
 

@@ -1,6 +1,7 @@
 """Fast tests of the pieces users rely on: config errors, dialogue format, splits, perplexity, gate."""
 
 import math
+import os
 import textwrap
 
 import pytest
@@ -214,3 +215,12 @@ def test_gate_names_the_failing_reply_check_with_its_figure_and_threshold(figure
     scores["candidate"][figure] = value
     decision = decide(scores, gate)
     assert not decision.promote and f"gate.{field}" in decision.reason and f"{value:.3f}" in decision.reason
+
+
+def test_conftest_is_imported_once_so_the_session_has_one_state_folder():
+    import sys
+
+    import tests.conftest
+
+    assert "conftest" not in sys.modules or sys.modules["conftest"] is tests.conftest
+    assert os.environ["CASTBOT_HOME"] == str(tests.conftest.STATE)
