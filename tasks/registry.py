@@ -112,16 +112,17 @@ def download_champion(model_name: str, workdir: str) -> dict | None:
 @task(name="register")  # no retries: a retry after log_model would register a second version
 def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: dict[str, str]) -> str:
     """Log the model to the run and register it as a new version of config.model_name (no alias)."""
-    from castbot.pyfunc import HF_ARTIFACT, ChatModel
+    from castbot.pyfunc import HF_ARTIFACT
 
     client = MlflowClient()
+    package = Path(__file__).resolve().parent.parent / "castbot"
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=ChatModel(),
+            python_model=str(package / "mlflow_model.py"),  # models-from-code: nothing pickled
             artifacts={HF_ARTIFACT: model_path},
-            code_paths=[str(Path(__file__).resolve().parent.parent / "castbot")],
-            pip_requirements=["torch", "transformers", "tokenizers", "mlflow", "safetensors"],
+            code_paths=[str(package)],
+            pip_requirements=["torch", "transformers", "tokenizers", "mlflow", "safetensors", "peft"],
             registered_model_name=config.model_name,
         )
     version = str(info.registered_model_version)

@@ -159,6 +159,7 @@ def test_a_llama_chat_model_trains_with_lora_end_to_end_and_mlflow_loads_the_ver
     model_dir = mlflow.artifacts.download_artifacts(f"models:/llama-bot/{result['version']}", dst_path=str(tmp_path))
     files = {p.name for p in Path(model_dir).rglob("*")}
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files and "castbot.json" in files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], "logged from code, not pickled"
     replies = mlflow.pyfunc.load_model(f"models:/llama-bot/{result['version']}").predict(["the rocket", "fuel?"])
     assert len(replies) == 2 and all(isinstance(r, str) and "<|im_" not in r for r in replies)
 
