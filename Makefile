@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench serve clean
+.PHONY: setup demo test test-fast bench serve clean
 
 setup: $(STAMP)  ## venv + editable install (quick when nothing changed)
 
@@ -19,6 +19,9 @@ demo: setup  ## the whole pipeline on the offline demo profile (a few minutes on
 
 test: setup  ## the test suite (needs ../shared/data for the real-transcript tests)
 	$(PY) -m pytest -q tests
+
+test-fast: setup  ## the unit tier only (under a minute)
+	$(PY) -m pytest -q -m unit tests
 
 serve: setup  ## serve the newest Bento (built by make demo) on http://127.0.0.1:3000 (web chat at /ui/)
 	BENTOML_HOME=$(CURDIR)/.castbot/bentoml BENTOML_DO_NOT_TRACK=True \

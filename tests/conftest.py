@@ -74,6 +74,25 @@ def tiny_config(data_path, **overrides):
     return PipelineConfig.model_validate(raw)
 
 
+# Test tiers (markers registered in pyproject.toml): `make test-fast` runs the unit tier, `make test` all of them.
+TIERS = {
+    "unit": {"test_units.py", "test_bot.py", "test_quality.py", "test_data_clean.py", "test_k8s.py",
+             "test_monitoring.py"},  # functions on small inputs and tiny models: seconds
+    "flow": {"test_train_flow.py", "test_data_flow.py", "test_data_bad_input.py", "test_data_profiles.py",
+             "test_finetune.py", "test_champion_race.py"},  # tasks and flows with real Prefect, GX, MLflow
+    "service": {"test_service.py"},  # a real `bentoml serve` over HTTP
+    "slow": {"test_pretrained.py", "test_finetune_resume.py", "test_deployments.py"},  # SmolLM2, servers, kills
+}
+TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name not in TIER_OF:
+            raise pytest.UsageError(f"{item.path.name} has no tier: add it to TIERS in tests/conftest.py")
+        item.add_marker(TIER_OF[item.path.name])
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Remove the session's state folder (MLflow DB, BentoML store, Prefect DB) unless asked to keep it."""
     import shutil
