@@ -30,6 +30,14 @@ def bot(request, tmp_path_factory):
     return Bot.load(str(folder), fmt=DialogueFormat(style, "Ada", "The Tiny Show"), max_length=96)
 
 
+@pytest.fixture(scope="module")
+def eos_bot(tmp_path_factory):
+    from tasks.base_model import build_offline_model
+
+    shape = OfflineModelConfig(vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_positions=128)
+    return Bot.load(str(build_offline_model(TEXTS, shape, seed=0, folder=tmp_path_factory.mktemp("eos") / "m")))
+
+
 def argmax_reply(bot: Bot, prompt: list[int], max_new: int) -> list[int]:
     """Greedy decoding written out: the likeliest next token, never end-of-turn first, stop at end-of-turn."""
     import torch
@@ -98,3 +106,38 @@ def test_scores_equal_the_models_own_loss_on_each_sample(bot):
         out = bot.model(input_ids=torch.tensor([row["input_ids"]]), labels=labels)
         assert tokens == int((labels[:, 1:] != -100).sum()) > 0
         assert loss == pytest.approx(out.loss.item() * tokens, rel=1e-4)
+
+
+def test_prompt_ids_depend_on_history_and_drop_the_oldest_turns_first(eos_bot):
+    tokenizer = eos_bot.tokenizer
+    from castbot.dialogue import prompt_ids
+
+    eos = tokenizer.eos_token_id
+    alone = prompt_ids(tokenizer, ["the moon"], 100)
+    with_history = prompt_ids(tokenizer, ["the rocket needs fuel", "the moon"], 100)
+    assert with_history != alone and with_history[-len(alone):] == alone and alone[-1] == eos
+    long = [f"turn {i} the rocket needs fuel before we fly" for i in range(30)] + ["the moon"]
+    cut = prompt_ids(tokenizer, long, 40)
+    assert len(cut) <= 40 and cut[-len(alone):] == alone
+    # whole turns are dropped from the front: the kept ids start right after an <eos>
+    assert prompt_ids(tokenizer, long[-3:], 40) == cut[-len(prompt_ids(tokenizer, long[-3:], 40)):]
+
+
+def test_left_pad_aligns_prompts_on_the_right():
+    from castbot.bot import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids == [[5, 6, 7], [0, 0, 8]] and mask == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_served_prompts_in_one_batch_get_the_replies_they_get_alone(bot):
+    from castbot.serving import Prompt, generate_batch
+
+    short = Prompt(turns=["Fuel?"], max_new_tokens=12, temperature=0)
+    long = Prompt(turns=["The rocket needs fuel before we fly.", "Science is never simple.", "Fuel?"],
+                  max_new_tokens=12, temperature=0)
+    alone = [generate_batch(bot, [p])[0] for p in (short, long)]
+    together = generate_batch(bot, [short, long])
+    assert together[0].prompt_tokens < together[1].prompt_tokens  # the short one was padded
+    assert [g.reply for g in together] == [g.reply for g in alone]
+    assert [g.new_tokens for g in together] == [g.new_tokens for g in alone]

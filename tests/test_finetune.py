@@ -96,12 +96,22 @@ def test_lora_saves_small_adapters_that_load_merged_into_their_base(tiny_data, t
     assert torch.equal(before.transformer.wte.weight, after.transformer.wte.weight), "LoRA leaves embeddings alone"
 
 
-def test_bf16_training_runs_and_reports_its_precision(tiny_data, tmp_path):
+def test_bf16_training_learns_and_reports_its_precision(tiny_data, tmp_path):
+    """bf16 autocast really trains: validation perplexity falls from the base model's."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks.evaluate import perplexity
+
     config, base, datasets = tiny_data
-    result = train_model(base, datasets, config.training.model_copy(update={"precision": "bf16", "max_steps": 6}),
-                         str(tmp_path))
+    training = config.training.model_copy(update={"precision": "bf16", "max_steps": 12, "learning_rate": 0.01})
+    result = train_model(base, datasets, training, str(tmp_path))
     assert result["precision"] == "bf16" and result["train_precision_bf16"] == 1.0
     assert 0 <= result["train_padding_fraction"] < 1 and result["train_tokens_per_s"] > 0
+    pad = AutoModelForCausalLM.from_pretrained(base).config.pad_token_id
+    before = perplexity(AutoModelForCausalLM.from_pretrained(base), datasets["validation"], pad)["perplexity"]
+    after = perplexity(AutoModelForCausalLM.from_pretrained(result["model_path"]), datasets["validation"],
+                       pad)["perplexity"]
+    assert after < 0.8 * before, (before, after)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -151,40 +151,6 @@ def test_chat_prompt_puts_history_first_and_message_last():
     assert prompt.temperature == 0 and prompt.max_new_tokens == 40
 
 
-def test_prompt_ids_depend_on_history_and_drop_the_oldest_turns_first(tokenizer):
-    from castbot.dialogue import prompt_ids
-
-    eos = tokenizer.eos_token_id
-    alone = prompt_ids(tokenizer, ["the moon"], 100)
-    with_history = prompt_ids(tokenizer, ["the rocket needs fuel", "the moon"], 100)
-    assert with_history != alone and with_history[-len(alone):] == alone and alone[-1] == eos
-    long = [f"turn {i} the rocket needs fuel before we fly" for i in range(30)] + ["the moon"]
-    cut = prompt_ids(tokenizer, long, 40)
-    assert len(cut) <= 40 and cut[-len(alone):] == alone
-    # whole turns are dropped from the front: the kept ids start right after an <eos>
-    assert prompt_ids(tokenizer, long[-3:], 40) == cut[-len(prompt_ids(tokenizer, long[-3:], 40)):]
-
-
-def test_left_pad_aligns_prompts_on_the_right():
-    from castbot.bot import left_pad
-
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids == [[5, 6, 7], [0, 0, 8]] and mask == [[1, 1, 1], [0, 0, 1]]
-
-
-def test_left_padded_batch_gives_each_prompt_the_reply_it_gets_alone(chat_model):
-    from castbot.serving import Prompt, generate_batch
-
-    short = Prompt(turns=["Fuel?"], max_new_tokens=12, temperature=0)
-    long = Prompt(turns=["The rocket needs fuel before we fly.", "Science is never simple.", "Fuel?"],
-                  max_new_tokens=12, temperature=0)
-    alone = [generate_batch(chat_model, [p])[0] for p in (short, long)]
-    together = generate_batch(chat_model, [short, long])
-    assert together[0].prompt_tokens < together[1].prompt_tokens  # the short one was padded
-    assert [g.reply for g in together] == [g.reply for g in alone]
-    assert [g.new_tokens for g in together] == [g.new_tokens for g in alone]
-
-
 def test_limits_come_from_the_environment_and_bad_values_are_refused():
     from pydantic import ValidationError
 
@@ -222,8 +188,11 @@ def test_reply_is_conditioned_on_the_history(server, tokenizer, chat_model):
     assert alone["prompt_tokens"] == len(prompt_ids(tokenizer, [message], budget))
     assert with_history["prompt_tokens"] == len(prompt_ids(tokenizer, [h["text"] for h in history] + [message], budget))
     assert with_history["prompt_tokens"] > alone["prompt_tokens"]
-    # greedy decoding is deterministic for the same conversation
+    # greedy decoding is deterministic for the same conversation, and the history changes what is said
     assert chat(server, message=message, temperature=0, **BOT_CHAT).json()["reply"] == alone["reply"]
+    histories = [history, history[:1], [{"speaker": "Cleo", "text": "Science is never simple but the answer is."}]]
+    replies = {chat(server, history=h, message=message, temperature=0, **BOT_CHAT).json()["reply"] for h in histories}
+    assert replies - {alone["reply"]}, "no history changed the greedy reply"
     # a history longer than the context is cut from the oldest turn, not refused
     long = [{"speaker": "Bram", "text": "the rocket needs fuel before we fly to the moon tonight " * 3}] * 8
     cut = chat(server, history=long, message=message, temperature=0, **BOT_CHAT)
