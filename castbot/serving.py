@@ -7,15 +7,12 @@ so a chat is built and decoded the same way everywhere. Limits come from CASTBOT
 import os
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
+from castbot.config import Strict
 from castbot.dialogue import DECODING_DEFAULTS
 
 ENV_PREFIX = "CASTBOT_SERVE_"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ServeLimits(Strict):

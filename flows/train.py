@@ -3,29 +3,25 @@
     python -m flows.train configs/demo.yaml
 """
 
-import hashlib
-import shutil
 import sys
-import tempfile
 
-from mlflow import MlflowClient
 from prefect import flow
 
 from castbot.config import ConfigError, PipelineConfig, load_profile
 from castbot.pretrained import ModelFetchError
-from castbot.settings import STATE_DIR
 from tasks.base_model import base_reference, prepare_base_model
 from tasks.bento import build_bento
 from tasks.clean import clean_transcript, publish_cleaning_report
 from tasks.dialogues import build_dialogues
 from tasks.errors import DataError
-from tasks.evaluate import log_scores, measure_perplexity
-from tasks.finetune import ModelCard, fine_tune
+from tasks.evaluate import evaluate_model, log_scores
+from tasks.finetune import ModelCard, clear_work_folder, fine_tune, work_folder
 from tasks.gate import gate_candidate
 from tasks.ingest import file_sha256, load_transcript
-from tasks.judge import build_judge, judge_replies, publish_replies
+from tasks.judge import build_judge, publish_replies
 from tasks.lineage import log_data_lineage, report_dir
-from tasks.registry import ChampionMoved, download_champion, promote_champion, register_model, start_run
+from tasks.registry import (ChampionMoved, download_champion, finish_run, promote_champion, register_model,
+                            start_run, tag_run)
 from tasks.samples import sample_replies
 from tasks.validate import validate_dialogue, validate_raw
 
@@ -48,43 +44,35 @@ def train(config: PipelineConfig) -> dict:
     validate_dialogue(cleaned, config.data.path, config.character, config.validation, reports)
     splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed)
     data_sha256 = file_sha256(config.data.path)
-    run_id = start_run(config, data_sha256)
-    client = MlflowClient()
+    workdir = work_folder(data_sha256, config.digest())
+    run_id = start_run(config, data_sha256, workdir.name)
     try:
         log_data_lineage(run_id, cleaned, config.data.path, reports)
         base = prepare_base_model(config.base_model, training_texts(splits["train"]), config.offline_model,
                                   config.training.seed)
         fmt = choose_format(base, config.dialogue, config.character, config.show)
         datasets = tokenize_dialogues(splits, base, config.dialogue, fmt)
-        # same data + config -> same folder, so an interrupted run resumes from its checkpoints
-        workdir = STATE_DIR / "runs" / hashlib.sha256(f"{data_sha256}{config.digest()}".encode()).hexdigest()[:16]
         card = ModelCard(fmt, config.dialogue.max_length, base_reference(config.base_model, base))
         model_path = fine_tune(base, datasets, config.training, str(workdir), run_id, card)
         sample_replies(model_path, run_id, config.character)
         judge = build_judge(cleaned, splits, config, base, fmt)
-
-        def evaluate(path: str, model_format=None) -> dict:
-            return {**measure_perplexity(path, splits["test"], config.dialogue, model_format),
-                    **judge_replies(path, judge, config.evaluation, config.dialogue.max_length, model_format)}
-
-        with tempfile.TemporaryDirectory() as tmp:
-            champion = download_champion(config.model_name, tmp)
-            scores = {"candidate": evaluate(model_path), "base": evaluate(base, fmt),
-                      "champion": evaluate(champion["path"]) if champion else None}
+        champion = download_champion(config.model_name, str(workdir / "champion"))
+        scores = {"candidate": evaluate_model(model_path, splits["test"], config, judge),
+                  "base": evaluate_model(base, splits["test"], config, judge, fmt),
+                  "champion": evaluate_model(champion["path"], splits["test"], config, judge) if champion else None}
         log_scores(run_id, scores)
         publish_replies(judge, scores, run_id)
         decision = gate_candidate(scores, config.gate)
-        for key, value in decision.as_tags().items():
-            client.set_tag(run_id, key, value)
+        tag_run(run_id, decision.as_tags())
         version = register_model(run_id, model_path, config, decision.as_tags())
         bento = build_bento(config.model_name, version) if decision.promote and config.registry.build_bento else None
         if decision.promote:  # last: a run that fails anywhere before this leaves the champion where it was
             promote_champion(config.model_name, version, champion["version"] if champion else None, bento)
-        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # finished: a rerun trains afresh
+        clear_work_folder(workdir)
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        finish_run(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    finish_run(run_id, "FINISHED")
     return {"run_id": run_id, "model_name": config.model_name, "version": version, "promoted": decision.promote,
             "reason": decision.reason, "perplexity": scores["candidate"]["perplexity"], "bento": bento}
 

@@ -3,9 +3,10 @@
 import hashlib
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from castbot.bot import exp_mean, sample_losses
-from castbot.config import DialogueConfig
+from castbot.config import DialogueConfig, PipelineConfig
 from castbot.dialogue import DialogueFormat
 from tasks.quality import perplexity_ci
 
@@ -68,3 +69,13 @@ def log_scores(run_id: str, scores: dict[str, dict | None]) -> None:
                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
     metrics.append(Metric("test_target_tokens", float(scores["candidate"]["tokens"]), now, 0))
     MlflowClient().log_batch(run_id, metrics=metrics)
+
+
+@task(name="evaluate_model", cache_policy=NO_CACHE)
+def evaluate_model(model_path: str, samples: list[dict], config: PipelineConfig, judge,
+                   fmt: DialogueFormat | None = None) -> dict:
+    """Test perplexity (with its interval and per-sample losses) and the judged replies of one model."""
+    from tasks.judge import judge_replies
+
+    return {**measure_perplexity.fn(model_path, samples, config.dialogue, fmt),
+            **judge_replies.fn(model_path, judge, config.evaluation, config.dialogue.max_length, fmt)}

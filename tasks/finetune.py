@@ -7,6 +7,7 @@ Several processes (DDP on a GPU node): `training.processes > 1` makes the task r
 `accelerate launch` (see configs/accelerate/multi-gpu.yaml); every rank runs the same `train_model`.
 """
 
+import hashlib
 import json
 import math
 import struct
@@ -24,6 +25,13 @@ from castbot.dialogue import DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat
 from tasks.logs import run_logger
 
 CHECKPOINTS = "checkpoints"
+
+
+def work_folder(data_sha256: str, config_digest: str) -> Path:
+    """Same data + config -> same folder, so an interrupted run resumes from its checkpoints."""
+    from castbot.settings import STATE_DIR
+
+    return STATE_DIR / "runs" / hashlib.sha256(f"{data_sha256}{config_digest}".encode()).hexdigest()[:16]
 
 
 def _logger():
@@ -208,6 +216,14 @@ def _trainer_classes(run_id: str | None, logger):
                         " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     return CountingTrainer, LossToMlflow
+
+
+def clear_work_folder(folder: Path) -> None:
+    """A finished run's checkpoints and downloaded champion go: a rerun of the same data and config trains afresh."""
+    import shutil
+
+    for name in (CHECKPOINTS, "champion"):
+        shutil.rmtree(Path(folder) / name, ignore_errors=True)
 
 
 def load_model(base_model: str, config: TrainingConfig, pad_token_id: int):

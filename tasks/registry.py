@@ -54,9 +54,20 @@ def experiment_artifacts(experiment: str) -> str | None:
     return f"{artifact_root()}/{experiment}"
 
 
+def close_interrupted_runs(client: MlflowClient, experiment_id: str, work_key: str, successor: str) -> None:
+    """Mark runs of the same work folder left RUNNING by a killed process as KILLED, pointing at the new run."""
+    stale = client.search_runs([experiment_id], filter_string=f"tags.`castbot.work_key` = '{work_key}' "
+                                                              "and attributes.status = 'RUNNING'")
+    for run in stale:
+        if run.info.run_id != successor:
+            client.set_tag(run.info.run_id, "castbot.resumed_by", successor)
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
 @task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
-def start_run(config: PipelineConfig, data_sha256: str) -> str:
-    """Create the MLflow run for this training, tagged with data, code and config; return its id."""
+def start_run(config: PipelineConfig, data_sha256: str, work_key: str = "") -> str:
+    """Create the MLflow run for this training, tagged with data, code and config; return its id. A run of the
+    same work folder that a killed process left RUNNING is closed as KILLED, tagged with this run's id."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name(config.registry.experiment)
     experiment_id = (
@@ -66,8 +77,9 @@ def start_run(config: PipelineConfig, data_sha256: str) -> str:
     )
     tags = {"castbot.data_sha256": data_sha256, "castbot.git_commit": git_commit(),
             "castbot.config_sha256": config.digest(), "castbot.base_model": config.base_model,
-            "castbot.character": config.character}
+            "castbot.character": config.character, "castbot.work_key": work_key}
     run = client.create_run(experiment_id, tags=tags, run_name=f"{config.model_name}-train")
+    close_interrupted_runs(client, experiment_id, work_key, run.info.run_id)
     for key, value in flat_params(config).items():
         client.log_param(run.info.run_id, key, value)
     client.log_text(run.info.run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
@@ -99,12 +111,30 @@ def champion_version(model_name: str) -> str | None:
         raise
 
 
+@task(name="tag_run", retries=2, retry_delay_seconds=2)
+def tag_run(run_id: str, tags: dict[str, str]) -> None:
+    """Set tags on the MLflow run."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+@task(name="finish_run", retries=2, retry_delay_seconds=2)
+def finish_run(run_id: str, status: str) -> None:
+    """Close the MLflow run as FINISHED or FAILED."""
+    MlflowClient().set_terminated(run_id, status)
+
+
 @task(name="load-champion", retries=2, retry_delay_seconds=2)
 def download_champion(model_name: str, workdir: str) -> dict | None:
     """{"version", "path"} of the champion's save_pretrained folder, or None when there is no champion yet."""
+    import shutil
+
     version = champion_version(model_name)
     if version is None:
         return None
+    shutil.rmtree(workdir, ignore_errors=True)  # a retry or an earlier run's download starts afresh
+    Path(workdir).mkdir(parents=True)
     folder = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=workdir)
     return {"version": version, "path": str(hf_folder(folder))}
 

@@ -101,6 +101,15 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(STATE, ignore_errors=True)
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def stop_process_group(proc, timeout: float = 20) -> None:
     """SIGTERM a process started with start_new_session=True and all its children; SIGKILL if they linger."""
     import signal

@@ -7,7 +7,6 @@ MLFLOW_TRACKING_URI and CASTBOT_HOME (tests/conftest.py), so the champion lands 
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,13 @@ import pytest
 import yaml
 
 from deployments import render
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 FLOW = "train-character-bot"
 K8S_TEMPLATE = REPO / "deployments" / "k8s" / "base" / "prefect-base-job-template.json"
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, chars: int = 3000) -> str:

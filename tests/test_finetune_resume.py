@@ -63,8 +63,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_only_the_finished_run
     assert second.returncode == 0, out
     assert "resume-bot version 1: promoted to champion" in out
 
-    run = client.search_runs(client.get_experiment_by_name("castbot").experiment_id,
-                             order_by=["attribute.start_time DESC"])[0]
+    run, killed = client.search_runs(client.get_experiment_by_name("castbot").experiment_id,
+                                     order_by=["attribute.start_time DESC"])
+    assert killed.info.status == "KILLED" and killed.data.tags["castbot.resumed_by"] == run.info.run_id
+    assert run.info.status == "FINISHED"
     assert run.data.metrics["train_resumed_from_step"] == saved  # lost at most one checkpoint interval
     assert run.data.metrics["train_global_step"] == MAX_STEPS
     losses = client.get_metric_history(run.info.run_id, "loss")

@@ -4,7 +4,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -13,19 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CHARACTER, REPO, stop_process_group, tiny_config, write_tiny_show
+from tests.conftest import CHARACTER, REPO, free_port, stop_process_group, tiny_config, write_tiny_show
 
 # the served process's limits (CASTBOT_SERVE_*); small so the bad-input and overload cases are cheap
 SERVER_LIMITS = {"max_message_chars": 200, "max_turn_chars": 200, "max_history_turns": 8, "max_new_tokens": 32,
                  "max_prompts": 4, "max_request_bytes": 8192, "max_concurrency": 24, "max_batch_size": 16,
                  "torch_threads": 1}
 BOT_CHAT = {"max_new_tokens": 8}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
