@@ -7,9 +7,12 @@
 Limits and capacity come from CASTBOT_SERVE_* variables (castbot/serving.py: ServeLimits).
 """
 
+import asyncio
 import contextvars
 import json
 import os
+import time
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import bentoml
@@ -20,11 +23,11 @@ from starlette.responses import FileResponse
 from starlette.routing import Route
 
 from castbot.bot import Bot
-from castbot.serving import (LIMITS, ChatReply, ChatRequest, GenerateRequest, Generation, Prompt, chat_prompt,
-                             generate_batch, group_by_settings)
+from castbot.serving import (LIMITS, ChatReply, ChatRequest, Decoding, GenerateRequest, Generation, Prompt,
+                             chat_prompt, generate_batch, group_by_settings)
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
-API_PATHS = frozenset({"/chat", "/generate"})
+API_PATHS = frozenset({"/chat", "/chat/stream", "/generate"})
 
 
 class BentoArgs(BaseModel):
@@ -51,6 +54,14 @@ BATCH_SIZES = prometheus_client.Histogram(
     "castbot_generate_batch_size", "Prompts per model.generate() call, as the model actually ran them.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
+
+GENERATED_TOKENS = prometheus_client.Counter(
+    "castbot_generated_tokens", "Tokens generated, end-of-turn included; rate() gives generated tokens/s.")
+FIRST_TOKEN = prometheus_client.Histogram(
+    "castbot_time_to_first_token_seconds", "From a /chat/stream request to its first piece of reply.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
+IN_FLIGHT = prometheus_client.Gauge("castbot_requests_in_flight", "Admitted API requests not yet answered.")
+RUNNING_BATCH = prometheus_client.Gauge("castbot_running_batch_size", "Prompts in the generate() call now running.")
 
 # set while an outside API request is admitted; the service's own /chat -> /generate call inherits it
 _admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("castbot_admitted", default=False)
@@ -92,12 +103,14 @@ class Admission:
         if _admitted.get():
             return await self.app(scope, replay, send)
         self.in_flight += 1
+        IN_FLIGHT.inc()
         token = _admitted.set(True)
         try:
             await self.app(scope, replay, send)
         finally:
             _admitted.reset(token)
             self.in_flight -= 1
+            IN_FLIGHT.dec()
 
     async def _read_body(self, scope, receive) -> bytes | None:
         """The whole body, or None once it exceeds max_bytes (by Content-Length or by counting)."""
@@ -125,6 +138,15 @@ def _keep_self_session(service) -> None:
     manager = getattr(getattr(getattr(service, "__self_proxy__", None), "_async", None), "_session_manager", None)
     if manager is not None and manager.max_requests != float("inf"):
         manager.max_requests = manager.max_age = float("inf")
+
+
+def _advance(pieces):
+    """(next piece, None), or (None, the generator's return value) at its end: StopIteration cannot cross
+    asyncio.to_thread's future."""
+    try:
+        return next(pieces), None
+    except StopIteration as end:
+        return None, end.value
 
 
 async def _web_page(_request) -> FileResponse:
@@ -168,8 +190,11 @@ class Chat:
         results: list[Generation | None] = [None] * len(prompts)
         for indices in group_by_settings(prompts).values():
             BATCH_SIZES.observe(len(indices))
+            RUNNING_BATCH.set(len(indices))
             for i, generation in zip(indices, generate_batch(self.bot, [prompts[i] for i in indices])):
                 results[i] = generation
+                GENERATED_TOKENS.inc(generation.new_tokens)
+            RUNNING_BATCH.set(0)
         return results
 
     @bentoml.api(route="/chat")
@@ -181,6 +206,27 @@ class Chat:
         if not isinstance(generation, Generation):
             generation = Generation.model_validate(generation if isinstance(generation, dict) else json.loads(generation))
         return ChatReply(**generation.model_dump(), **self.identity)
+
+    @bentoml.api(route="/chat/stream")
+    async def chat_stream(self, request: ChatRequest, /) -> AsyncGenerator[str, None]:
+        """The /chat reply as server-sent events: `event: start` with the model's identity, `data: {"text": ...}`
+        per piece as it is generated, then `event: done` with the whole reply, its token counts and the identity."""
+        started = time.perf_counter()
+        yield f"event: start\ndata: {json.dumps(self.identity)}\n\n"
+        prompt = chat_prompt(request, self.identity["character"])
+        pieces = self.bot.stream(prompt.named_turns(), **prompt.model_dump(include=set(Decoding.model_fields)))
+        while True:  # the model runs in Bot.stream's thread; waiting for each piece must not block the loop
+            piece, reply = await asyncio.to_thread(_advance, pieces)
+            if reply is not None:
+                break
+            if started is not None:
+                FIRST_TOKEN.observe(time.perf_counter() - started)
+                started = None
+            yield f"data: {json.dumps({'text': piece})}\n\n"
+        GENERATED_TOKENS.inc(reply.new_tokens)
+        final = ChatReply(reply=reply.reply, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens,
+                          **self.identity)
+        yield f"event: done\ndata: {final.model_dump_json()}\n\n"
 
 
 Chat.add_asgi_middleware(Admission, max_concurrency=LIMITS.max_concurrency, max_request_bytes=LIMITS.max_request_bytes)

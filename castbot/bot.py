@@ -102,8 +102,25 @@ class Bot:
     def prompt(self, turns: list[Turn], max_new_tokens: int) -> list[int]:
         return self.format.prompt_ids(self.tokenizer, turns, self.prompt_budget(max_new_tokens))
 
-    def generate(self, conversations: list[list[Turn]], **decoding) -> list[Reply]:
-        """One reply per conversation, in one left-padded generate() call; decoding as DECODING_DEFAULTS."""
+    def stream(self, turns: list[Turn], **decoding):
+        """Yield the reply's text piece by piece as it is generated; the generator returns the whole Reply."""
+        import threading
+
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        done: list[Reply] = []
+        worker = threading.Thread(target=lambda: done.extend(self.generate([turns], streamer=streamer, **decoding)))
+        worker.start()
+        yield from (piece for piece in streamer if piece)
+        worker.join()
+        if not done:
+            raise RuntimeError("generation failed; see the log")
+        return done[0]
+
+    def generate(self, conversations: list[list[Turn]], streamer=None, **decoding) -> list[Reply]:
+        """One reply per conversation, in one left-padded generate() call; decoding as DECODING_DEFAULTS.
+        A transformers streamer (one conversation only) receives the tokens as they come."""
         import torch
 
         settings = {**DECODING_DEFAULTS, **decoding}
@@ -118,7 +135,7 @@ class Bot:
             out = self.model.generate(  # (batch, width) -> (batch, width + new)
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=1,  # never an empty turn
                 no_repeat_ngram_size=settings["no_repeat_ngram_size"], pad_token_id=pad, eos_token_id=eos,
-                **sampling)
+                streamer=streamer, **sampling)
         replies = []
         for row, prompt in zip(out[:, width:].tolist(), rows):
             ended = eos in row

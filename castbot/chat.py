@@ -5,22 +5,44 @@ Type a message and Enter; /reset forgets the history, /quit (or Ctrl-D) leaves.
 """
 
 import argparse
+import json
 import sys
 
 import httpx
 
 
-def ask(client: httpx.Client, history: list[dict], message: str, max_new_tokens: int | None) -> dict:
-    """POST /chat; the service's JSON reply, or an 'error' entry naming what was refused."""
+def refusal(resp: httpx.Response) -> dict:
+    """{'error': 'STATUS: what was refused'} from a 4xx/5xx body."""
+    try:
+        data = resp.json()
+    except ValueError:
+        return {"error": f"{resp.status_code}: {resp.text[:200]}"}
+    fields = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in data.get("detail", []))
+    return {"error": f"{resp.status_code}: {fields or data.get('error', resp.text)}"}
+
+
+def ask(client: httpx.Client, history: list[dict], message: str, max_new_tokens: int | None, on_event) -> dict:
+    """POST /chat/stream; on_event(name, data) for each server-sent event; the final 'done' data, or an 'error'
+    entry naming what was refused."""
     body = {"history": history, "message": message}
     if max_new_tokens is not None:
         body["max_new_tokens"] = max_new_tokens
-    resp = client.post("/chat", json=body)
-    data = resp.json()
-    if resp.status_code != 200:
-        fields = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in data.get("detail", []))
-        return {"error": f"{resp.status_code}: {fields or data.get('error', resp.text)}"}
-    return data
+    with client.stream("POST", "/chat/stream", json=body) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            return refusal(resp)
+        event = "message"
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                on_event(event, data)
+                if event == "done":
+                    return data
+            elif not line:
+                event = "message"
+    return {"error": "the stream ended without a reply"}
 
 
 def main(argv: list[str]) -> int:
@@ -33,6 +55,20 @@ def main(argv: list[str]) -> int:
 
     history: list[dict] = []
     interactive = sys.stdin.isatty()
+
+    written: list[str] = []  # pieces of the reply being printed
+
+    def show(event: str, data: dict) -> None:
+        """Print the reply as it is written: the name at the start, each piece as it comes, a newline at the end."""
+        if event == "start":
+            print(f"{data['character'] or 'bot'}>", end="", flush=True)
+            written.clear()
+        elif event == "message":
+            print(data["text"] if written else " " + data["text"].lstrip(), end="", flush=True)
+            written.append(data["text"])
+        elif event == "done":
+            print(flush=True)
+
     with httpx.Client(base_url=args.url, timeout=60) as client:
         while True:
             try:
@@ -47,14 +83,13 @@ def main(argv: list[str]) -> int:
             if not message:
                 continue
             try:
-                answer = ask(client, history, message, args.max_new_tokens)
+                answer = ask(client, history, message, args.max_new_tokens, show)
             except httpx.HTTPError as exc:
                 print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
                 return 1
             if "error" in answer:
                 print(f"(refused: {answer['error']})", file=sys.stderr)
                 continue
-            print(f"{answer['character'] or 'bot'}> {answer['reply']}", flush=True)
             if args.verbose:
                 print(f"  [{answer['model_name']} v{answer['model_version']}, prompt {answer['prompt_tokens']} tokens]",
                       flush=True)

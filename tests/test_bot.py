@@ -141,3 +141,15 @@ def test_served_prompts_in_one_batch_get_the_replies_they_get_alone(bot):
     assert together[0].prompt_tokens < together[1].prompt_tokens  # the short one was padded
     assert [g.reply for g in together] == [g.reply for g in alone]
     assert [g.new_tokens for g in together] == [g.new_tokens for g in alone]
+
+
+def test_a_streamed_reply_joins_to_the_reply_generate_gives(bot):
+    pieces = bot.stream(CHATS[0], **GREEDY)
+    streamed = []
+    try:
+        while True:
+            streamed.append(next(pieces))
+    except StopIteration as end:
+        reply = end.value
+    assert reply == bot.generate([CHATS[0]], **GREEDY)[0]
+    assert "".join(streamed).strip() == reply.reply and len(streamed) >= 1

@@ -296,6 +296,38 @@ def test_health_metrics_and_openapi(server):
     assert "swagger" in httpx.get(f"{server}/").text.lower()
 
 
+def stream_events(url: str, body: dict) -> list[tuple[str, dict]]:
+    """(event, data) pairs of one /chat/stream response."""
+    events, name = [], "message"
+    with httpx.stream("POST", f"{url}/chat/stream", json=body, timeout=60) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+            elif not line:
+                name = "message"
+    return events
+
+
+def test_chat_stream_sends_the_reply_piece_by_piece(server, trained):
+    body = {"message": "Is the rocket ready?", "temperature": 0, "max_new_tokens": 12}
+    events = stream_events(server, body)
+    names = [name for name, _ in events]
+    assert names[0] == "start" and names[-1] == "done" and names.count("message") >= 2, names
+    start, done = events[0][1], events[-1][1]
+    assert start == {"model_name": "serve-bot", "model_version": trained["version"], "character": CHARACTER}
+    assert "".join(data["text"] for name, data in events if name == "message").strip() == done["reply"]
+    assert done["reply"] == chat(server, **body).json()["reply"]  # the same reply /chat gives, greedy
+    assert done["model_version"] == trained["version"] and 1 <= done["new_tokens"] <= 12
+    metrics = httpx.get(f"{server}/metrics").text
+    assert "castbot_time_to_first_token_seconds_count" in metrics and "castbot_generated_tokens_total" in metrics
+    assert "castbot_requests_in_flight" in metrics and "castbot_running_batch_size" in metrics
+    refused = httpx.post(f"{server}/chat/stream", json={"message": ""}, timeout=30)
+    assert refused.status_code == 400 and "message" in refused.text
+
+
 def test_terminal_chat_keeps_the_history(server):
     done = subprocess.run([sys.executable, "-m", "castbot.chat", "--url", server, "--verbose", "--max-new-tokens", "6"],
                           input="Is the rocket ready?\nAnd the moon?\n/quit\n", capture_output=True, text=True,
@@ -384,3 +416,4 @@ def test_web_page_chat_in_headless_chromium(server, browser):
     assert answer[1].startswith(f"{CHARACTER}:") and len(answer[1]) > len(CHARACTER) + 1
     assert browser.eval("document.querySelector('.turn.user').textContent") == "You:Is the rocket ready?"
     assert "serve-bot" in browser.eval("document.getElementById('who').textContent")
+    assert int(browser.eval("document.querySelector('.turn.bot').dataset.pieces || 0")) >= 1, "the reply streamed"
