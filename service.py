@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse
 from starlette.routing import Route
 
+from castbot.bentoml_compat import as_model, keep_self_session
 from castbot.bot import Bot
 from castbot.serving import (LIMITS, ChatReply, ChatRequest, Decoding, GenerateRequest, Generation, Prompt,
                              chat_prompt, generate_batch, group_by_settings)
@@ -129,17 +130,6 @@ class Admission:
                 return b"".join(chunks)
 
 
-def _keep_self_session(service) -> None:
-    """Keep the in-process client that /chat uses to call /generate on one session for the process's life.
-
-    BentoML 1.4.39 replaces that aiohttp session every 100 calls or 300 s and closes the old one under the calls
-    still in flight on it: they fail with 'Server disconnected' (a 500 to the user) at every 100th chat under load.
-    """
-    manager = getattr(getattr(getattr(service, "__self_proxy__", None), "_async", None), "_session_manager", None)
-    if manager is not None and manager.max_requests != float("inf"):
-        manager.max_requests = manager.max_age = float("inf")
-
-
 def _advance(pieces):
     """(next piece, None), or (None, the generator's return value) at its end: StopIteration cannot cross
     asyncio.to_thread's future."""
@@ -201,11 +191,9 @@ class Chat:
     async def chat(self, request: ChatRequest, /) -> ChatReply:
         """One chat turn: history (oldest first) and message -> the character's reply."""
         # through the service's own /generate endpoint, so concurrent chats share its batches
-        _keep_self_session(self)
+        keep_self_session(self)  # the proxy exists from the first to_async call on; a no-op once it is patched
         [generation] = await self.to_async.generate(prompts=[chat_prompt(request, self.identity["character"])])
-        if not isinstance(generation, Generation):
-            generation = Generation.model_validate(generation if isinstance(generation, dict) else json.loads(generation))
-        return ChatReply(**generation.model_dump(), **self.identity)
+        return ChatReply(**as_model(generation, Generation).model_dump(), **self.identity)
 
     @bentoml.api(route="/chat/stream")
     async def chat_stream(self, request: ChatRequest, /) -> AsyncGenerator[str, None]:
