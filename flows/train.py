@@ -61,8 +61,7 @@ def train(config: PipelineConfig) -> dict:
                   "base": evaluate_model(base, splits["test"], config, judge, fmt),
                   "champion": evaluate_model(champion["path"], splits["test"], config, judge) if champion else None}
         log_scores(run_id, scores)
-        publish_replies(judge, scores, run_id)
-        decision = gate_candidate(scores, config.gate)
+        decision = gate_candidate(scores, config.gate, publish_replies(judge, scores, run_id))
         tag_run(run_id, decision.as_tags())
         version = register_model(run_id, model_path, config, decision.as_tags())
         bento = build_bento(config.model_name, version) if decision.promote and config.registry.build_bento else None

@@ -63,7 +63,7 @@ def base_reference(base_model: str, resolved: str) -> str:
     return resolved if base_model == OFFLINE else base_model
 
 
-@task(name="base-model")
+@task(name="prepare_base_model")
 def prepare_base_model(base_model: str, train_texts: list[str], shape: OfflineModelConfig, seed: int) -> str:
     """Return a name or folder that from_pretrained loads; smollm2-135m and offline-tiny are cached by content hash."""
     from castbot.pretrained import resolve

@@ -88,7 +88,7 @@ def bentoml_build(model_tag: str, labels: dict[str, str], gpu: bool = False) -> 
     return tags[-1]
 
 
-@task(name="build-bento", retries=1, retry_delay_seconds=2)
+@task(name="build_bento", retries=1, retry_delay_seconds=2)
 def build_bento(model_name: str, version: str | None = None, alias: str = "champion", gpu: bool = False) -> str:
     """Import a registered version (the alias's by default) into BentoML, build its Bento, tag the version with it."""
     from mlflow import MlflowClient

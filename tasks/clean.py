@@ -134,7 +134,7 @@ def apply_aliases(speakers: pd.Series, aliases: dict[str, list[str]]) -> pd.Seri
     return speakers.map(lambda s: lookup.get(s.casefold(), s))
 
 
-@task(name="clean", cache_policy=content_policy(__file__), on_completion=[announce_cache_hit])
+@task(name="clean_transcript", cache_policy=content_policy(__file__), on_completion=[announce_cache_hit])
 def clean_transcript(frame: pd.DataFrame, rules: CleaningConfig) -> tuple[pd.DataFrame, dict]:
     """Apply the cleaning rules in order; return the cleaned frame and a per-rule report."""
     cleaner = Cleaner(frame)
@@ -189,7 +189,7 @@ def report_markdown(report: dict, source: str) -> str:
             f"| rule | rows touched | characters | example |\n|---|---:|---:|---|\n{rows}\n")
 
 
-@task(name="publish-cleaning-report")
+@task(name="publish_cleaning_report")
 def publish_cleaning_report(report: dict, source: str, folder: str) -> str:
     """Write the report (markdown + JSON) into the run's report folder and as a Prefect artifact."""
     import json

@@ -48,7 +48,7 @@ def split_episodes(episodes: list[str], config: DialogueConfig, seed: int) -> di
     }
 
 
-@task(name="build-dialogues")
+@task(name="build_dialogues")
 def build_dialogues(frame: pd.DataFrame, character: str, config: DialogueConfig, seed: int) -> dict[str, list[dict]]:
     """Samples for the character, split train/validation/test by episode (no episode in two splits)."""
     frame = frame.assign(scene=frame["scene"].fillna("").astype(str))

@@ -26,7 +26,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
-@task(name="measure-perplexity")
+@task(name="measure_perplexity")
 def measure_perplexity(model_path: str, samples: list[dict], dialogue: DialogueConfig,
                        fmt: DialogueFormat | None = None) -> dict:
     """Perplexity of the model on the samples' responses, in the model's own tokenizer and dialogue format

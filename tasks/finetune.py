@@ -412,7 +412,7 @@ def _launch_distributed(base_model: str, datasets, config: TrainingConfig, outpu
     return json.loads((output / "figures.json").read_text())
 
 
-@task(name="fine-tune")
+@task(name="fine_tune")
 def fine_tune(base_model: str, datasets, config: TrainingConfig, output_dir: str, run_id: str,
               card: ModelCard = ModelCard()) -> str:
     """Train from base_model (resuming from output_dir's last checkpoint); returns the saved model folder."""

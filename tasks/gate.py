@@ -129,9 +129,11 @@ def decide(scores: dict[str, dict | None], gate: GateConfig) -> GateDecision:
                          f"(needed <= {champion * (1 - gate.min_improvement):.3f}, per {unit})")
 
 
-@task(name="gate")
-def gate_candidate(scores: dict[str, dict | None], gate: GateConfig) -> GateDecision:
-    """Decide promotion from the measured scores and publish the decision table as a Prefect artifact."""
+@task(name="gate_candidate")
+def gate_candidate(scores: dict[str, dict | None], gate: GateConfig, replies: str = "") -> GateDecision:
+    """Decide promotion from the measured scores; one Prefect artifact shows the decision table and, below it,
+    the models' replies side by side."""
     decision = decide(scores, gate)
-    create_markdown_artifact(decision.markdown(scores), key="gate-decision", description="Promotion decision")
+    create_markdown_artifact(decision.markdown(scores) + ("\n" + replies if replies else ""), key="gate-decision",
+                             description="Promotion decision and the replies it judged")
     return decision

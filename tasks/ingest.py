@@ -185,7 +185,7 @@ def canonical_frame(raw: pd.DataFrame, file: Path, data: DataConfig) -> pd.DataF
     return frame.reindex(columns=CANONICAL).reset_index(drop=True)
 
 
-@task(name="ingest")
+@task(name="load_transcript")
 def load_transcript(data: DataConfig) -> pd.DataFrame:
     """Read the configured file and map its columns to episode, scene, speaker, line."""
     if data.path.startswith(CHATTERBOT_PREFIX):

@@ -110,9 +110,9 @@ def judge_replies(model_path: str, judge: Judge, evaluation: EvaluationConfig, m
 
 @task(name="publish_replies", retries=2, retry_delay_seconds=2)
 def publish_replies(judge: Judge, scores: dict[str, dict | None], run_id: str) -> str:
-    """Side-by-side replies of base, champion and candidate as a Prefect artifact and MLflow text."""
+    """Side-by-side replies of base, champion and candidate as MLflow text (replies.md); returns the markdown
+    for the gate's Prefect artifact."""
     from mlflow import MlflowClient
-    from prefect.artifacts import create_markdown_artifact
 
     from tasks.quality import side_by_side_markdown
 
@@ -121,5 +121,4 @@ def publish_replies(judge: Judge, scores: dict[str, dict | None], run_id: str) -
                if scores.get(name) and "replies" in scores[name]}
     markdown = "### Replies to held-out contexts\n\n" + side_by_side_markdown(contexts, replies)
     MlflowClient().log_text(run_id, markdown, "replies.md")
-    create_markdown_artifact(markdown, key="side-by-side-replies", description="base, champion and candidate replies")
     return markdown

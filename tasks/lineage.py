@@ -30,7 +30,7 @@ def dataset_digest(frame: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
-@task(name="log-data-lineage", retries=2, retry_delay_seconds=2)
+@task(name="log_data_lineage", retries=2, retry_delay_seconds=2)
 def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: str) -> str:
     """Log the cleaned dataset as the run's training input (with digest) and the data reports as artifacts."""
     import mlflow

@@ -64,7 +64,7 @@ def close_interrupted_runs(client: MlflowClient, experiment_id: str, work_key: s
             client.set_terminated(run.info.run_id, "KILLED")
 
 
-@task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
+@task(name="start_run", retries=2, retry_delay_seconds=2)
 def start_run(config: PipelineConfig, data_sha256: str, work_key: str = "") -> str:
     """Create the MLflow run for this training, tagged with data, code and config; return its id. A run of the
     same work folder that a killed process left RUNNING is closed as KILLED, tagged with this run's id."""
@@ -125,7 +125,7 @@ def finish_run(run_id: str, status: str) -> None:
     MlflowClient().set_terminated(run_id, status)
 
 
-@task(name="load-champion", retries=2, retry_delay_seconds=2)
+@task(name="download_champion", retries=2, retry_delay_seconds=2)
 def download_champion(model_name: str, workdir: str) -> dict | None:
     """{"version", "path"} of the champion's save_pretrained folder, or None when there is no champion yet."""
     import shutil
@@ -139,7 +139,7 @@ def download_champion(model_name: str, workdir: str) -> dict | None:
     return {"version": version, "path": str(hf_folder(folder))}
 
 
-@task(name="register")  # no retries: a retry after log_model would register a second version
+@task(name="register_model")  # no retries: a retry after log_model would register a second version
 def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: dict[str, str]) -> str:
     """Log the model to the run and register it as a new version of config.model_name (no alias)."""
     from castbot.pyfunc import HF_ARTIFACT
@@ -164,7 +164,7 @@ def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: d
     return version
 
 
-@task(name="promote", retries=2, retry_delay_seconds=2)
+@task(name="promote_champion", retries=2, retry_delay_seconds=2)
 def promote_champion(model_name: str, version: str, measured_champion: str | None, bento: str | None = None) -> None:
     """Point the champion alias at version, unless another run moved it since this run measured it; then the
     Bento built for version is deleted, so `castbot-chat:latest` stays the champion's."""

@@ -37,7 +37,7 @@ def samples_markdown(character: str, prompts: tuple[str, ...], replies: list[str
     return f"### Sample replies from {character}\n\nDecoding: {decoding}\n\n| prompt | reply |\n|---|---|\n{rows}\n"
 
 
-@task(name="sample-replies", retries=1, retry_delay_seconds=2)
+@task(name="sample_replies", retries=1, retry_delay_seconds=2)
 def sample_replies(model_path: str, run_id: str, character: str) -> list[str]:
     """Generate replies to PROMPTS; log them as MLflow text (samples.md) and a Prefect markdown artifact."""
     from mlflow import MlflowClient

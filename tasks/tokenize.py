@@ -60,7 +60,8 @@ def encode_split(samples: list[dict], tokenizer, config: DialogueConfig, fmt: Di
 
 
 # same samples + tokenizer folder + config + format code -> the stored datasets are reused
-@task(name="tokenize", cache_policy=content_policy(__file__, dialogue.__file__), on_completion=[announce_cache_hit])
+@task(name="tokenize_dialogues", cache_policy=content_policy(__file__, dialogue.__file__),
+      on_completion=[announce_cache_hit])
 def tokenize_dialogues(splits: dict[str, list[dict]], tokenizer_path: str, config: DialogueConfig,
                        fmt: DialogueFormat = DialogueFormat()):
     """Every split tokenised with the base model's tokenizer in the chosen dialogue format."""

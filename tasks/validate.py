@@ -110,7 +110,7 @@ def _check(frame: pd.DataFrame, name: str, substitutions: dict, parameters: dict
     return {**dict(result.statistics), "data_docs": index}
 
 
-@task(name="validate-raw")
+@task(name="validate_raw")
 def validate_raw(frame: pd.DataFrame, source: str, rules: ValidationConfig, docs_dir: str) -> dict:
     """The raw file's structure (suite raw_transcript); fails listing every failed expectation."""
     parameters = {"min_rows": rules.min_rows, "not_null_share": 1.0 - rules.max_null_fraction,
@@ -130,7 +130,7 @@ def character_hint(frame: pd.DataFrame, character: str) -> str:
     return hint
 
 
-@task(name="validate-dialogue")
+@task(name="validate_dialogue")
 def validate_dialogue(frame: pd.DataFrame, source: str, character: str, rules: ValidationConfig, docs_dir: str) -> dict:
     """The cleaned dialogue (suite dialogue): lengths, leftover markup, the character's lines and episodes."""
     parameters = {"max_line_chars": rules.max_line_chars, "no_markup_share": 1.0 - rules.max_markup_share,

@@ -30,9 +30,9 @@ def reruns(prefect_harness, tmp_path_factory):
 
 def test_unchanged_rerun_reuses_cleaned_and_tokenised_data(reruns):
     first, second, changed = (task_states(state) for state in reruns)
-    assert first["clean"] == "Completed" and first["tokenize"] == "Completed"
-    assert second["clean"] == "Cached" and second["tokenize"] == "Cached"
-    assert changed["clean"] == "Completed"  # another cleaning config invalidates the cache
+    assert first["clean_transcript"] == "Completed" and first["tokenize_dialogues"] == "Completed"
+    assert second["clean_transcript"] == "Cached" and second["tokenize_dialogues"] == "Cached"
+    assert changed["clean_transcript"] == "Completed"  # another cleaning config invalidates the cache
 
 
 def test_run_names_its_cleaned_dataset_and_keeps_the_reports(reruns):
