@@ -17,7 +17,7 @@ from tasks.errors import DataError
 from tasks.evaluate import evaluate_model, log_scores
 from tasks.finetune import ModelCard, clear_work_folder, fine_tune, work_folder
 from tasks.gate import gate_candidate
-from tasks.ingest import file_sha256, load_transcript
+from tasks.ingest import load_transcript
 from tasks.judge import build_judge, publish_replies
 from tasks.lineage import log_data_lineage, report_dir
 from tasks.registry import (ChampionMoved, download_champion, finish_run, promote_champion, register_model,
@@ -43,7 +43,7 @@ def train(config: PipelineConfig) -> dict:
     publish_cleaning_report(cleaning, config.data.path, reports)
     validate_dialogue(cleaned, config.data.path, config.character, config.validation, reports)
     splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed)
-    data_sha256 = file_sha256(config.data.path)
+    data_sha256 = frame.attrs["sha256"]
     workdir = work_folder(data_sha256, config.digest())
     run_id = start_run(config, data_sha256, workdir.name)
     try:

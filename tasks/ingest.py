@@ -121,11 +121,10 @@ def check_header(file: Path, text: str, delimiter: str) -> None:
                         "each mapped column is unambiguous")
 
 
-def _read_table(file: Path, data: DataConfig) -> pd.DataFrame:
+def _read_table(file: Path, data: DataConfig, raw: bytes) -> pd.DataFrame:
     suffix = file.suffix.lower()
     if suffix not in {".parquet", ".jsonl", ".csv", ".tsv", ".txt"}:
         raise DataError(f"{file}: unsupported file type '{suffix}' (use .csv, .jsonl or .parquet)")
-    raw = file.read_bytes()
     if not raw.strip():
         raise DataError(f"{file}: the file is empty; export the transcript again")
     if suffix == ".parquet":
@@ -187,16 +186,22 @@ def canonical_frame(raw: pd.DataFrame, file: Path, data: DataConfig) -> pd.DataF
 
 @task(name="load_transcript")
 def load_transcript(data: DataConfig) -> pd.DataFrame:
-    """Read the configured file and map its columns to episode, scene, speaker, line."""
+    """Read the configured file and map its columns to episode, scene, speaker, line; the sha256 of the bytes
+    read is frame.attrs["sha256"] (the file is read once)."""
     if data.path.startswith(CHATTERBOT_PREFIX):
-        return read_chatterbot(data.path).assign(scene="").reindex(columns=CANONICAL)
+        frame = read_chatterbot(data.path).assign(scene="").reindex(columns=CANONICAL)
+        frame.attrs["sha256"] = file_sha256(data.path)
+        return frame
     file = Path(data.path)
     if not file.is_file():
         raise DataError(f"{file}: transcript not found; check data.path (relative paths start at the profile's folder)")
+    content = file.read_bytes()
     try:
-        raw = _read_table(file, data)
+        raw = _read_table(file, data, content)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
         raise DataError(f"{file}: cannot be parsed as CSV ({str(exc)[:200]}); check data.delimiter and quoting") from None
     if raw.empty:
         raise DataError(f"{file}: no data rows (header only?); the columns are {_short(list(raw.columns))}")
-    return canonical_frame(raw, file, data)
+    frame = canonical_frame(raw, file, data)
+    frame.attrs["sha256"] = hashlib.sha256(content).hexdigest()
+    return frame
