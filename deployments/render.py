@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from castbot.config import load_profile
+from castbot.pretrained import PACKAGED
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_FILE = Path(__file__).resolve().parent / "prefect.yaml"
@@ -76,8 +77,9 @@ def deployments_for(profile: Path, cron: str | None) -> list[dict]:
         "enforce_parameter_schema": True,
         "concurrency_limit": 1,
     }
-    # a hub model (base_model other than offline-tiny) needs the network and wants a GPU: paused on this machine
-    offline = common["parameters"]["config"].get("base_model", "offline-tiny") == "offline-tiny"
+    # a hub model needs the hub and wants a GPU: paused on this machine; offline-tiny and the packaged SmolLM2
+    # (fetched from the package index) run here
+    offline = common["parameters"]["config"].get("base_model", "offline-tiny") in {"offline-tiny", *PACKAGED}
     local = {"name": f"{name}-nightly" if cron else name, **common,
              "schedules": [{"cron": cron, "timezone": TIMEZONE, "active": offline}] if cron else [],
              "work_pool": {"name": LOCAL_POOL, "work_queue_name": "default", "job_variables": {}}}

@@ -74,7 +74,8 @@ def test_a_run_that_fails_after_the_gate_leaves_the_champion_alone(tmp_path, mon
     assert champion_version("late-failure-bot") == "1"
     [failed] = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("castbot").experiment_id],
-        filter_string="tags.`gate.promote` = 'True' and attributes.status = 'FAILED'")
+        filter_string="tags.`gate.promote` = 'True' and attributes.status = 'FAILED' "
+                      "and attributes.run_name = 'late-failure-bot-train'")
     assert failed.info.status == "FAILED"
 
 
