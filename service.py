@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse
 from starlette.routing import Route
 
-from castbot.bentoml_compat import as_model, keep_self_session
+from castbot.bentoml_compat import FixedOpenAPI, as_model, keep_self_session
 from castbot.bot import Bot
 from castbot.serving import (LIMITS, ChatReply, ChatRequest, Decoding, GenerateRequest, Generation, Prompt,
                              chat_prompt, generate_batch, group_by_settings)
@@ -74,8 +74,17 @@ async def _json(scope, send, status: int, body: dict, headers: dict[str, str] | 
     await JSONResponse(body, status_code=status, headers=headers)(scope, None, send)
 
 
+def _json_body(scope) -> bool:
+    """True when the request declares a JSON body (BentoML answers other types with a 500)."""
+    content_type = dict(scope["headers"]).get(b"content-type", b"application/json")
+    return content_type.split(b";")[0].strip().lower() == b"application/json"
+
+
 class Admission:
-    """ASGI middleware for /chat and /generate: 503 beyond max_concurrency in flight, 413 beyond max_request_bytes."""
+    """ASGI middleware for the API routes: 415 for a body that is not JSON, 503 beyond max_concurrency in flight,
+    413 beyond max_request_bytes. Kept by hand: BentoML 1.4's traffic.max_concurrency would also count the
+    service's own /chat -> /generate calls (admitted work that must not be refused), and BentoML has no request
+    body limit and answers a non-JSON body with a 500."""
 
     def __init__(self, app, max_concurrency: int, max_request_bytes: int):
         self.app, self.capacity, self.max_bytes = app, max_concurrency, max_request_bytes
@@ -84,6 +93,9 @@ class Admission:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] not in API_PATHS:
             return await self.app(scope, receive, send)
+        if scope["method"] == "POST" and not _json_body(scope):
+            return await _json(scope, send, 415, {"error": "send the request as JSON (Content-Type: application/json)",
+                                                  "field": "Content-Type"})
         if not _admitted.get() and self.in_flight >= self.capacity:
             return await _json(scope, send, 503, {"error": f"over capacity: {self.capacity} requests in flight "
                                                     "(CASTBOT_SERVE_MAX_CONCURRENCY); retry shortly"},
@@ -218,3 +230,4 @@ class Chat:
 
 
 Chat.add_asgi_middleware(Admission, max_concurrency=LIMITS.max_concurrency, max_request_bytes=LIMITS.max_request_bytes)
+Chat.add_asgi_middleware(FixedOpenAPI)

@@ -12,6 +12,9 @@ from pathlib import Path
 from castbot.dialogue import DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat, Turn, decode_reply, read_model_meta
 
 
+MIN_TEMPERATURE = 0.01  # lower temperatures decode greedily
+
+
 @dataclass
 class Reply:
     reply: str
@@ -129,8 +132,9 @@ class Bot:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         ids, mask = (torch.tensor(t, device=self.device) for t in left_pad(rows, pad))  # (batch, width) each
         width = ids.shape[1]
+        # below MIN_TEMPERATURE the logits / temperature overflow: such requests decode greedily
         sampling = ({"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"],
-                     "top_k": settings["top_k"]} if settings["temperature"] > 0 else {"do_sample": False})
+                     "top_k": settings["top_k"]} if settings["temperature"] >= MIN_TEMPERATURE else {"do_sample": False})
         with torch.inference_mode():
             out = self.model.generate(  # (batch, width) -> (batch, width + new)
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=1,  # never an empty turn

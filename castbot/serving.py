@@ -7,9 +7,12 @@ so a chat is built and decoded the same way everywhere. Limits come from CASTBOT
 import os
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from castbot.config import Strict
+
+# JSON requests: no extra keys, and no type coercion ("5" is not an integer, false is not 0), as the spec says
+STRICT_JSON = ConfigDict(extra="forbid", strict=True)
 from castbot.dialogue import DECODING_DEFAULTS
 
 ENV_PREFIX = "CASTBOT_SERVE_"
@@ -45,16 +48,19 @@ LIMITS = load_limits()  # request models below take their bounds from it
 
 
 def _text(max_chars: int) -> type[str]:
-    return Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=max_chars)]
+    # \S: not blank. No stripping here: the published schema must describe exactly what is accepted
+    return Annotated[str, StringConstraints(min_length=1, max_length=max_chars, pattern=r"\S")]
 
 
-class Decoding(Strict):
+class Decoding(BaseModel):
     """Sampling settings; defaults are castbot.dialogue.DECODING_DEFAULTS, shared with evaluation."""
+
+    model_config = STRICT_JSON
 
     max_new_tokens: int = Field(min(DECODING_DEFAULTS["max_new_tokens"], LIMITS.max_new_tokens), ge=1,
                                 le=LIMITS.max_new_tokens, description="Most tokens in the reply.")
     temperature: float = Field(DECODING_DEFAULTS["temperature"], ge=0, le=2,
-                               description="Sampling temperature; 0 decodes greedily.")
+                               description="Sampling temperature; below 0.01 (e.g. 0) decodes greedily.")
     # ge, not gt: a numeric exclusiveMinimum is OpenAPI 3.1, and the Bento publishes 3.0
     top_p: float = Field(DECODING_DEFAULTS["top_p"], ge=0.01, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(DECODING_DEFAULTS["top_k"], ge=0, le=1000, description="Sample from the k likeliest; 0: all.")
@@ -66,25 +72,27 @@ class Decoding(Strict):
         return tuple(getattr(self, name) for name in Decoding.model_fields)
 
 
-class Prompt(Decoding):
-    turns: list[_text(max(LIMITS.max_turn_chars, LIMITS.max_message_chars))] = Field(
-        ..., min_length=1, max_length=LIMITS.max_history_turns + 1,
-        description="The conversation so far, oldest first; the reply continues it.")
-    speakers: list[str] | None = Field(
-        None, max_length=LIMITS.max_history_turns + 1,
-        description="Who said each turn ('' for the user); chat-format models see 'Name: line'. Default: unnamed.")
+class Turn(BaseModel):
+    model_config = STRICT_JSON
 
-    @model_validator(mode="after")
-    def _one_speaker_per_turn(self):
-        if self.speakers is not None and len(self.speakers) != len(self.turns):
-            raise ValueError(f"speakers has {len(self.speakers)} names for {len(self.turns)} turns")
-        return self
+    speaker: str = Field("", max_length=64, description="Who said it: a name, or user/bot ('bot' and 'assistant' "
+                         "mean the character). Chat-format models see names; eos-format models ignore them.")
+    text: _text(LIMITS.max_turn_chars) = Field(..., description="What was said.")
+
+
+class Prompt(Decoding):
+    turns: list[_text(max(LIMITS.max_turn_chars, LIMITS.max_message_chars)) | Turn] = Field(
+        ..., min_length=1, max_length=LIMITS.max_history_turns + 1,
+        description="The conversation so far, oldest first; the reply continues it. A turn is its text, or "
+        "{speaker, text} (chat-format models see 'Name: line').")
 
     def named_turns(self) -> list[tuple[str, str]]:
-        return list(zip(self.speakers or [""] * len(self.turns), self.turns))
+        return [(t.speaker.strip(), t.text.strip()) if isinstance(t, Turn) else ("", t.strip()) for t in self.turns]
 
 
-class GenerateRequest(Strict):
+class GenerateRequest(BaseModel):
+    model_config = STRICT_JSON
+
     prompts: list[Prompt] = Field(..., min_length=1, max_length=LIMITS.max_prompts,
                                   description="Prompts to continue; each may carry its own decoding settings.")
 
@@ -93,12 +101,6 @@ class Generation(BaseModel):
     reply: str = Field(..., description="The generated turn, up to the first end-of-turn token.")
     prompt_tokens: int = Field(..., description="Tokens of the prompt after truncating the oldest turns.")
     new_tokens: int = Field(..., description="Tokens generated, including the end-of-turn token.")
-
-
-class Turn(Strict):
-    speaker: str = Field("", max_length=64, description="Who said it: a name, or user/bot ('bot' and 'assistant' "
-                         "mean the character). Chat-format models see names; eos-format models ignore them.")
-    text: _text(LIMITS.max_turn_chars) = Field(..., description="What was said.")
 
 
 class ChatRequest(Decoding):
@@ -128,9 +130,8 @@ def speaker_name(label: str, character: str) -> str:
 
 def chat_prompt(request: ChatRequest, character: str = "") -> Prompt:
     """The /generate prompt for a chat: history then the message (the user's), with the request's decoding."""
-    turns = [turn.text for turn in request.history] + [request.message]
-    speakers = [speaker_name(turn.speaker, character) for turn in request.history] + [""]
-    return Prompt(turns=turns, speakers=speakers, **request.model_dump(include=set(Decoding.model_fields)))
+    turns = [Turn(speaker=speaker_name(turn.speaker, character), text=turn.text) for turn in request.history]
+    return Prompt(turns=[*turns, request.message], **request.model_dump(include=set(Decoding.model_fields)))
 
 
 def generate_batch(bot, prompts: list[Prompt]) -> list[Generation]:

@@ -139,8 +139,8 @@ def test_chat_prompt_puts_history_first_and_message_last():
 
     request = ChatRequest(history=[{"speaker": "Bram", "text": "Fuel?"}, {"speaker": "Ada", "text": " Full. "}],
                           message="Then fly.", temperature=0)
-    prompt = chat_prompt(request)
-    assert prompt.turns == ["Fuel?", "Full.", "Then fly."]
+    prompt = chat_prompt(request, character="Ada")
+    assert prompt.named_turns() == [("Bram", "Fuel?"), ("Ada", "Full."), ("", "Then fly.")]
     assert prompt.temperature == 0 and prompt.max_new_tokens == 40
 
 
@@ -417,3 +417,13 @@ def test_web_page_chat_in_headless_chromium(server, browser):
     assert browser.eval("document.querySelector('.turn.user').textContent") == "You:Is the rocket ready?"
     assert "serve-bot" in browser.eval("document.getElementById('who').textContent")
     assert int(browser.eval("document.querySelector('.turn.bot').dataset.pieces || 0")) >= 1, "the reply streamed"
+
+
+def test_the_published_spec_holds_for_every_response_schemathesis(server):
+    """schemathesis generates requests from /docs.json (bounded, seeded, loopback only): every response, the
+    400s and the event stream included, must match the published OpenAPI 3.0 spec, and none may be a 5xx."""
+    done = subprocess.run([str(Path(sys.executable).with_name("st")), "run", f"{server}/docs.json",
+                           "--max-examples", "25", "--seed", "1", "--workers", "1", "--request-timeout", "60"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert "No issues found" in done.stdout
