@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -25,7 +26,7 @@ from starlette.routing import Route
 from castbot.bentoml_compat import FixedOpenAPI, as_model, keep_self_session
 from castbot.bot import Bot
 from castbot.serving import (LIMITS, ChatReply, ChatRequest, Decoding, GenerateRequest, Generation, Prompt,
-                             chat_prompt, generate_batch, group_by_settings)
+                             chat_prompt, generate_batch, group_by_settings, speaker_name)
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 API_PATHS = frozenset({"/chat", "/chat/stream", "/generate"})
@@ -204,7 +205,7 @@ class Chat:
         """One chat turn: history (oldest first) and message -> the character's reply."""
         # through the service's own /generate endpoint, so concurrent chats share its batches
         keep_self_session(self)  # the proxy exists from the first to_async call on; a no-op once it is patched
-        [generation] = await self.to_async.generate(prompts=[chat_prompt(request, self.identity["character"])])
+        [generation] = await self.to_async.generate(prompts=[chat_prompt(request)])
         return ChatReply(**as_model(generation, Generation).model_dump(), **self.identity)
 
     @bentoml.api(route="/chat/stream")
@@ -213,16 +214,22 @@ class Chat:
         per piece as it is generated, then `event: done` with the whole reply, its token counts and the identity."""
         started = time.perf_counter()
         yield f"event: start\ndata: {json.dumps(self.identity)}\n\n"
-        prompt = chat_prompt(request, self.identity["character"])
-        pieces = self.bot.stream(prompt.named_turns(), **prompt.model_dump(include=set(Decoding.model_fields)))
-        while True:  # the model runs in Bot.stream's thread; waiting for each piece must not block the loop
-            piece, reply = await asyncio.to_thread(_advance, pieces)
-            if reply is not None:
-                break
-            if started is not None:
-                FIRST_TOKEN.observe(time.perf_counter() - started)
-                started = None
-            yield f"data: {json.dumps({'text': piece})}\n\n"
+        prompt = chat_prompt(request)
+        stop = threading.Event()
+        character = self.identity["character"]
+        pieces = self.bot.stream([(speaker_name(s, character), t) for s, t in prompt.named_turns()], stop=stop,
+                                 **prompt.model_dump(include=set(Decoding.model_fields)))
+        try:
+            while True:  # the model runs in Bot.stream's thread; waiting for each piece must not block the loop
+                piece, reply = await asyncio.to_thread(_advance, pieces)
+                if reply is not None:
+                    break
+                if started is not None:
+                    FIRST_TOKEN.observe(time.perf_counter() - started)
+                    started = None
+                yield f"data: {json.dumps({'text': piece})}\n\n"
+        finally:
+            stop.set()  # a client that left (or a timeout) stops generation at the next token
         GENERATED_TOKENS.inc(reply.new_tokens)
         final = ChatReply(reply=reply.reply, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens,
                           **self.identity)

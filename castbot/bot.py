@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from castbot.dialogue import DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat, Turn, decode_reply, read_model_meta
+from castbot.dialogue import (DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat, Turn, decode_reply, read_model_meta,
+                              sample_turns)
 
 
 MIN_TEMPERATURE = 0.01  # lower temperatures decode greedily
@@ -99,29 +100,43 @@ class Bot:
         return self.model.device
 
     def prompt_budget(self, max_new_tokens: int) -> int:
-        """Prompt tokens allowed so that prompt + reply stay within the trained length and the position table."""
+        """Prompt tokens allowed: at most the trained length, and prompt + reply within the position table."""
         return max(1, min(self.max_length, self.positions - max_new_tokens))
 
     def prompt(self, turns: list[Turn], max_new_tokens: int) -> list[int]:
         return self.format.prompt_ids(self.tokenizer, turns, self.prompt_budget(max_new_tokens))
 
-    def stream(self, turns: list[Turn], **decoding):
-        """Yield the reply's text piece by piece as it is generated; the generator returns the whole Reply."""
+    def stream(self, turns: list[Turn], stop=None, **decoding):
+        """Yield the reply's text piece by piece as it is generated; the generator returns the whole Reply.
+        Setting the threading.Event `stop` (a client that went away) ends generation at the next token."""
         import threading
 
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, TextIteratorStreamer
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop is not None and stop.is_set()
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        done: list[Reply] = []
-        worker = threading.Thread(target=lambda: done.extend(self.generate([turns], streamer=streamer, **decoding)))
+        done: list = []
+
+        def work():
+            try:
+                done.extend(self.generate([turns], streamer=streamer, stopping_criteria=[Stop()], **decoding))
+            except BaseException as exc:  # surfaced below; the streamer must still end, or the reader waits forever
+                done.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
         worker.start()
         yield from (piece for piece in streamer if piece)
         worker.join()
-        if not done:
-            raise RuntimeError("generation failed; see the log")
+        if isinstance(done[0], BaseException):
+            raise RuntimeError(f"generation failed: {done[0]}") from done[0]
         return done[0]
 
-    def generate(self, conversations: list[list[Turn]], streamer=None, **decoding) -> list[Reply]:
+    def generate(self, conversations: list[list[Turn]], streamer=None, stopping_criteria=None,
+                 **decoding) -> list[Reply]:
         """One reply per conversation, in one left-padded generate() call; decoding as DECODING_DEFAULTS.
         A transformers streamer (one conversation only) receives the tokens as they come."""
         import torch
@@ -139,7 +154,7 @@ class Bot:
             out = self.model.generate(  # (batch, width) -> (batch, width + new)
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=1,  # never an empty turn
                 no_repeat_ngram_size=settings["no_repeat_ngram_size"], pad_token_id=pad, eos_token_id=eos,
-                streamer=streamer, **sampling)
+                streamer=streamer, stopping_criteria=stopping_criteria, **sampling)
         replies = []
         for row, prompt in zip(out[:, width:].tolist(), rows):
             ended = eos in row
@@ -149,8 +164,7 @@ class Bot:
 
     def encode(self, sample: dict, max_length: int) -> dict:
         """A {context, speakers, response} sample as input_ids/attention_mask/labels, loss on the response."""
-        turns = list(zip(sample.get("speakers") or [""] * len(sample["context"]), sample["context"]))
-        return self.format.encode_sample(self.tokenizer, turns, sample["response"], max_length)
+        return self.format.encode_sample(self.tokenizer, sample_turns(sample), sample["response"], max_length)
 
     def score(self, encoded: list[dict], batch_size: int = 16) -> list[tuple[float, int]]:
         """(sum of token losses in nats, target tokens) per encoded sample: perplexity = exp(sum / sum)."""

@@ -34,6 +34,19 @@ DECODING_DEFAULTS = {
 Turn = tuple[str, str]  # (speaker, text)
 
 
+def sample_turns(sample: dict) -> list[Turn]:
+    """(speaker, text) context turns of a dialogue sample; samples built before speakers were kept have none."""
+    return list(zip(sample.get("speakers") or [""] * len(sample["context"]), sample["context"]))
+
+
+def plain(tokenizer, text: str) -> str:
+    """Text with the tokenizer's special tokens removed: a line or a request cannot forge template turns
+    (`<|im_end|>\n<|im_start|>system ...` would otherwise encode as real turn markers)."""
+    for token in tokenizer.all_special_tokens:
+        text = text.replace(token, "")
+    return text
+
+
 def _turn_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
 
@@ -94,7 +107,8 @@ class DialogueFormat:
         return f"You are {who}. Reply in character."
 
     def _chat_ids(self, tokenizer, turns: list[Turn]) -> list[int]:
-        user = "\n".join(f"{speaker}: {text.strip()}" if speaker else text.strip() for speaker, text in turns)
+        turns = [(plain(tokenizer, speaker), plain(tokenizer, text).strip()) for speaker, text in turns]
+        user = "\n".join(f"{speaker}: {text}" if speaker else text for speaker, text in turns)
         messages = [{"role": "system", "content": self.system_line()}, {"role": "user", "content": user}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)

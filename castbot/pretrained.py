@@ -8,7 +8,6 @@ that every later step loads with `from_pretrained(folder)`, exactly like a hub i
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,8 +135,11 @@ def resolve_packaged(name: str) -> Path:
         partial = tmp / "converted"
         convert_gguf(gguf, partial)
         check_tied_embeddings(partial)
-        shutil.rmtree(folder, ignore_errors=True)
-        partial.rename(folder)  # atomic: a crash mid-way never leaves a folder that looks complete
+        try:
+            partial.rename(folder)  # atomic: a crash mid-way never leaves a folder that looks complete
+        except OSError:  # another process finished the same conversion first: use its folder
+            if not (folder / "config.json").is_file():
+                raise
     return folder
 
 

@@ -10,10 +10,10 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from castbot.config import Strict
+from castbot.dialogue import DECODING_DEFAULTS
 
 # JSON requests: no extra keys, and no type coercion ("5" is not an integer, false is not 0), as the spec says
 STRICT_JSON = ConfigDict(extra="forbid", strict=True)
-from castbot.dialogue import DECODING_DEFAULTS
 
 ENV_PREFIX = "CASTBOT_SERVE_"
 
@@ -128,17 +128,19 @@ def speaker_name(label: str, character: str) -> str:
     return "" if key in USER_LABELS else label.strip()
 
 
-def chat_prompt(request: ChatRequest, character: str = "") -> Prompt:
-    """The /generate prompt for a chat: history then the message (the user's), with the request's decoding."""
-    turns = [Turn(speaker=speaker_name(turn.speaker, character), text=turn.text) for turn in request.history]
-    return Prompt(turns=[*turns, request.message], **request.model_dump(include=set(Decoding.model_fields)))
+def chat_prompt(request: ChatRequest) -> Prompt:
+    """The /generate prompt for a chat: history then the message (the user's), with the request's decoding.
+    Speakers are resolved (bot -> the character) when the prompt is built, by generate_batch."""
+    return Prompt(turns=[*request.history, request.message], **request.model_dump(include=set(Decoding.model_fields)))
 
 
 def generate_batch(bot, prompts: list[Prompt]) -> list[Generation]:
     """Replies to prompts that share decoding settings, in one left-padded generate() call of the Bot."""
     decoding = prompts[0].model_dump(include=set(Decoding.model_fields))
+    character = bot.format.character
+    conversations = [[(speaker_name(s, character), t) for s, t in p.named_turns()] for p in prompts]
     return [Generation(reply=r.reply, prompt_tokens=r.prompt_tokens, new_tokens=r.new_tokens)
-            for r in bot.generate([p.named_turns() for p in prompts], **decoding)]
+            for r in bot.generate(conversations, **decoding)]
 
 
 def group_by_settings(prompts: list[Prompt]) -> dict[tuple, list[int]]:

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from castbot.config import EvaluationConfig, PipelineConfig
-from castbot.dialogue import DECODING_DEFAULTS, DialogueFormat
+from castbot.dialogue import DECODING_DEFAULTS, DialogueFormat, sample_turns
 from tasks.logs import run_logger
 from tasks.quality import CharacterClassifier, degeneracy, likeness, train_character_classifier
 
@@ -63,10 +63,6 @@ def build_judge(cleaned: pd.DataFrame, splits: dict[str, list[dict]], config: Pi
                  [t for s, t in train if s == character], contexts, reference, reference_format)
 
 
-def turns(sample: dict) -> list[tuple[str, str]]:
-    return list(zip(sample.get("speakers") or [""] * len(sample["context"]), sample["context"]))
-
-
 def generate_replies(bot, contexts: list[dict], seed: int) -> list:
     """One reply per context with the service's decoding defaults, REPLY_BATCH contexts per generate() call."""
     import torch
@@ -74,7 +70,7 @@ def generate_replies(bot, contexts: list[dict], seed: int) -> list:
     torch.manual_seed(seed)
     replies = []
     for start in range(0, len(contexts), REPLY_BATCH):
-        replies += bot.generate([turns(s) for s in contexts[start:start + REPLY_BATCH]], **DECODING_DEFAULTS)
+        replies += bot.generate([sample_turns(s) for s in contexts[start:start + REPLY_BATCH]], **DECODING_DEFAULTS)
     return replies
 
 
@@ -101,8 +97,12 @@ def judge_replies(model_path: str, judge: Judge, evaluation: EvaluationConfig, m
     del bot
     texts = [g.reply for g in generated]
     last_turns = [s["context"][-1] if s["context"] else "" for s in judge.contexts]
-    return {"replies": texts,
-            **likeness(judge.classifier, texts, judge.character_lines, judge.other_lines),
+    try:
+        style = likeness(judge.classifier, texts, judge.character_lines, judge.other_lines)
+    except ValueError as exc:  # too few lines to tell the character apart: no figure, and a gate on it refuses
+        run_logger("castbot.judge").warning("no character likeness: %s", exc)
+        style = {"likeness": float("nan")}
+    return {"replies": texts, **style,
             "likeness_classifier_auc": judge.classifier.heldout_auc,
             **degeneracy(texts, last_turns, judge.real_lines, [g.hit_max_tokens for g in generated]),
             "reply_perplexity": reply_perplexity(judge, texts, max_length)}
@@ -116,7 +116,7 @@ def publish_replies(judge: Judge, scores: dict[str, dict | None], run_id: str) -
 
     from tasks.quality import side_by_side_markdown
 
-    contexts = [[f"{s}: {t}" if s else t for s, t in turns(sample)] for sample in judge.contexts]
+    contexts = [[f"{s}: {t}" if s else t for s, t in sample_turns(sample)] for sample in judge.contexts]
     replies = {name: scores[name]["replies"] for name in ("base", "champion", "candidate")
                if scores.get(name) and "replies" in scores[name]}
     markdown = "### Replies to held-out contexts\n\n" + side_by_side_markdown(contexts, replies)

@@ -164,6 +164,22 @@ def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: d
     return version
 
 
+def withdraw_bento(tag: str) -> None:
+    """Delete a Bento and the model imported for it (a retry finds them gone already)."""
+    import bentoml
+
+    try:
+        models = [str(m.tag) for m in bentoml.get(tag).info.all_models]
+        bentoml.delete(tag)
+    except bentoml.exceptions.NotFound:
+        return
+    for model in models:
+        try:
+            bentoml.models.delete(model)
+        except bentoml.exceptions.BentoMLException:  # still used by another Bento
+            pass
+
+
 @task(name="promote_champion", retries=2, retry_delay_seconds=2)
 def promote_champion(model_name: str, version: str, measured_champion: str | None, bento: str | None = None) -> None:
     """Point the champion alias at version, unless another run moved it since this run measured it; then the
@@ -171,9 +187,7 @@ def promote_champion(model_name: str, version: str, measured_champion: str | Non
     current = champion_version(model_name)
     if current != measured_champion:
         if bento:
-            import bentoml
-
-            bentoml.delete(bento)
+            withdraw_bento(bento)
             MlflowClient().delete_model_version_tag(model_name, version, "castbot.bento")
         raise ChampionMoved(f"{model_name}: the champion moved from version {measured_champion} to {current} while "
                            f"this run was training; version {version} was compared with the old one, so it is "

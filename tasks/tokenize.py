@@ -5,7 +5,7 @@ from prefect import task
 from castbot import dialogue
 from castbot.bot import load_tokenizer
 from castbot.config import DialogueConfig
-from castbot.dialogue import DialogueFormat
+from castbot.dialogue import DialogueFormat, sample_turns
 from tasks.cache import announce_cache_hit, content_policy
 
 
@@ -42,11 +42,6 @@ class PreEncoded:
 
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
-
-
-def sample_turns(sample: dict) -> list[tuple[str, str]]:
-    """(speaker, text) context turns of a sample; samples built before speakers were kept have none."""
-    return list(zip(sample.get("speakers") or [""] * len(sample["context"]), sample["context"]))
 
 
 def encode_split(samples: list[dict], tokenizer, config: DialogueConfig, fmt: DialogueFormat = DialogueFormat()):

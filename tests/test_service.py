@@ -139,7 +139,7 @@ def test_chat_prompt_puts_history_first_and_message_last():
 
     request = ChatRequest(history=[{"speaker": "Bram", "text": "Fuel?"}, {"speaker": "Ada", "text": " Full. "}],
                           message="Then fly.", temperature=0)
-    prompt = chat_prompt(request, character="Ada")
+    prompt = chat_prompt(request)
     assert prompt.named_turns() == [("Bram", "Fuel?"), ("Ada", "Full."), ("", "Then fly.")]
     assert prompt.temperature == 0 and prompt.max_new_tokens == 40
 
