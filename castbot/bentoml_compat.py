@@ -42,8 +42,9 @@ SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
 def fix_openapi(spec: dict) -> dict:
     """The spec BentoML publishes, corrected where its responses do not match it.
 
-    BentoML 1.4.39-1.4.40 documents the 400 body's `detail` as a string but sends pydantic's list of errors, and
-    documents a streamed response as one string, not as events: generated clients and schemathesis reject both.
+    BentoML 1.4.39-1.4.40 documents the 400 body's `detail` as a string but sends pydantic's list of errors,
+    documents a streamed response as one string, not as events, and leaves request bodies optional though every
+    API needs one: generated clients and schemathesis reject all three.
     """
     for name in ("InvalidArgument", "NotFound", "InternalServerError"):
         schema = spec.get("components", {}).get("schemas", {}).get(name)
@@ -52,7 +53,11 @@ def fix_openapi(spec: dict) -> dict:
                 {"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
     for path in spec.get("paths", {}).values():
         for operation in path.values():
-            content = operation.get("responses", {}).get("200", {}).get("content", {}) if isinstance(operation, dict) else {}
+            if not isinstance(operation, dict):
+                continue
+            if "requestBody" in operation:
+                operation["requestBody"]["required"] = True
+            content = operation.get("responses", {}).get("200", {}).get("content", {})
             if "text/event-stream" in content:
                 content["text/event-stream"]["schema"] = SSE_EVENT
     return spec
