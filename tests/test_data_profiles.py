@@ -21,7 +21,7 @@ def test_show_profile_data_steps_pass(profile, shared_data, tmp_path):
     from castbot.config import load_profile
 
     config = load_profile(CONFIGS / profile)
-    assert Path(config.data.path).is_relative_to(shared_data.resolve())
+    assert Path(config.data.path).resolve().is_relative_to(shared_data.resolve())  # also via a symlinked shared/
     character, fewest = SHOWS[profile]
     splits = run_data_steps(config, tmp_path / "docs")
     assert config.character == character and len(splits["train"]) >= fewest
