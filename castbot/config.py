@@ -226,7 +226,7 @@ class GateConfig(Strict):
     )
     max_repeat3_rate: float = Field(0.5, ge=0, le=1, description="Largest share of replies that repeat a word 3-gram.")
     max_echo_rate: float = Field(0.5, ge=0, le=1, description="Largest share of replies that copy the user's last turn.")
-    max_empty_rate: float = Field(0.25, ge=0, le=1, description="Largest share of empty (no letter or digit) replies.")
+    max_empty_rate: float = Field(0.5, ge=0, le=1, description="Largest share of empty (no letter or digit) replies.")
     max_template_leak_rate: float = Field(
         0.1, ge=0, le=1, description="Largest share of replies holding template or role tokens (<|im_end|>, 'assistant').",
     )

@@ -22,7 +22,7 @@ REPLY_BATCH = 16  # contexts per generate() call
 class Judge:
     """What every model is judged against: the style classifier, its anchors and the contexts to answer."""
 
-    classifier: CharacterClassifier
+    classifier: CharacterClassifier | None  # None: too few lines to train one (no likeness figure)
     character_lines: list[str]  # real held-out lines of the character: likeness 1
     other_lines: list[str]  # real held-out lines of everyone else: likeness 0
     real_lines: list[str]  # the character's training lines: how varied real replies are
@@ -52,11 +52,15 @@ def build_judge(cleaned: pd.DataFrame, splits: dict[str, list[dict]], config: Pi
         reference_format = choose_format(reference, config.dialogue, character, config.show)
     train = speaker_lines(cleaned, {s["episode"] for s in splits["train"]})
     held_out = speaker_lines(cleaned, {s["episode"] for name in ("validation", "test") for s in splits[name]})
-    classifier = train_character_classifier(train, character, evaluation.seed)
-    run_logger("castbot.judge").info(
-        "style classifier on %d training lines: held-out accuracy %.2f, balanced %.2f, AUC %.2f (%.1f s)",
-        len(train), classifier.heldout_accuracy, classifier.heldout_balanced_accuracy, classifier.heldout_auc,
-        classifier.train_seconds)
+    log = run_logger("castbot.judge")
+    try:
+        classifier = train_character_classifier(train, character, evaluation.seed)
+        log.info("style classifier on %d training lines: held-out accuracy %.2f, balanced %.2f, AUC %.2f (%.1f s)",
+                 len(train), classifier.heldout_accuracy, classifier.heldout_balanced_accuracy,
+                 classifier.heldout_auc, classifier.train_seconds)
+    except ValueError as exc:  # a tiny transcript: judge the rest, and a gate on likeness refuses (no figure)
+        log.warning("no style classifier: %s", exc)
+        classifier = None
     test = splits["test"]
     contexts = random.Random(evaluation.seed).sample(test, min(evaluation.replies, len(test)))
     return Judge(classifier, [t for s, t in held_out if s == character], [t for s, t in held_out if s != character],
@@ -97,15 +101,19 @@ def judge_replies(model_path: str, judge: Judge, evaluation: EvaluationConfig, m
     del bot
     texts = [g.reply for g in generated]
     last_turns = [s["context"][-1] if s["context"] else "" for s in judge.contexts]
+    figures = {"replies": texts, "likeness": float("nan"), "reply_perplexity": reply_perplexity(judge, texts, max_length)}
+    # too few lines for a figure: likeness stays nan (a gate on it refuses), degeneracy is left out, no crash
     try:
-        style = likeness(judge.classifier, texts, judge.character_lines, judge.other_lines)
-    except ValueError as exc:  # too few lines to tell the character apart: no figure, and a gate on it refuses
+        if judge.classifier is not None:
+            figures |= likeness(judge.classifier, texts, judge.character_lines, judge.other_lines)
+            figures["likeness_classifier_auc"] = judge.classifier.heldout_auc
+    except ValueError as exc:
         run_logger("castbot.judge").warning("no character likeness: %s", exc)
-        style = {"likeness": float("nan")}
-    return {"replies": texts, **style,
-            "likeness_classifier_auc": judge.classifier.heldout_auc,
-            **degeneracy(texts, last_turns, judge.real_lines, [g.hit_max_tokens for g in generated]),
-            "reply_perplexity": reply_perplexity(judge, texts, max_length)}
+    try:
+        figures |= degeneracy(texts, last_turns, judge.real_lines, [g.hit_max_tokens for g in generated])
+    except ValueError as exc:
+        run_logger("castbot.judge").warning("no degeneracy figures: %s", exc)
+    return figures
 
 
 @task(name="publish_replies", retries=2, retry_delay_seconds=2)

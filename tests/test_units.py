@@ -201,7 +201,7 @@ def test_gate_refuses_a_candidate_better_on_average_but_within_the_noise():
 
 @pytest.mark.parametrize("figure, value, field", [
     ("repeat3_rate", 0.9, "max_repeat3_rate"), ("template_leak_rate", 0.5, "max_template_leak_rate"),
-    ("empty_rate", 0.5, "max_empty_rate"), ("echo_rate", 0.8, "max_echo_rate"),
+    ("empty_rate", 0.75, "max_empty_rate"), ("echo_rate", 0.8, "max_echo_rate"),
     ("likeness", 0.1, "min_likeness"), ("reply_perplexity", 900.0, "max_reply_perplexity"),
 ])
 def test_gate_names_the_failing_reply_check_with_its_figure_and_threshold(figure, value, field):
