@@ -208,4 +208,6 @@ def exp_mean(total_loss: float, count: int) -> float:
     if not count:
         return math.nan
     mean = total_loss / count
+    if math.isnan(mean):
+        return math.nan
     return math.exp(mean) if mean < 700 else math.inf  # math.exp overflows past ~709

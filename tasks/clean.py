@@ -14,6 +14,7 @@ from prefect import task
 from castbot.config import CleaningConfig
 from tasks.cache import announce_cache_hit, content_policy
 from tasks.lineage import publish_markdown
+from tasks.text import shorten
 
 HTML_TAG = r"</?[A-Za-z][^<>]{0,300}>"
 BBCODE = r"(?i)\[/?(?:b|i|u|s|url|quote|color|size|img|code|spoiler)(?:=[^\]]*)?\]"
@@ -30,12 +31,8 @@ def _changed_chars(before: pd.Series, after: pd.Series) -> int:
     return total
 
 
-def _cut(text: str, width: int = 70) -> str:
-    return text if len(text) <= width else text[:width] + "..."
-
-
 def _example(before: str, after: str) -> str:
-    return f"{_cut(before)!r} -> {_cut(after)!r}"
+    return f"{shorten(before, 70)!r} -> {shorten(after, 70)!r}"
 
 
 class Cleaner:

@@ -17,6 +17,7 @@ from prefect import task
 from castbot.config import DataConfig
 from tasks.errors import DataError
 from tasks.logs import run_logger
+from tasks.text import shorten
 
 CANONICAL = ["episode", "scene", "speaker", "line"]
 CHATTERBOT_PREFIX = "chatterbot:"
@@ -74,7 +75,7 @@ def _logger():
 
 def _short(values, limit: int = 8, width: int = 40) -> str:
     """A list for an error message: at most `limit` items, each cut to `width` characters."""
-    items = [str(v) if len(str(v)) <= width else str(v)[:width] + "..." for v in list(values)[:limit]]
+    items = [shorten(str(v), width) for v in list(values)[:limit]]
     more = f" (+{len(values) - limit} more)" if len(values) > limit else ""
     return f"{items}{more}"
 

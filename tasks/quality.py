@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from castbot.bot import exp_mean
+from tasks.text import shorten
+
 # Chat-template and role tokens a reply must never contain: ChatML (<|im_start|>, <|im_end|>), GPT-2's
 # <|endoftext|> and any other <|...|> special token, Llama's <s> </s>, and a line that opens a role turn.
 TEMPLATE_LEAK = re.compile(
@@ -203,12 +206,6 @@ def bootstrap_ratio(numerators: list[float], tokens: list[int], groups: list[str
     return float(numerators.sum() / tokens.sum()), float(low), float(high)
 
 
-def safe_exp(nats: float) -> float:
-    """exp of a mean loss; inf instead of an overflow error."""
-    with np.errstate(over="ignore"):
-        return float(np.exp(nats))
-
-
 def perplexity_ci(losses: list[float], tokens: list[int], groups: list[str] | None, seed: int,
                   confidence: float = 0.95, n_boot: int = 1000) -> dict:
     """Perplexity exp(sum losses / sum tokens) with a bootstrap interval over groups (e.g. episodes).
@@ -217,7 +214,7 @@ def perplexity_ci(losses: list[float], tokens: list[int], groups: list[str] | No
     groups=None resamples samples. The same seed gives the same interval.
     """
     mean, low, high = bootstrap_ratio(losses, tokens, groups, seed, confidence, n_boot)
-    return {"perplexity": safe_exp(mean), "low": safe_exp(low), "high": safe_exp(high)}
+    return {"perplexity": exp_mean(mean, 1), "low": exp_mean(low, 1), "high": exp_mean(high, 1)}
 
 
 def paired_improvement(candidate_losses: list[float], champion_losses: list[float], tokens: list[int],
@@ -239,7 +236,7 @@ def table_cell(text: str, limit: int, keep: str = "start") -> str:
     """Text as one markdown table cell: at most limit characters, pipes escaped, newlines as ' / '."""
     text = " / ".join(part.strip() for part in text.strip().splitlines())
     if len(text) > limit:
-        text = "…" + text[-(limit - 1):] if keep == "end" else text[: limit - 1] + "…"
+        text = shorten(text, limit - 1, keep, mark="…")
     # '<' escaped so that leaked tokens such as </s> show instead of being read as HTML
     return text.replace("|", "\\|").replace("<", "&lt;")
 
