@@ -30,14 +30,12 @@ def test_split(profile: str):
 
 def measure(bot, samples: list[dict], max_length: int, replies: int) -> dict:
     """Per-token and per-word test perplexity, and seeded replies to the first contexts."""
-    from castbot.bot import exp_mean
+    from tasks.evaluate import measure_perplexity
     from tasks.judge import generate_replies
 
-    losses = bot.score([bot.encode(s, max_length) for s in samples])
-    total = sum(loss for loss, _ in losses)
-    words = sum(len(s["response"].split()) for s in samples)
+    figures = measure_perplexity(bot, samples, max_length)
     said = [r.reply for r in generate_replies(bot, samples[:replies], seed=0)]
-    return {"token": exp_mean(total, sum(n for _, n in losses)), "word": exp_mean(total, words), "replies": said}
+    return {"token": figures["perplexity"], "word": figures["word_perplexity"], "replies": said}
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from castbot.bot import exp_mean, sample_losses
-from castbot.config import DialogueConfig, PipelineConfig
+from castbot.config import PipelineConfig
 from castbot.dialogue import DialogueFormat
 from tasks.quality import perplexity_ci
 
@@ -26,19 +26,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
-@task(name="measure_perplexity")
-def measure_perplexity(model_path: str, samples: list[dict], dialogue: DialogueConfig,
-                       fmt: DialogueFormat | None = None) -> dict:
-    """Perplexity of the model on the samples' responses, in the model's own tokenizer and dialogue format
-    (fmt for a base model that has no castbot.json).
+def measure_perplexity(bot, samples: list[dict], max_length: int) -> dict:
+    """Perplexity of a loaded Bot on the samples' responses, in its own tokenizer and dialogue format.
 
     Also per word and per character (exp(total loss / words or characters)), which compare models whose
     tokenizers differ; per-sample sums are kept for paired comparisons.
     """
-    from castbot.bot import Bot
-
-    bot = Bot.load(model_path, fmt=fmt, max_length=dialogue.max_length)
-    losses = bot.score([bot.encode(s, dialogue.max_length) for s in samples])
+    losses = bot.score([bot.encode(s, max_length) for s in samples])
     total_loss, tokens = sum(loss for loss, _ in losses), sum(n for _, n in losses)
     chars = sum(len(s["response"].strip()) + 1 for s in samples)  # + 1: the end-of-turn token
     words = sum(len(s["response"].split()) for s in samples)
@@ -74,8 +68,12 @@ def log_scores(run_id: str, scores: dict[str, dict | None]) -> None:
 @task(name="evaluate_model", cache_policy=NO_CACHE)
 def evaluate_model(model_path: str, samples: list[dict], config: PipelineConfig, judge,
                    fmt: DialogueFormat | None = None) -> dict:
-    """Test perplexity (with its interval and per-sample losses) and the judged replies of one model."""
+    """Test perplexity (with its interval and per-sample losses) and the judged replies of one model, loaded once
+    (fmt for a base model that has no castbot.json)."""
+    from castbot.bot import Bot
     from tasks.judge import judge_replies
 
-    return {**measure_perplexity.fn(model_path, samples, config.dialogue, fmt),
-            **judge_replies.fn(model_path, judge, config.evaluation, config.dialogue.max_length, fmt)}
+    max_length = config.dialogue.max_length
+    bot = Bot.load(model_path, fmt=fmt, max_length=max_length)
+    return {**measure_perplexity(bot, samples, max_length),
+            **judge_replies(bot, judge, config.evaluation, max_length)}

@@ -4,7 +4,7 @@ The same contexts, seed and decoding (the service's defaults) for the candidate,
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 from prefect import task
@@ -29,6 +29,7 @@ class Judge:
     contexts: list[dict]  # test samples the models answer
     reference: str  # model folder whose perplexity of a reply measures fluency
     reference_format: DialogueFormat
+    reference_bot: object = field(default=None, repr=False)  # loaded on first use, shared by every judged model
 
 
 def speaker_lines(frame: pd.DataFrame, episodes: set[str]) -> list[tuple[str, str]]:
@@ -82,23 +83,19 @@ def reply_perplexity(judge: Judge, replies: list[str], max_length: int) -> float
     """Perplexity per token of the non-empty replies under the reference model, each given its context."""
     from castbot.bot import Bot, exp_mean
 
-    reference = Bot.load(judge.reference, fmt=judge.reference_format, max_length=max_length)
+    if judge.reference_bot is None:
+        judge.reference_bot = Bot.load(judge.reference, fmt=judge.reference_format, max_length=max_length)
+    reference = judge.reference_bot
     samples = [{**context, "response": reply} for context, reply in zip(judge.contexts, replies) if reply.strip()]
     losses = reference.score([reference.encode(s, max_length) for s in samples])
     return exp_mean(sum(loss for loss, _ in losses), sum(n for _, n in losses))
 
 
-@task(name="judge_replies", cache_policy=NO_CACHE)
-def judge_replies(model_path: str, judge: Judge, evaluation: EvaluationConfig, max_length: int,
-                  fmt: DialogueFormat | None = None) -> dict:
-    """The model's replies to the judge's contexts, with likeness, fluency and degeneracy figures."""
-    from castbot.bot import Bot
-
+def judge_replies(bot, judge: Judge, evaluation: EvaluationConfig, max_length: int) -> dict:
+    """A loaded Bot's replies to the judge's contexts, with likeness, fluency and degeneracy figures."""
     if not judge.contexts:
         return {}
-    bot = Bot.load(model_path, fmt=fmt, max_length=max_length)
     generated = generate_replies(bot, judge.contexts, evaluation.seed)
-    del bot
     texts = [g.reply for g in generated]
     last_turns = [s["context"][-1] if s["context"] else "" for s in judge.contexts]
     figures = {"replies": texts, "likeness": float("nan"), "reply_perplexity": reply_perplexity(judge, texts, max_length)}
