@@ -15,15 +15,12 @@ PROMPTS = (
 
 
 def generate_replies(model_path: str, prompts: tuple[str, ...] = PROMPTS, seed: int = 0) -> list[str]:
-    """One sampled reply per prompt with the shared decoding defaults, in one batch; seeded, so a rerun gives
-    the same text."""
-    import torch
-
+    """One sampled reply per prompt with the shared decoding defaults, batched; seeded, so a rerun gives the
+    same text."""
     from castbot.bot import Bot
+    from tasks.judge import generate_replies as reply_to
 
-    bot = Bot.load(model_path)
-    torch.manual_seed(seed)
-    return [r.reply for r in bot.generate([[("", prompt)] for prompt in prompts])]
+    return [r.reply for r in reply_to(Bot.load(model_path), [{"context": [p]} for p in prompts], seed)]
 
 
 def samples_markdown(character: str, prompts: tuple[str, ...], replies: list[str]) -> str:
