@@ -4,10 +4,13 @@
     bentoml serve service:Chat                        # from the checkout: the newest imported model
     bentoml serve service:Chat --arg model=demo-bot:v3
 
-Limits and capacity come from CASTBOT_SERVE_* variables (castbot/serving.py: ServeLimits).
+Limits, capacity and the engine come from CASTBOT_SERVE_* variables (castbot/serving.py: ServeLimits):
+CASTBOT_SERVE_ENGINE=continuous (default: transformers' continuous batching, castbot/engine.py) or adaptive
+(BentoML's adaptive batching of /generate, static batches).
 """
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import os
@@ -24,9 +27,10 @@ from starlette.responses import FileResponse
 from starlette.routing import Route
 
 from castbot.bentoml_compat import FixedOpenAPI, as_model, keep_self_session
-from castbot.bot import Bot
-from castbot.serving import (LIMITS, ChatReply, ChatRequest, Decoding, GenerateRequest, Generation, Prompt,
-                             chat_prompt, generate_batch, group_by_settings, speaker_name)
+from castbot.bot import Bot, Reply
+from castbot.engine import ContinuousEngine
+from castbot.serving import (LIMITS, ChatReply, ChatRequest, GenerateRequest, Generation, Prompt, as_generation,
+                             chat_prompt, conversation, generate_batch, group_by_settings)
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 API_PATHS = frozenset({"/chat", "/chat/stream", "/generate"})
@@ -63,7 +67,8 @@ FIRST_TOKEN = prometheus_client.Histogram(
     "castbot_time_to_first_token_seconds", "From a /chat/stream request to its first piece of reply.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
 IN_FLIGHT = prometheus_client.Gauge("castbot_requests_in_flight", "Admitted API requests not yet answered.")
-RUNNING_BATCH = prometheus_client.Gauge("castbot_running_batch_size", "Prompts in the generate() call now running.")
+RUNNING_BATCH = prometheus_client.Gauge("castbot_running_batch_size",
+                                        "Requests in the batch now decoding (adaptive engine: its generate() call).")
 
 # set while an outside API request is admitted; the service's own /chat -> /generate call inherits it
 _admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("castbot_admitted", default=False)
@@ -178,6 +183,10 @@ class Chat:
         if LIMITS.max_new_tokens >= self.bot.positions:  # else long requests would fail inside generate
             raise RuntimeError(f"CASTBOT_SERVE_MAX_NEW_TOKENS={LIMITS.max_new_tokens} leaves no room for a prompt: "
                                f"the model holds {self.bot.positions} positions")
+        self.engine = (ContinuousEngine(self.bot, LIMITS.max_batch_size, LIMITS.max_new_tokens)
+                       if LIMITS.engine == "continuous" else None)
+        if self.engine:
+            RUNNING_BATCH.set_function(self.engine.running)
         labels = stored.info.labels
         self.identity = {"model_name": labels.get("mlflow_model", stored.tag.name),
                          "model_version": labels.get("mlflow_version", stored.tag.version),
@@ -186,27 +195,62 @@ class Chat:
     def __is_ready__(self) -> bool:
         return self.bot is not None
 
-    @bentoml.api(route="/generate", input_spec=GenerateRequest, batchable=LIMITS.batching,
-                 max_batch_size=LIMITS.max_batch_size, max_latency_ms=LIMITS.max_latency_ms)
-    def generate(self, prompts: list[Prompt]) -> list[Generation]:
-        """Continue each prompt; concurrent requests are merged into batches of up to max_batch_size."""
-        results: list[Generation | None] = [None] * len(prompts)
-        for indices in group_by_settings(prompts).values():
-            BATCH_SIZES.observe(len(indices))
-            RUNNING_BATCH.set(len(indices))
-            for i, generation in zip(indices, generate_batch(self.bot, [prompts[i] for i in indices])):
-                results[i] = generation
-                GENERATED_TOKENS.inc(generation.new_tokens)
-            RUNNING_BATCH.set(0)
-        return results
+    if LIMITS.engine == "continuous":
+        @bentoml.api(route="/generate", input_spec=GenerateRequest)
+        async def generate(self, prompts: list[Prompt]) -> list[Generation]:
+            """Continue each prompt; each joins the running batch at the next decoding step."""
+            replies = await asyncio.gather(*(self._reply(prompt) for prompt in prompts))
+            return [as_generation(reply) for reply in replies]
+    else:
+        @bentoml.api(route="/generate", input_spec=GenerateRequest, batchable=LIMITS.batching,
+                     max_batch_size=LIMITS.max_batch_size, max_latency_ms=LIMITS.max_latency_ms)
+        def generate(self, prompts: list[Prompt]) -> list[Generation]:
+            """Continue each prompt; concurrent requests are merged into batches of up to max_batch_size."""
+            results: list[Generation | None] = [None] * len(prompts)
+            for indices in group_by_settings(prompts).values():
+                BATCH_SIZES.observe(len(indices))
+                RUNNING_BATCH.set(len(indices))
+                for i, generation in zip(indices, generate_batch(self.bot, [prompts[i] for i in indices])):
+                    results[i] = generation
+                    GENERATED_TOKENS.inc(generation.new_tokens)
+                RUNNING_BATCH.set(0)
+            return results
+
+    async def _reply(self, prompt: Prompt) -> Reply:
+        """One reply from the continuous engine."""
+        reply = await self.engine.reply(conversation(prompt, self.bot.format.character), **prompt.decoding())
+        GENERATED_TOKENS.inc(reply.new_tokens)
+        return reply
+
+    async def _pieces(self, prompt: Prompt) -> AsyncGenerator[str | Reply, None]:
+        """The reply's text piece by piece, then the whole Reply; leaving early stops its generation."""
+        turns = conversation(prompt, self.bot.format.character)
+        if self.engine:
+            async for item in self.engine.stream(turns, **prompt.decoding()):
+                yield item
+            return
+        stop = threading.Event()
+        pieces = self.bot.stream(turns, stop=stop, **prompt.decoding())
+        try:
+            while True:  # the model runs in Bot.stream's thread; waiting for each piece must not block the loop
+                piece, reply = await asyncio.to_thread(_advance, pieces)
+                yield piece if reply is None else reply
+                if reply is not None:
+                    return
+        finally:
+            stop.set()  # a client that left (or a timeout) stops generation at the next token
 
     @bentoml.api(route="/chat")
     async def chat(self, request: ChatRequest, /) -> ChatReply:
         """One chat turn: history (oldest first) and message -> the character's reply."""
-        # through the service's own /generate endpoint, so concurrent chats share its batches
-        keep_self_session(self)  # the proxy exists from the first to_async call on; a no-op once it is patched
-        [generation] = await self.to_async.generate(prompts=[chat_prompt(request)])
-        return ChatReply(**as_model(generation, Generation).model_dump(), **self.identity)
+        prompt = chat_prompt(request)
+        if self.engine:
+            generation = as_generation(await self._reply(prompt))
+        else:  # through the service's own /generate endpoint, so concurrent chats share its batches
+            keep_self_session(self)  # the proxy exists from the first to_async call on; a no-op once it is patched
+            [generation] = await self.to_async.generate(prompts=[prompt])
+            generation = as_model(generation, Generation)
+        return ChatReply(**generation.model_dump(), **self.identity)
 
     @bentoml.api(route="/chat/stream")
     async def chat_stream(self, request: ChatRequest, /) -> AsyncGenerator[str, None]:
@@ -214,25 +258,17 @@ class Chat:
         per piece as it is generated, then `event: done` with the whole reply, its token counts and the identity."""
         started = time.perf_counter()
         yield f"event: start\ndata: {json.dumps(self.identity)}\n\n"
-        prompt = chat_prompt(request)
-        stop = threading.Event()
-        character = self.identity["character"]
-        pieces = self.bot.stream([(speaker_name(s, character), t) for s, t in prompt.named_turns()], stop=stop,
-                                 **prompt.model_dump(include=set(Decoding.model_fields)))
-        try:
-            while True:  # the model runs in Bot.stream's thread; waiting for each piece must not block the loop
-                piece, reply = await asyncio.to_thread(_advance, pieces)
-                if reply is not None:
-                    break
+        async with contextlib.aclosing(self._pieces(chat_prompt(request))) as items:  # closed: a client that left
+            async for item in items:                                                  # stops its generation
+                if isinstance(item, Reply):
+                    reply = item
+                    continue
                 if started is not None:
                     FIRST_TOKEN.observe(time.perf_counter() - started)
                     started = None
-                yield f"data: {json.dumps({'text': piece})}\n\n"
-        finally:
-            stop.set()  # a client that left (or a timeout) stops generation at the next token
+                yield f"data: {json.dumps({'text': item})}\n\n"
         GENERATED_TOKENS.inc(reply.new_tokens)
-        final = ChatReply(reply=reply.reply, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens,
-                          **self.identity)
+        final = ChatReply(**as_generation(reply).model_dump(), **self.identity)
         yield f"event: done\ndata: {final.model_dump_json()}\n\n"
 
 

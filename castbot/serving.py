@@ -5,7 +5,7 @@ so a chat is built and decoded the same way everywhere. Limits come from CASTBOT
 """
 
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -29,7 +29,10 @@ class ServeLimits(Strict):
     max_request_bytes: int = Field(65536, ge=1024, description="Largest request body, in bytes (413 beyond).")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight beyond which the service answers 503.")
     timeout_s: int = Field(60, ge=1, description="A request still running after this many seconds gets a 504.")
-    batching: bool = Field(True, description="Adaptive batching of /generate (false: one prompt list at a time).")
+    engine: Literal["continuous", "adaptive"] = Field(
+        "continuous", description="continuous: transformers' continuous batching, requests join and leave the "
+        "running batch at every decoding step; adaptive: BentoML's adaptive batching of /generate (static batches).")
+    batching: bool = Field(True, description="Adaptive engine only: batch /generate calls (false: one at a time).")
     max_batch_size: int = Field(32, ge=2, description="Most prompts the model runs in one batch.")
     max_latency_ms: int = Field(30000, ge=10, description="Latency budget of a batched call; beyond it a 503. "
                                 "SmolLM2-135M on 2 CPU cores takes 6-13 s for a batch of 32 replies of 40 tokens.")
@@ -67,6 +70,9 @@ class Decoding(BaseModel):
     top_k: int = Field(DECODING_DEFAULTS["top_k"], ge=0, le=1000, description="Sample from the k likeliest; 0: all.")
     no_repeat_ngram_size: int = Field(DECODING_DEFAULTS["no_repeat_ngram_size"], ge=0, le=10,
                                       description="Never repeat an n-gram of this size; 0: off.")
+
+    def decoding(self) -> dict:
+        return self.model_dump(include=set(Decoding.model_fields))
 
     def settings(self) -> tuple:
         """A hashable key: prompts with equal settings share one generate() call."""
@@ -132,16 +138,23 @@ def speaker_name(label: str, character: str) -> str:
 def chat_prompt(request: ChatRequest) -> Prompt:
     """The /generate prompt for a chat: history then the message (the user's), with the request's decoding.
     Speakers are resolved (bot -> the character) when the prompt is built, by generate_batch."""
-    return Prompt(turns=[*request.history, request.message], **request.model_dump(include=set(Decoding.model_fields)))
+    return Prompt(turns=[*request.history, request.message], **request.decoding())
+
+
+def conversation(prompt: Prompt, character: str) -> list[tuple[str, str]]:
+    """The prompt's turns as (speaker, text), speakers as the model saw them in training."""
+    return [(speaker_name(s, character), t) for s, t in prompt.named_turns()]
+
+
+def as_generation(reply) -> Generation:
+    """A castbot.bot.Reply as the API returns it."""
+    return Generation(reply=reply.reply, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens)
 
 
 def generate_batch(bot, prompts: list[Prompt]) -> list[Generation]:
     """Replies to prompts that share decoding settings, in one left-padded generate() call of the Bot."""
-    decoding = prompts[0].model_dump(include=set(Decoding.model_fields))
-    character = bot.format.character
-    conversations = [[(speaker_name(s, character), t) for s, t in p.named_turns()] for p in prompts]
-    return [Generation(reply=r.reply, prompt_tokens=r.prompt_tokens, new_tokens=r.new_tokens)
-            for r in bot.generate(conversations, **decoding)]
+    conversations = [conversation(p, bot.format.character) for p in prompts]
+    return [as_generation(r) for r in bot.generate(conversations, **prompts[0].decoding())]
 
 
 def group_by_settings(prompts: list[Prompt]) -> dict[tuple, list[int]]:

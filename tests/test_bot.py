@@ -1,4 +1,5 @@
-"""The Bot class on tiny models of both families (GPT-2 with eos-joined turns, Llama with a chat template).
+"""The Bot class and the continuous-batching engine on tiny models of both families (GPT-2 with eos-joined turns,
+Llama with a chat template).
 
 Greedy replies are checked against a plain argmax loop over the model's forward pass, batches against single
 prompts, and scores against the model's own loss: no flow, no Bento.
@@ -38,15 +39,16 @@ def eos_bot(tmp_path_factory):
     return Bot.load(str(build_offline_model(TEXTS, shape, seed=0, folder=tmp_path_factory.mktemp("eos") / "m")))
 
 
-def argmax_reply(bot: Bot, prompt: list[int], max_new: int) -> list[int]:
-    """Greedy decoding written out: the likeliest next token, never end-of-turn first, stop at end-of-turn."""
+def argmax_reply(bot: Bot, prompt: list[int], max_new: int, never_empty: bool = True) -> list[int]:
+    """Greedy decoding written out: the likeliest next token, never end-of-turn first (unless never_empty is
+    False), stop at end-of-turn."""
     import torch
 
     ids, eos, new = list(prompt), bot.tokenizer.eos_token_id, []
     with torch.inference_mode():
         for step in range(max_new):
             logits = bot.model(input_ids=torch.tensor([ids])).logits[0, -1]
-            if step == 0:
+            if step == 0 and never_empty:
                 logits[eos] = -math.inf  # min_new_tokens=1: a reply is never empty
             token = int(logits.argmax())
             new.append(token)
@@ -168,3 +170,65 @@ def test_a_failed_generation_ends_the_stream_with_an_error(bot):
     pieces = bot.stream(CHATS[0], max_new_tokens=0)  # generate() refuses max_new_tokens=0
     with pytest.raises(RuntimeError, match="generation failed"):
         list(pieces)
+
+
+@pytest.fixture
+def engine(bot):
+    from castbot.engine import ContinuousEngine
+
+    engine = ContinuousEngine(bot, max_batch_size=4, max_new_tokens=16)
+    yield engine
+    engine.close()  # gives the model back its own attention implementation for the tests after
+
+
+def continuous_greedy(bot: Bot, chat, max_new: int) -> list[int]:
+    """The argmax continuation as the continuous engine decodes it: transformers' continuous batching has no
+    min_new_tokens, so end-of-turn may come first."""
+    return argmax_reply(bot, bot.prompt(chat, max_new), max_new, never_empty=False)
+
+
+def test_continuous_greedy_replies_are_the_argmax_continuations_of_their_prompts(bot, engine):
+    replies = engine.replies(CHATS, **GREEDY)  # decoded together, prompts of different lengths
+    for chat, reply in zip(CHATS, replies):
+        expected = continuous_greedy(bot, chat, GREEDY["max_new_tokens"])
+        assert reply.new_tokens == len(expected)
+        assert reply.prompt_tokens == len(bot.prompt(chat, GREEDY["max_new_tokens"]))
+        text_ids = expected[:-1] if expected[-1] == bot.tokenizer.eos_token_id else expected
+        assert reply.reply == bot.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+
+
+def test_continuous_requests_keep_their_own_decoding_settings(bot, engine):
+    import asyncio
+
+    async def together():
+        return await asyncio.gather(engine.reply(CHATS[0], **{**GREEDY, "max_new_tokens": 3}),
+                                    engine.reply(CHATS[1], temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=16),
+                                    engine.reply(CHATS[1], **GREEDY))
+
+    short, sampled, greedy = asyncio.run(together())
+    assert short.new_tokens <= 3
+    assert short.new_tokens == len(continuous_greedy(bot, CHATS[0], 12)[:3])
+    assert greedy.reply == engine.replies([CHATS[1]], **GREEDY)[0].reply  # a sampled neighbour changes nothing
+    assert greedy.new_tokens == len(continuous_greedy(bot, CHATS[1], GREEDY["max_new_tokens"]))
+    assert sampled.new_tokens <= 16 and sampled.prompt_tokens == greedy.prompt_tokens
+
+
+def test_a_continuous_stream_joins_to_its_reply_and_leaving_early_cancels_it(bot, engine):
+    import asyncio
+
+    from castbot.bot import Reply
+
+    async def stream(chat, keep: int | None = None):
+        items = []
+        async for item in engine.stream(chat, **{**GREEDY, "max_new_tokens": 16}):
+            items.append(item)
+            if keep is not None and len(items) == keep:
+                break
+        return items
+
+    *pieces, reply = asyncio.run(stream(CHATS[1]))
+    assert isinstance(reply, Reply) and "".join(pieces).strip() == reply.reply
+    asyncio.run(stream(CHATS[1], keep=1))  # a client that leaves after the first piece
+    [after] = engine.replies([CHATS[1]], **GREEDY)  # the engine goes on serving
+    assert after.new_tokens == len(continuous_greedy(bot, CHATS[1], GREEDY["max_new_tokens"]))
+    assert engine.running() == 0  # the cancelled request left the batch

@@ -1,0 +1,124 @@
+"""Continuous batching: requests join and leave the running batch at every decoding step.
+
+transformers' ContinuousBatchingManager (paged KV cache, one background thread) does the scheduling; this module
+only turns a Bot's conversations into its requests and its outputs into Replies, awaitable or streamed.
+
+    engine = ContinuousEngine(bot)
+    reply = await engine.reply([("Morty", "Rick, where are we going?")], temperature=0)
+
+Per-request decoding: temperature, top_p, top_k and max_new_tokens hold per request (transformers' per-request
+logits processors). Greedy (temperature below MIN_TEMPERATURE) is sampling from the top 1 token, which equals
+generate()'s argmax. Two settings of Bot.generate do not exist in transformers 5's continuous batching, which
+drops logits processors that read a request's token history: no_repeat_ngram_size is not applied, and
+min_new_tokens=1 is not enforced (a reply may be empty when the model ends its turn at once).
+"""
+
+import asyncio
+import math
+import uuid
+from collections.abc import AsyncIterator
+
+from castbot.bot import MIN_TEMPERATURE, Bot, Reply
+from castbot.dialogue import DECODING_DEFAULTS, Turn, decode_reply
+
+PAGE_SIZE = 64  # tokens per KV-cache page on CPU; on a GPU transformers sizes the cache from free memory
+
+
+class EngineError(RuntimeError):
+    """The continuous-batching thread failed a request."""
+
+
+def request_settings(vocab_size: int, **decoding) -> dict:
+    """Per-request logits-processor arguments for transformers' continuous batching."""
+    settings = {**DECODING_DEFAULTS, **decoding}
+    if settings["temperature"] < MIN_TEMPERATURE:  # greedy: sampling from the single likeliest token
+        return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+    return {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
+            "top_k": settings["top_k"] or vocab_size}  # top_k 0 means all tokens, as in generate()
+
+
+class ContinuousEngine:
+    """A Bot behind transformers' continuous batching; up to max_batch_size requests decode together."""
+
+    def __init__(self, bot: Bot, max_batch_size: int = 32, max_new_tokens: int = 128):
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        self.bot = bot
+        tokenizer = bot.tokenizer
+        # do_sample and non-neutral defaults make transformers create the per-request temperature/top-k/top-p
+        # processors; each request then carries its own values
+        generation = GenerationConfig(
+            do_sample=True, max_new_tokens=DECODING_DEFAULTS["max_new_tokens"],
+            temperature=DECODING_DEFAULTS["temperature"], top_p=DECODING_DEFAULTS["top_p"],
+            top_k=DECODING_DEFAULTS["top_k"], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        sizes = {}
+        if bot.device.type == "cpu":  # transformers sizes the cache from GPU memory; on CPU say what a full batch needs
+            tokens_per_request = bot.max_length + max_new_tokens
+            sizes = {"page_size": PAGE_SIZE, "num_blocks": math.ceil(max_batch_size * tokens_per_request / PAGE_SIZE),
+                     "max_batch_tokens": max_batch_size * PAGE_SIZE}
+        config = ContinuousBatchingConfig(per_request_processors=True, max_requests_per_batch=max_batch_size, **sizes)
+        # outside torch.inference_mode: the manager's thread updates its cache tensors in place
+        self.manager = bot.model.init_continuous_batching(generation_config=generation,
+                                                          continuous_batching_config=config)
+        self.manager.start()
+
+    def running(self) -> int:
+        """Requests in the batch now decoding."""
+        processor = self.manager.batch_processor
+        return len(processor.scheduler.active_requests) if processor is not None else 0
+
+    def close(self) -> None:
+        self.manager.stop(block=True, timeout=30)
+
+    async def _outputs(self, turns: list[Turn], streaming: bool, **decoding) -> AsyncIterator:
+        """The request's outputs as the manager's thread delivers them: every token when streaming, else the last.
+        Leaving early (a client that went away) cancels the request."""
+        max_new = decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
+        outputs: asyncio.Queue = asyncio.Queue()
+        request_id = uuid.uuid4().hex
+        self.manager.register_result_handler(request_id, outputs.put_nowait)  # first, or an early result is missed
+        added = self.manager.add_request(self.bot.prompt(turns, max_new), request_id=request_id,
+                                         max_new_tokens=max_new, streaming=streaming,
+                                         **request_settings(self.bot.model.config.vocab_size, **decoding))
+        if added is None:
+            raise EngineError("the continuous-batching thread is not accepting requests (stopped or failed)")
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                if output.error:
+                    raise EngineError(f"generation failed: {output.error}")
+                finished = output.is_finished()
+                yield output
+        finally:
+            if not finished:
+                self.manager.cancel_request(request_id)
+
+    def _reply(self, output) -> Reply:
+        eos, tokens = self.bot.tokenizer.eos_token_id, output.generated_tokens
+        ended = eos in tokens
+        new = tokens[: tokens.index(eos) + 1] if ended else tokens
+        return Reply(decode_reply(self.bot.tokenizer, new), len(output.prompt_ids), len(new), not ended)
+
+    async def stream(self, turns: list[Turn], **decoding) -> AsyncIterator[str | Reply]:
+        """The reply's text piece by piece as it is generated, then the whole Reply as the last item."""
+        sent = ""
+        async for output in self._outputs(turns, streaming=True, **decoding):
+            text = decode_reply(self.bot.tokenizer, output.generated_tokens)
+            if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+                yield text[len(sent):]  # held back while it ends inside a multi-byte character
+                sent = text
+        yield self._reply(output)
+
+    async def reply(self, turns: list[Turn], **decoding) -> Reply:
+        async for output in self._outputs(turns, streaming=False, **decoding):
+            pass
+        return self._reply(output)
+
+    def replies(self, conversations: list[list[Turn]], **decoding) -> list[Reply]:
+        """One reply per conversation, all submitted at once (for benchmarks and tests, outside an event loop)."""
+
+        async def all_replies():
+            return await asyncio.gather(*(self.reply(turns, **decoding) for turns in conversations))
+
+        return asyncio.run(all_replies())
