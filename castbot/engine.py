@@ -8,13 +8,14 @@ only turns a Bot's conversations into its requests and its outputs into Replies,
 
 Per-request decoding: temperature, top_p, top_k and max_new_tokens hold per request (transformers' per-request
 logits processors). Greedy (temperature below MIN_TEMPERATURE) is sampling from the top 1 token, which equals
-generate()'s argmax. Two settings of Bot.generate do not exist in transformers 5's continuous batching, which
-drops logits processors that read a request's token history: no_repeat_ngram_size is not applied, and
-min_new_tokens=1 is not enforced (a reply may be empty when the model ends its turn at once).
+generate()'s argmax. transformers 5's continuous batching drops the logits processors that read a request's token
+history: no_repeat_ngram_size is not applied here (the continuous engine serves without it), and min_new_tokens=1
+(never an empty reply) is put back by NeverEmpty below.
 """
 
 import asyncio
 import math
+import threading
 import uuid
 from collections.abc import AsyncIterator
 
@@ -22,6 +23,41 @@ from castbot.bot import MIN_TEMPERATURE, Bot, Reply
 from castbot.dialogue import DECODING_DEFAULTS, Turn, decode_reply
 
 PAGE_SIZE = 64  # tokens per KV-cache page on CPU; on a GPU transformers sizes the cache from free memory
+
+
+def never_empty_processor(eos_token_id: int):
+    """A per-request logits processor that bans end-of-turn as a reply's first token, as generate()'s
+    min_new_tokens=1 does (transformers 5.24 drops MinNewTokensLengthLogitsProcessor from continuous batching:
+    its supports_continuous_batching is False). Its argument per request is 1 while nothing is generated yet."""
+    import torch
+    from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+
+    class NeverEmpty(ContinuousBatchingLogitsProcessor):
+        supported_kwargs: dict[str, type] = {}
+        ignored_kwargs: tuple[str, ...] = ()
+
+        def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+            int32_tensor.fill_(0)
+
+        def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
+            return torch.tensor([not r.state.generated_tokens for r in requests_with_new_token], dtype=torch.int32)
+
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            first = tensor_arg[: scores.size(0)].bool()  # (requests,)
+            banned = torch.zeros_like(scores, dtype=torch.bool)  # (requests, vocab)
+            banned[:, eos_token_id] = first
+            return scores.masked_fill(banned, -math.inf)
+
+    return NeverEmpty()
+
+
+def add_first_processor(manager, processor) -> None:
+    """Put a per-request processor first in a ContinuousBatchingManager's list (before its top-k/top-p, so a banned
+    token is never the only one left), before manager.start() sizes the argument tensors."""
+    processors = manager.logit_processor
+    processors.logits_processor.insert(0, processor)
+    processors.tensors_required += 1
+    processors.do_processing = True
 
 
 class EngineError(RuntimeError):
@@ -60,7 +96,31 @@ class ContinuousEngine:
         # outside torch.inference_mode: the manager's thread updates its cache tensors in place
         self.manager = bot.model.init_continuous_batching(generation_config=generation,
                                                           continuous_batching_config=config)
+        add_first_processor(self.manager, never_empty_processor(tokenizer.eos_token_id))
         self.manager.start()
+        # outputs are routed here, not through register_result_handler: transformers drops a cancelled request
+        # without a last output, so a per-request handler would stay registered, bound to its event loop, forever
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock, self._closed = threading.Lock(), threading.Event()
+        threading.Thread(target=self._route, name="castbot-engine-outputs", daemon=True).start()
+
+    def _route(self) -> None:
+        """Hand each output to the event loop of the request waiting for it; drop those nobody waits for."""
+        while not self._closed.is_set():
+            output = self.manager.get_result(timeout=0.1)
+            if output is None:
+                if not self.manager.is_running():
+                    self._closed.wait(0.1)
+                continue
+            with self._lock:
+                target = self._waiting.get(output.request_id)
+            if target is None:
+                continue
+            loop, outputs = target
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, output)
+            except RuntimeError:  # the waiting loop closed meanwhile
+                pass
 
     def running(self) -> int:
         """Requests in the batch now decoding."""
@@ -69,6 +129,7 @@ class ContinuousEngine:
 
     def close(self) -> None:
         self.manager.stop(block=True, timeout=30)
+        self._closed.set()
 
     async def _outputs(self, turns: list[Turn], streaming: bool, **decoding) -> AsyncIterator:
         """The request's outputs as the manager's thread delivers them: every token when streaming, else the last.
@@ -76,14 +137,15 @@ class ContinuousEngine:
         max_new = decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
         outputs: asyncio.Queue = asyncio.Queue()
         request_id = uuid.uuid4().hex
-        self.manager.register_result_handler(request_id, outputs.put_nowait)  # first, or an early result is missed
-        added = self.manager.add_request(self.bot.prompt(turns, max_new), request_id=request_id,
-                                         max_new_tokens=max_new, streaming=streaming,
-                                         **request_settings(self.bot.model.config.vocab_size, **decoding))
-        if added is None:
-            raise EngineError("the continuous-batching thread is not accepting requests (stopped or failed)")
+        with self._lock:  # before add_request, or an early output finds nobody waiting
+            self._waiting[request_id] = (asyncio.get_running_loop(), outputs)
         finished = False
         try:
+            added = self.manager.add_request(self.bot.prompt(turns, max_new), request_id=request_id,
+                                             max_new_tokens=max_new, streaming=streaming,
+                                             **request_settings(self.bot.model.config.vocab_size, **decoding))
+            if added is None:
+                raise EngineError("the continuous-batching thread is not accepting requests (stopped or failed)")
             while not finished:
                 output = await outputs.get()
                 if output.error:
@@ -91,6 +153,8 @@ class ContinuousEngine:
                 finished = output.is_finished()
                 yield output
         finally:
+            with self._lock:
+                del self._waiting[request_id]
             if not finished:
                 self.manager.cancel_request(request_id)
 

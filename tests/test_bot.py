@@ -39,16 +39,15 @@ def eos_bot(tmp_path_factory):
     return Bot.load(str(build_offline_model(TEXTS, shape, seed=0, folder=tmp_path_factory.mktemp("eos") / "m")))
 
 
-def argmax_reply(bot: Bot, prompt: list[int], max_new: int, never_empty: bool = True) -> list[int]:
-    """Greedy decoding written out: the likeliest next token, never end-of-turn first (unless never_empty is
-    False), stop at end-of-turn."""
+def argmax_reply(bot: Bot, prompt: list[int], max_new: int) -> list[int]:
+    """Greedy decoding written out: the likeliest next token, never end-of-turn first, stop at end-of-turn."""
     import torch
 
     ids, eos, new = list(prompt), bot.tokenizer.eos_token_id, []
     with torch.inference_mode():
         for step in range(max_new):
             logits = bot.model(input_ids=torch.tensor([ids])).logits[0, -1]
-            if step == 0 and never_empty:
+            if step == 0:
                 logits[eos] = -math.inf  # min_new_tokens=1: a reply is never empty
             token = int(logits.argmax())
             new.append(token)
@@ -182,9 +181,7 @@ def engine(bot):
 
 
 def continuous_greedy(bot: Bot, chat, max_new: int) -> list[int]:
-    """The argmax continuation as the continuous engine decodes it: transformers' continuous batching has no
-    min_new_tokens, so end-of-turn may come first."""
-    return argmax_reply(bot, bot.prompt(chat, max_new), max_new, never_empty=False)
+    return argmax_reply(bot, bot.prompt(chat, max_new), max_new)
 
 
 def test_continuous_greedy_replies_are_the_argmax_continuations_of_their_prompts(bot, engine):
