@@ -70,6 +70,10 @@ IN_FLIGHT = prometheus_client.Gauge("castbot_requests_in_flight", "Admitted API 
 RUNNING_BATCH = prometheus_client.Gauge("castbot_running_batch_size",
                                         "Requests in the batch now decoding (adaptive engine: its generate() call).")
 
+DECODING_STEPS = prometheus_client.Gauge("castbot_decoding_steps",
+                                         "Continuous engine: decoding steps run so far (each advances every request "
+                                         "in the batch by one token).")
+
 # set while an outside API request is admitted; the service's own /chat -> /generate call inherits it
 _admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("castbot_admitted", default=False)
 
@@ -185,8 +189,6 @@ class Chat:
                                f"the model holds {self.bot.positions} positions")
         self.engine = (ContinuousEngine(self.bot, LIMITS.max_batch_size, LIMITS.max_new_tokens)
                        if LIMITS.engine == "continuous" else None)
-        if self.engine:
-            RUNNING_BATCH.set_function(self.engine.running)
         labels = stored.info.labels
         self.identity = {"model_name": labels.get("mlflow_model", stored.tag.name),
                          "model_version": labels.get("mlflow_version", stored.tag.version),
@@ -212,15 +214,22 @@ class Chat:
                 RUNNING_BATCH.set(len(indices))
                 for i, generation in zip(indices, generate_batch(self.bot, [prompts[i] for i in indices])):
                     results[i] = generation
-                    GENERATED_TOKENS.inc(generation.new_tokens)
+                    self._count(generation)
                 RUNNING_BATCH.set(0)
             return results
 
     async def _reply(self, prompt: Prompt) -> Reply:
         """One reply from the continuous engine."""
         reply = await self.engine.reply(conversation(prompt, self.bot.format.character), **prompt.decoding())
-        GENERATED_TOKENS.inc(reply.new_tokens)
+        self._count(reply)
         return reply
+
+    def _count(self, reply: Reply | Generation) -> None:
+        """Metrics at the end of a reply (BentoML's multiprocess metrics cannot read a gauge on scrape)."""
+        GENERATED_TOKENS.inc(reply.new_tokens)
+        if self.engine:
+            RUNNING_BATCH.set(self.engine.running())
+            DECODING_STEPS.set(self.engine.steps())
 
     async def _pieces(self, prompt: Prompt) -> AsyncGenerator[str | Reply, None]:
         """The reply's text piece by piece, then the whole Reply; leaving early stops its generation."""
@@ -267,7 +276,7 @@ class Chat:
                     FIRST_TOKEN.observe(time.perf_counter() - started)
                     started = None
                 yield f"data: {json.dumps({'text': item})}\n\n"
-        GENERATED_TOKENS.inc(reply.new_tokens)
+        self._count(reply)
         final = ChatReply(**as_generation(reply).model_dump(), **self.identity)
         yield f"event: done\ndata: {final.model_dump_json()}\n\n"
 

@@ -1,17 +1,21 @@
-"""Serving throughput: 32 concurrent /chat clients against the Bento with adaptive batching, the same Bento with
-batching off, and batched generate() on the same prompts with no server (the limit).
+"""Serving throughput on the demo's own held-out contexts: 32 concurrent clients against the Bento with each engine,
+the same Bento unbatched, and each engine alone with no server on the same chats (the limit).
 
     python -m bench.serve_throughput --model demo-bot            # the champion's Bento (built if missing)
     python -m bench.serve_throughput --bento castbot-chat:TAG --requests 256
 
-Only 127.0.0.1 is contacted; each phase stops after --requests requests or --phase-timeout seconds.
-Figures: requests/s and generated tokens/s (new tokens incl. end-of-turn, as the service counts them) over the
-timed phase, after a warm-up; latency is per request, as a client sees it (direct: the batch it was in).
+Phases: served with the continuous engine (clients read /chat/stream, so time to first token is measured), served
+with BentoML's adaptive batching and unbatched (clients call /chat: the first text comes with the whole reply),
+then in this process the static batched generate() and the continuous engine. Every request uses the service's
+default sampling, so reply lengths vary as in use. Only 127.0.0.1 is contacted; each phase stops after
+--requests requests or --phase-timeout seconds. Figures: requests/s and generated tokens/s (new tokens incl.
+end-of-turn) over the timed phase, after a warm-up; latency per request as a client sees it.
 """
 
 import argparse
 import asyncio
 import collections
+import json
 import os
 import socket
 import statistics
@@ -21,12 +25,22 @@ import tempfile
 import time
 from pathlib import Path
 
-MESSAGES = [
-    "Hello, how are you?", "What is your name?", "Do you like music?", "Tell me a joke.",
-    "What do you do for fun?", "Are you a robot?", "Where do you live?", "What time is it?",
-    "Do you have any friends?", "What is the meaning of life?", "Can you help me?", "What is your favourite food?",
-    "Do you read books?", "How old are you?", "Is it going to rain?", "What are you thinking about?",
-]
+DEMO_PROFILE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def held_out_chats(profile: Path = DEMO_PROFILE) -> list[dict]:
+    """The profile's test-split contexts as /chat requests: the last context line is the message."""
+    from castbot.config import load_profile
+    from tasks.clean import clean_transcript
+    from tasks.dialogues import build_dialogues
+    from tasks.ingest import load_transcript
+
+    config = load_profile(str(profile))
+    cleaned, _ = clean_transcript.fn(load_transcript.fn(config.data), config.cleaning)
+    test = build_dialogues.fn(cleaned, config.character, config.dialogue, config.training.seed)["test"]
+    return [{"history": [{"speaker": speaker, "text": text}
+                         for speaker, text in zip(s["speakers"][:-1], s["context"][:-1])],
+             "message": s["context"][-1]} for s in test]
 
 
 def free_port() -> int:
@@ -50,47 +64,76 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def summary(name: str, seconds: float, latencies: list[float], tokens: int, errors: collections.Counter) -> dict:
-    return {"name": name, "requests": len(latencies), "errors": sum(errors.values()), "by_status": dict(errors),
-            "seconds": seconds,
-            "req_s": len(latencies) / seconds, "tok_s": tokens / seconds,
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 0.99)}
+class Timing:
+    """Per-request figures of one phase."""
+
+    def __init__(self):
+        self.latencies, self.first_tokens, self.tokens, self.errors = [], [], 0, collections.Counter()
+
+    def summary(self, name: str, seconds: float) -> dict:
+        latencies = self.latencies or [float("nan")]
+        return {"name": name, "requests": len(self.latencies), "errors": sum(self.errors.values()),
+                "req_s": len(self.latencies) / seconds, "tok_s": self.tokens / seconds,
+                "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 0.99),
+                "ttft_ms": 1000 * statistics.median(self.first_tokens or latencies)}
 
 
-async def drive(url: str, requests: int, concurrency: int, max_new_tokens: int, deadline: float) -> tuple:
-    """`concurrency` clients send /chat until `requests` are done; (seconds, latencies, tokens, errors)."""
+async def chat_once(http, body: dict, stream: bool, timing: Timing) -> None:
+    """One /chat (or /chat/stream) request, timed as the client sees it."""
+    start = time.monotonic()
+    if not stream:
+        resp = await http.post("/chat", json=body)
+        if resp.status_code != 200:
+            timing.errors[resp.status_code] += 1
+            return
+        timing.latencies.append(time.monotonic() - start)
+        timing.tokens += resp.json()["new_tokens"]
+        return
+    first, event = None, ""
+    async with http.stream("POST", "/chat/stream", json=body) as resp:
+        if resp.status_code != 200:
+            timing.errors[resp.status_code] += 1
+            return
+        async for line in resp.aiter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: ") and event == "done":
+                timing.tokens += json.loads(line.removeprefix("data: "))["new_tokens"]
+            elif line.startswith("data: ") and event != "start" and first is None:
+                first = time.monotonic() - start
+            elif not line:
+                event = ""
+    timing.latencies.append(time.monotonic() - start)
+    timing.first_tokens.append(first if first is not None else timing.latencies[-1])
+
+
+async def drive(url: str, chats: list[dict], requests: int, concurrency: int, stream: bool,
+                deadline: float) -> tuple[float, Timing]:
+    """`concurrency` clients send chats until `requests` are done; (seconds, timing)."""
     import httpx
 
-    counter = iter(range(requests))
-    latencies, tokens, errors = [], 0, collections.Counter()
+    counter, timing = iter(range(requests)), Timing()
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal tokens, errors
         for i in counter:
             if time.monotonic() > deadline:
                 return
-            start = time.monotonic()
-            resp = await http.post("/chat", json={"message": MESSAGES[i % len(MESSAGES)],
-                                                  "max_new_tokens": max_new_tokens})
-            if resp.status_code != 200:
-                errors[resp.status_code] += 1
-                continue
-            latencies.append(time.monotonic() - start)
-            tokens += resp.json()["new_tokens"]
+            await chat_once(http, chats[i % len(chats)], stream, timing)
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         start = time.monotonic()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        return time.monotonic() - start, latencies, tokens, errors
+        return time.monotonic() - start, timing
 
 
-def serve_and_measure(name: str, bento: str, batching: bool, args) -> dict:
+def serve_and_measure(name: str, bento: str, engine: str, batching: bool, chats: list[dict], args) -> dict:
     """Start `bentoml serve`, warm it up, time args.requests chats from args.concurrency clients, stop it."""
     import httpx
 
     port = free_port()
-    env = {**os.environ, "CASTBOT_SERVE_BATCHING": str(batching).lower(),
+    stream = engine == "continuous"
+    env = {**os.environ, "CASTBOT_SERVE_ENGINE": engine, "CASTBOT_SERVE_BATCHING": str(batching).lower(),
            "CASTBOT_SERVE_MAX_CONCURRENCY": str(4 * args.concurrency),
            "CASTBOT_SERVE_MAX_BATCH_SIZE": str(args.concurrency), "CASTBOT_SERVE_TORCH_THREADS": str(args.torch_threads)}
     log = Path(tempfile.mkdtemp(prefix="castbot-bench-")) / "serve.log"
@@ -110,40 +153,80 @@ def serve_and_measure(name: str, bento: str, batching: bool, args) -> dict:
             except httpx.HTTPError:
                 time.sleep(0.5)
         # warm-up: the batch dispatcher spends its first calls measuring latency
-        asyncio.run(drive(url, 2 * args.concurrency, args.concurrency, args.max_new_tokens, time.monotonic() + 120))
-        seconds, latencies, tokens, errors = asyncio.run(
-            drive(url, args.requests, args.concurrency, args.max_new_tokens, time.monotonic() + args.phase_timeout))
+        asyncio.run(drive(url, chats, 2 * args.concurrency, args.concurrency, stream, time.monotonic() + 120))
+        seconds, timing = asyncio.run(
+            drive(url, chats, args.requests, args.concurrency, stream, time.monotonic() + args.phase_timeout))
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    if errors:
-        print(f"{name}: refused {dict(errors)} (HTTP status: count); server log {log}", flush=True)
-    return summary(name, seconds, latencies, tokens, errors)
+    if timing.errors:
+        print(f"{name}: refused {dict(timing.errors)} (HTTP status: count); server log {log}", flush=True)
+    return timing.summary(name, seconds)
 
 
-def direct(bento: str, args) -> dict:
-    """Batched generate_batch() in this process on the same prompts and settings, in batches of args.concurrency."""
+def load_bot(bento: str, args):
     import bentoml
 
     from castbot.bot import Bot
-    from castbot.serving import Prompt, generate_batch
 
     [model_tag] = [m.tag for m in bentoml.get(bento).info.all_models]
-    bot = Bot.load(bentoml.models.get(model_tag).path, torch_threads=args.torch_threads)
-    prompts = [Prompt(turns=[MESSAGES[i % len(MESSAGES)]], max_new_tokens=args.max_new_tokens)
-               for i in range(args.requests)]
+    return Bot.load(bentoml.models.get(model_tag).path, torch_threads=args.torch_threads)
+
+
+def prompts_of(chats: list[dict], count: int):
+    """The chats as the service's prompts, default decoding."""
+    from castbot.serving import ChatRequest, chat_prompt
+
+    return [chat_prompt(ChatRequest(**chats[i % len(chats)])) for i in range(count)]
+
+
+def direct_static(bot, chats: list[dict], args) -> dict:
+    """Batched generate_batch() in this process on the same chats, in batches of args.concurrency."""
+    from castbot.serving import generate_batch
+
+    prompts = prompts_of(chats, args.requests)
     generate_batch(bot, prompts[: args.concurrency])  # warm-up
-    latencies, tokens = [], 0
+    timing = Timing()
     start = time.monotonic()
     for i in range(0, len(prompts), args.concurrency):
         batch_start = time.monotonic()
         out = generate_batch(bot, prompts[i: i + args.concurrency])
-        latencies += [time.monotonic() - batch_start] * len(out)
-        tokens += sum(g.new_tokens for g in out)
-    return summary("direct generate()", time.monotonic() - start, latencies, tokens, collections.Counter())
+        timing.latencies += [time.monotonic() - batch_start] * len(out)
+        timing.tokens += sum(g.new_tokens for g in out)
+    return timing.summary("engine: static generate()", time.monotonic() - start)
+
+
+def direct_continuous(bot, chats: list[dict], args) -> dict:
+    """The continuous engine in this process: args.concurrency callers, each sending its next chat at once."""
+    from castbot.engine import ContinuousEngine
+    from castbot.serving import conversation
+
+    engine = ContinuousEngine(bot, args.concurrency)
+    conversations = [conversation(p, bot.format.character) for p in prompts_of(chats, args.requests)]
+
+    async def run(count: int) -> tuple[float, Timing]:
+        counter, timing = iter(range(count)), Timing()
+
+        async def caller() -> None:
+            for i in counter:
+                start = time.monotonic()
+                reply = await engine.reply(conversations[i])
+                timing.latencies.append(time.monotonic() - start)
+                timing.tokens += reply.new_tokens
+
+        start = time.monotonic()
+        await asyncio.gather(*(caller() for _ in range(args.concurrency)))
+        return time.monotonic() - start, timing
+
+    try:
+        asyncio.run(run(args.concurrency))  # warm-up
+        seconds, timing = asyncio.run(run(args.requests))
+    finally:
+        engine.close()
+    return timing.summary("engine: continuous", seconds)
 
 
 def main(argv: list[str]) -> int:
@@ -153,7 +236,6 @@ def main(argv: list[str]) -> int:
     which.add_argument("--bento", help="Bento tag, e.g. castbot-chat:abc123.")
     parser.add_argument("--requests", type=int, default=256, help="Timed requests per phase.")
     parser.add_argument("--concurrency", type=int, default=32, help="Concurrent clients.")
-    parser.add_argument("--max-new-tokens", type=int, default=40, help="Reply length limit per request.")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch CPU threads in every phase (0: torch's default; 1 suits a shared machine).")
     parser.add_argument("--phase-timeout", type=float, default=180, help="Seconds before a phase stops early.")
@@ -165,23 +247,27 @@ def main(argv: list[str]) -> int:
     import torch
 
     bento = args.bento or champion_bento(args.model)
-    print(f"bento {bento}; {args.concurrency} clients, {args.requests} timed requests per phase, "
-          f"max_new_tokens={args.max_new_tokens}, torch threads={args.torch_threads or torch.get_num_threads()}",
+    chats = held_out_chats()
+    print(f"bento {bento}; {len(chats)} held-out demo chats, {args.concurrency} clients, {args.requests} timed "
+          f"requests per phase, default sampling, torch threads={args.torch_threads or torch.get_num_threads()}",
           flush=True)
-    rows = [serve_and_measure("served, batched", bento, True, args),
-            serve_and_measure("served, unbatched", bento, False, args),
-            direct(bento, args)]
-    print(f"\n{'':22}{'requests':>9}{'errors':>7}{'req/s':>9}{'gen tok/s':>11}{'p50 ms':>9}{'p99 ms':>9}")
-    for r in rows:
-        print(f"{r['name']:22}{r['requests']:>9}{r['errors']:>7}{r['req_s']:>9.1f}{r['tok_s']:>11.0f}"
-              f"{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}")
-    batched, unbatched, limit = rows
-    print(f"\nbatched / unbatched: {batched['req_s'] / unbatched['req_s']:.2f}x requests/s, "
-          f"{batched['tok_s'] / unbatched['tok_s']:.2f}x tokens/s (goal >= 5)")
-    print(f"batched / direct:    {batched['req_s'] / limit['req_s']:.2f}x requests/s, "
-          f"{batched['tok_s'] / limit['tok_s']:.2f}x tokens/s (goal >= 0.9)")
-    print(f"summary: served/unbatched={batched['req_s'] / unbatched['req_s']:.2f} "
-          f"served/engine={batched['req_s'] / limit['req_s']:.2f}")
+    served = [serve_and_measure("served, continuous", bento, "continuous", True, chats, args),
+              serve_and_measure("served, adaptive", bento, "adaptive", True, chats, args)]
+    unbatched = serve_and_measure("served, unbatched", bento, "adaptive", False, chats, args)
+    bot = load_bot(bento, args)
+    engines = [direct_static(bot, chats, args), direct_continuous(bot, chats, args)]
+    print(f"\n{'':27}{'requests':>9}{'errors':>7}{'req/s':>8}{'gen tok/s':>10}{'p50 ms':>8}{'p99 ms':>8}"
+          f"{'p50 TTFT ms':>12}")
+    for r in [*served, unbatched, *engines]:
+        print(f"{r['name']:27}{r['requests']:>9}{r['errors']:>7}{r['req_s']:>8.2f}{r['tok_s']:>10.0f}"
+              f"{r['p50_ms']:>8.0f}{r['p99_ms']:>8.0f}{r['ttft_ms']:>12.0f}")
+    best, engine = max(served, key=lambda r: r["req_s"]), max(engines, key=lambda r: r["req_s"])
+    continuous, adaptive = served
+    print(f"\ncontinuous / adaptive:      {continuous['req_s'] / adaptive['req_s']:.2f}x requests/s")
+    print(f"{best['name']} / unbatched:  {best['req_s'] / unbatched['req_s']:.2f}x requests/s (goal >= 8)")
+    print(f"{best['name']} / {engine['name']}: {best['req_s'] / engine['req_s']:.2f}x requests/s (goal >= 0.9)")
+    print(f"summary: served/unbatched={best['req_s'] / unbatched['req_s']:.2f} "
+          f"served/engine={best['req_s'] / engine['req_s']:.2f}")
     return 0
 
 

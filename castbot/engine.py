@@ -127,6 +127,10 @@ class ContinuousEngine:
         processor = self.manager.batch_processor
         return len(processor.scheduler.active_requests) if processor is not None else 0
 
+    def steps(self) -> int:
+        """Decoding steps run so far; each advances every request in the batch by a token."""
+        return getattr(self.manager, "current_batch", 0)  # set by the manager's thread once it runs
+
     def close(self) -> None:
         self.manager.stop(block=True, timeout=30)
         self._closed.set()

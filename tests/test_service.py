@@ -46,14 +46,14 @@ def trained(prefect_harness, tmp_path_factory) -> dict:
     return result
 
 
-@pytest.fixture(scope="session")
-def server(trained, tmp_path_factory) -> str:
-    """`bentoml serve BENTO` on a free loopback port; stopped after the session."""
-    port, workdir = free_port(), tmp_path_factory.mktemp("serve")
-    env = {**os.environ, **{f"CASTBOT_SERVE_{k.upper()}": str(v) for k, v in SERVER_LIMITS.items()}}
+def serve(bento: str, workdir: Path, engine: str):
+    """`bentoml serve BENTO` with the given engine on a free loopback port; stopped when the generator ends."""
+    port = free_port()
+    env = {**os.environ, **{f"CASTBOT_SERVE_{k.upper()}": str(v) for k, v in SERVER_LIMITS.items()},
+           "CASTBOT_SERVE_ENGINE": engine}
     log = workdir / "serve.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", trained["bento"],
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", bento,
                                  "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -62,6 +62,18 @@ def server(trained, tmp_path_factory) -> str:
         yield url
     finally:
         stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def server(trained, tmp_path_factory) -> str:
+    """The Bento served with the default engine (continuous batching)."""
+    yield from serve(trained["bento"], tmp_path_factory.mktemp("serve"), "continuous")
+
+
+@pytest.fixture(scope="session")
+def adaptive_server(trained, tmp_path_factory) -> str:
+    """The same Bento served with BentoML's adaptive batching."""
+    yield from serve(trained["bento"], tmp_path_factory.mktemp("serve-adaptive"), "adaptive")
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +106,13 @@ def batch_histogram(url: str) -> dict[str, float]:
         if match:
             values[match.group(2) or match.group(1)] = float(match.group(3))
     return values
+
+
+def metric(url: str, name: str) -> float:
+    """A gauge's sample from /metrics (BentoML's multiprocess metrics label it with the worker's pid)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    [value] = [float(line.split()[-1]) for line in text.splitlines() if re.match(rf"{name}(\{{[^}}]*\}})? ", line)]
+    return value
 
 
 # ---- the build --------------------------------------------------------------------------------------------
@@ -246,26 +265,45 @@ def test_generate_takes_a_list_of_prompts_and_returns_one_reply_each(server):
     assert out[0]["new_tokens"] <= 6 and out[1]["new_tokens"] <= 4
 
 
-def burst(url: str, n: int, **body) -> list[tuple[int, float]]:
-    """n /chat calls sent at once from one event loop: (status, seconds) each."""
-    async def run() -> list[tuple[int, float]]:
+def burst(url: str, n: int, **body) -> list[tuple[int, float, dict]]:
+    """n /chat calls sent at once from one event loop: (status, seconds, body) each."""
+    async def run() -> list[tuple[int, float, dict]]:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as client:
-            async def one(i: int) -> tuple[int, float]:
+            async def one(i: int) -> tuple[int, float, dict]:
                 start = time.monotonic()
                 resp = await client.post(f"{url}/chat", json={"message": f"Is the rocket ready for flight {i}?", **body})
-                return resp.status_code, time.monotonic() - start
+                return resp.status_code, time.monotonic() - start, resp.json()
 
             return await asyncio.gather(*(one(i) for i in range(n)))
 
     return asyncio.run(run())
 
 
-def test_concurrent_chats_run_in_batches(server):
+def test_concurrent_chats_share_the_continuous_engines_decoding_steps(server):
+    before = metric(server, "castbot_decoding_steps")
+    results = burst(server, 16, **BOT_CHAT)
+    steps = metric(server, "castbot_decoding_steps") - before
+    assert [status for status, _, _ in results] == [200] * 16
+    tokens = sum(body["new_tokens"] for _, _, body in results)
+    # one request at a time would take a step per generated token; together, steps carry many requests each
+    assert 0 < steps < tokens / 2, (steps, tokens)
+
+
+def test_both_engines_give_the_same_greedy_reply(server, adaptive_server):
+    body = {"message": "Is the rocket ready?", "temperature": 0, "no_repeat_ngram_size": 0, "max_new_tokens": 12}
+    continuous, adaptive = chat(server, **body).json(), chat(adaptive_server, **body).json()
+    assert continuous["reply"] == adaptive["reply"] and continuous["new_tokens"] == adaptive["new_tokens"]
+    streamed = stream_events(adaptive_server, body)
+    assert streamed[-1] == ("done", adaptive)
+
+
+def test_concurrent_chats_run_in_batches_with_adaptive_batching(adaptive_server):
+    server = adaptive_server
     for _ in range(3):  # the dispatcher spends its first ~20 calls measuring latency with small batches
         before = batch_histogram(server)
         results = burst(server, 16, **BOT_CHAT)
         after = batch_histogram(server)
-        assert [status for status, _ in results] == [200] * 16
+        assert [status for status, _, _ in results] == [200] * 16
         assert after["sum"] - before["sum"] == 16  # every prompt ran once
         calls = after["count"] - before["count"]
         if calls - (after["1.0"] - before["1.0"]) > 0:  # a generate() call with more than one prompt
@@ -276,9 +314,9 @@ def test_concurrent_chats_run_in_batches(server):
 
 def test_overload_answers_503_fast_and_recovers(server):
     results = burst(server, 8 * SERVER_LIMITS["max_concurrency"], max_new_tokens=SERVER_LIMITS["max_new_tokens"])
-    statuses = {status for status, _ in results}
+    statuses = {status for status, _, _ in results}
     assert statuses <= {200, 503}, statuses
-    refused = [seconds for status, seconds in results if status == 503]
+    refused = [seconds for status, seconds, _ in results if status == 503]
     assert refused, "no request was refused beyond max_concurrency"
     # admitted chats finish: the service's own /chat -> /generate call is not counted against the limit
     assert len(results) - len(refused) >= SERVER_LIMITS["max_concurrency"]
