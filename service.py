@@ -183,7 +183,7 @@ class Chat:
 
     def __init__(self) -> None:
         stored = self.bento_model
-        self.bot = Bot.load(stored.path, torch_threads=LIMITS.torch_threads)
+        self.bot = Bot.load(stored.path, torch_threads=LIMITS.torch_threads, dtype=LIMITS.dtype)
         if LIMITS.max_new_tokens >= self.bot.positions:  # else long requests would fail inside generate
             raise RuntimeError(f"CASTBOT_SERVE_MAX_NEW_TOKENS={LIMITS.max_new_tokens} leaves no room for a prompt: "
                                f"the model holds {self.bot.positions} positions")

@@ -135,7 +135,8 @@ def serve_and_measure(name: str, bento: str, engine: str, batching: bool, chats:
     stream = engine == "continuous"
     env = {**os.environ, "CASTBOT_SERVE_ENGINE": engine, "CASTBOT_SERVE_BATCHING": str(batching).lower(),
            "CASTBOT_SERVE_MAX_CONCURRENCY": str(4 * args.concurrency),
-           "CASTBOT_SERVE_MAX_BATCH_SIZE": str(args.concurrency), "CASTBOT_SERVE_TORCH_THREADS": str(args.torch_threads)}
+           "CASTBOT_SERVE_MAX_BATCH_SIZE": str(args.concurrency), "CASTBOT_SERVE_DTYPE": args.dtype,
+           "CASTBOT_SERVE_TORCH_THREADS": str(args.torch_threads)}
     log = Path(tempfile.mkdtemp(prefix="castbot-bench-")) / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", bento,
@@ -173,7 +174,7 @@ def load_bot(bento: str, args):
     from castbot.bot import Bot
 
     [model_tag] = [m.tag for m in bentoml.get(bento).info.all_models]
-    return Bot.load(bentoml.models.get(model_tag).path, torch_threads=args.torch_threads)
+    return Bot.load(bentoml.models.get(model_tag).path, torch_threads=args.torch_threads, dtype=args.dtype)
 
 
 def prompts_of(chats: list[dict], count: int):
@@ -238,6 +239,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="Concurrent clients.")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch CPU threads in every phase (0: torch's default; 1 suits a shared machine).")
+    parser.add_argument("--dtype", default="fast", help="Weights' dtype in every phase (CASTBOT_SERVE_DTYPE).")
     parser.add_argument("--phase-timeout", type=float, default=180, help="Seconds before a phase stops early.")
     args = parser.parse_args(argv)
 
@@ -249,8 +251,8 @@ def main(argv: list[str]) -> int:
     bento = args.bento or champion_bento(args.model)
     chats = held_out_chats()
     print(f"bento {bento}; {len(chats)} held-out demo chats, {args.concurrency} clients, {args.requests} timed "
-          f"requests per phase, default sampling, torch threads={args.torch_threads or torch.get_num_threads()}",
-          flush=True)
+          f"requests per phase, default sampling, dtype {args.dtype}, "
+          f"torch threads={args.torch_threads or torch.get_num_threads()}", flush=True)
     served = [serve_and_measure("served, continuous", bento, "continuous", True, chats, args),
               serve_and_measure("served, adaptive", bento, "adaptive", True, chats, args)]
     unbatched = serve_and_measure("served, unbatched", bento, "adaptive", False, chats, args)

@@ -37,14 +37,27 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[
             [[0] * (width - len(row)) + [1] * len(row) for row in rows])
 
 
-def pick_device(requested: str | None = None):
-    """(device, dtype): CUDA in bf16 (fp16 without bf16 support) when present, else CPU fp32."""
+def pick_device(requested: str | None = None, dtype: str = "auto"):
+    """(device, torch dtype). dtype "auto": CUDA in bf16 (fp16 without bf16 support), CPU in fp32, so evaluation
+    figures do not depend on which CPU ran them; "fast": as auto, but bf16 on a CPU that multiplies it natively
+    (serving); or a torch dtype name."""
     import torch
 
     device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype not in ("auto", "fast"):
+        return device, getattr(torch, dtype)
     if device.startswith("cuda"):
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return device, torch.float32
+    return device, torch.bfloat16 if dtype == "fast" and native_cpu_bf16() else torch.float32
+
+
+def native_cpu_bf16() -> bool:
+    """True where oneDNN multiplies bf16 in hardware (AVX512-BF16 or AMX). On this project's 2-core AMD EPYC,
+    SmolLM2-sized matmuls ran 2.3-3x faster in bf16 than fp32 from 32 rows up; without such support bf16 is
+    emulated and slower."""
+    import torch
+
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "left"):
@@ -83,16 +96,17 @@ class Bot:
 
     @classmethod
     def load(cls, folder: str, fmt: DialogueFormat | None = None, device: str | None = None,
-             torch_threads: int = 0, max_length: int | None = None) -> "Bot":
-        """Load a model folder; its castbot.json gives the format and trained length unless fmt is given."""
+             torch_threads: int = 0, max_length: int | None = None, dtype: str = "auto") -> "Bot":
+        """Load a model folder; its castbot.json gives the format and trained length unless fmt is given.
+        dtype as pick_device's."""
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         meta = read_model_meta(folder)
         fmt = fmt or DialogueFormat(**meta.get("format", {}))
-        device, dtype = pick_device(device)
-        model = load_weights(folder, dtype).to(device).eval()
+        device, torch_dtype = pick_device(device, dtype)
+        model = load_weights(folder, torch_dtype).to(device).eval()
         return cls(load_tokenizer(folder), model, fmt, max_length or meta.get("max_length"))
 
     @property

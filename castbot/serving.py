@@ -36,6 +36,9 @@ class ServeLimits(Strict):
     max_batch_size: int = Field(32, ge=2, description="Most prompts the model runs in one batch.")
     max_latency_ms: int = Field(30000, ge=10, description="Latency budget of a batched call; beyond it a 503. "
                                 "SmolLM2-135M on 2 CPU cores takes 6-13 s for a batch of 32 replies of 40 tokens.")
+    dtype: Literal["fast", "auto", "float32", "bfloat16", "float16"] = Field(
+        "fast", description="Weights' dtype. fast: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), "
+        "else fp32; auto: as evaluation ran (fp32 on CPU).")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default, one per core); "
                                "1 is often faster on a machine shared with other jobs.")
 
