@@ -70,9 +70,9 @@ IN_FLIGHT = prometheus_client.Gauge("castbot_requests_in_flight", "Admitted API 
 RUNNING_BATCH = prometheus_client.Gauge("castbot_running_batch_size",
                                         "Requests in the batch now decoding (adaptive engine: its generate() call).")
 
-DECODING_STEPS = prometheus_client.Gauge("castbot_decoding_steps",
-                                         "Continuous engine: decoding steps run so far (each advances every request "
-                                         "in the batch by one token).")
+DECODING_STEPS = prometheus_client.Counter(
+    "castbot_decoding_steps", "Continuous engine: decoding steps, each advancing every request in the batch by one "
+    "token; rate(generated tokens) / rate(steps) is the mean running batch.")
 
 # set while an outside API request is admitted; the service's own /chat -> /generate call inherits it
 _admitted: contextvars.ContextVar[bool] = contextvars.ContextVar("castbot_admitted", default=False)
@@ -189,6 +189,7 @@ class Chat:
                                f"the model holds {self.bot.positions} positions")
         self.engine = (ContinuousEngine(self.bot, LIMITS.max_batch_size, LIMITS.max_new_tokens)
                        if LIMITS.engine == "continuous" else None)
+        self.steps_counted = 0
         labels = stored.info.labels
         self.identity = {"model_name": labels.get("mlflow_model", stored.tag.name),
                          "model_version": labels.get("mlflow_version", stored.tag.version),
@@ -229,7 +230,9 @@ class Chat:
         GENERATED_TOKENS.inc(reply.new_tokens)
         if self.engine:
             RUNNING_BATCH.set(self.engine.running())
-            DECODING_STEPS.set(self.engine.steps())
+            steps = self.engine.steps()
+            DECODING_STEPS.inc(steps - self.steps_counted)
+            self.steps_counted = steps
 
     async def _pieces(self, prompt: Prompt) -> AsyncGenerator[str | Reply, None]:
         """The reply's text piece by piece, then the whole Reply; leaving early stops its generation."""

@@ -109,7 +109,7 @@ def batch_histogram(url: str) -> dict[str, float]:
 
 
 def metric(url: str, name: str) -> float:
-    """A gauge's sample from /metrics (BentoML's multiprocess metrics label it with the worker's pid)."""
+    """One sample from /metrics (BentoML's multiprocess metrics may label it with the worker's pid)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     [value] = [float(line.split()[-1]) for line in text.splitlines() if re.match(rf"{name}(\{{[^}}]*\}})? ", line)]
     return value
@@ -280,9 +280,9 @@ def burst(url: str, n: int, **body) -> list[tuple[int, float, dict]]:
 
 
 def test_concurrent_chats_share_the_continuous_engines_decoding_steps(server):
-    before = metric(server, "castbot_decoding_steps")
+    before = metric(server, "castbot_decoding_steps_total")
     results = burst(server, 16, **BOT_CHAT)
-    steps = metric(server, "castbot_decoding_steps") - before
+    steps = metric(server, "castbot_decoding_steps_total") - before
     assert [status for status, _, _ in results] == [200] * 16
     tokens = sum(body["new_tokens"] for _, _, body in results)
     # one request at a time would take a step per generated token; together, steps carry many requests each
