@@ -26,13 +26,29 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
+_ENCODED: dict[tuple, list[dict]] = {}  # the last test split's encoding, per tokenizer and format
+
+
+def encode_samples(bot, samples: list[dict], max_length: int) -> list[dict]:
+    """The samples encoded for the Bot; a model with the same tokenizer and format (candidate, base, champion
+    of one run) reuses the encoding instead of tokenising the split again."""
+    import json
+
+    key = (tokenizer_fingerprint(bot.tokenizer), getattr(bot.tokenizer, "chat_template", None), bot.format, max_length,
+           hashlib.sha256(json.dumps(samples, sort_keys=True).encode()).hexdigest())
+    if key not in _ENCODED:
+        _ENCODED.clear()
+        _ENCODED[key] = [bot.encode(s, max_length) for s in samples]
+    return _ENCODED[key]
+
+
 def measure_perplexity(bot, samples: list[dict], max_length: int) -> dict:
     """Perplexity of a loaded Bot on the samples' responses, in its own tokenizer and dialogue format.
 
     Also per word and per character (exp(total loss / words or characters)), which compare models whose
     tokenizers differ; per-sample sums are kept for paired comparisons.
     """
-    losses = bot.score([bot.encode(s, max_length) for s in samples])
+    losses = bot.score(encode_samples(bot, samples, max_length))
     total_loss, tokens = sum(loss for loss, _ in losses), sum(n for _, n in losses)
     chars = sum(len(s["response"].strip()) + 1 for s in samples)  # + 1: the end-of-turn token
     words = sum(len(s["response"].split()) for s in samples)

@@ -229,3 +229,17 @@ def test_a_continuous_stream_joins_to_its_reply_and_leaving_early_cancels_it(bot
     [after] = engine.replies([CHATS[1]], **GREEDY)  # the engine goes on serving
     assert after.new_tokens == len(continuous_greedy(bot, CHATS[1], GREEDY["max_new_tokens"]))
     assert engine.running() == 0  # the cancelled request left the batch
+
+
+def test_a_test_split_is_encoded_once_per_tokenizer_and_format(bot):
+    from tasks.evaluate import encode_samples
+
+    samples = [{"episode": "E1", "context": ["the rocket needs fuel"], "speakers": ["Bram"],
+                "response": "science is never simple"}]
+    first = encode_samples(bot, samples, 96)
+    assert first == [bot.encode(s, 96) for s in samples]
+    same = Bot(bot.tokenizer, bot.model, bot.format, 96)  # e.g. the base model of the candidate
+    assert encode_samples(same, samples, 96) is first
+    other = Bot(bot.tokenizer, bot.model, DialogueFormat(bot.format.style, "Bram", "The Tiny Show"), 96)
+    again = encode_samples(other, samples, 96)
+    assert again is not first and again == [other.encode(s, 96) for s in samples]
