@@ -269,12 +269,29 @@ class ConfigError(ValueError):
     """A profile that cannot be used; the message names the file and each bad key."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice; "
+                                  "only the last one would count")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_profile(path: str | Path) -> PipelineConfig:
     """Read a YAML profile; relative data paths resolve against the profile's folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: profile not found")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a profile is a YAML mapping, got {type(raw).__name__}")
     data_path = (raw.get("data") or {}).get("path")

@@ -20,6 +20,8 @@ def write(path, text):
     [
         ("training: {learning_rat: 0.1}", r"training\.learning_rat: Extra inputs are not permitted"),
         ("gate: {min_improvement: 2}", r"gate\.min_improvement: Input should be less than 1"),
+        ("gate: {max_perplexity: 50}\ngate: {max_perplexity: 5000}", r"line 4: key 'gate' is given twice"),
+        ("training: {epochs: 1, epochs: 2}", r"line 3: key 'epochs' is given twice"),
     ],
 )
 def test_a_bad_profile_key_is_named(tmp_path, section, message):
