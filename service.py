@@ -93,8 +93,9 @@ def _json_body(scope) -> bool:
 class Admission:
     """ASGI middleware for the API routes: 415 for a body that is not JSON, 503 beyond max_concurrency in flight,
     413 beyond max_request_bytes. Kept by hand: BentoML 1.4's traffic.max_concurrency would also count the
-    service's own /chat -> /generate calls (admitted work that must not be refused), and BentoML has no request
-    body limit and answers a non-JSON body with a 500."""
+    service's own /chat -> /generate calls of the adaptive engine (admitted work that must not be refused), and
+    BentoML has no request body limit and answers a non-JSON body with a 500 (tests/test_units.py fails when
+    BentoML's traffic settings change)."""
 
     def __init__(self, app, max_concurrency: int, max_request_bytes: int):
         self.app, self.capacity, self.max_bytes = app, max_concurrency, max_request_bytes

@@ -238,6 +238,18 @@ def test_bentoml_still_recycles_the_self_client_session_that_keep_self_session_p
     assert parameters["max_requests"].default == 100 and parameters["max_age"].default == 300.0
 
 
+def test_bentoml_traffic_settings_still_lack_what_the_admission_middleware_adds():
+    """When this fails, BentoML's traffic settings gained a body limit or more: service.py's Admission may shrink."""
+    from pathlib import Path
+
+    import bentoml
+    import yaml
+
+    defaults = Path(bentoml.__file__).parent / "_internal" / "configuration" / "v2" / "default_configuration.yaml"
+    traffic = yaml.safe_load(defaults.read_text())["services"]["traffic"]
+    assert set(traffic) == {"timeout", "max_concurrency"}
+
+
 @pytest.mark.parametrize("shape", ["model", "dict", "json"])
 def test_as_model_accepts_each_shape_bentoml_returns(shape):
     from castbot.bentoml_compat import as_model
