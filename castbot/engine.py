@@ -94,8 +94,12 @@ class ContinuousEngine:
                      "max_batch_tokens": max_batch_size * PAGE_SIZE}
         config = ContinuousBatchingConfig(per_request_processors=True, max_requests_per_batch=max_batch_size, **sizes)
         # outside torch.inference_mode: the manager's thread updates its cache tensors in place
-        self.manager = bot.model.init_continuous_batching(generation_config=generation,
-                                                          continuous_batching_config=config)
+        try:
+            self.manager = bot.model.init_continuous_batching(generation_config=generation,
+                                                              continuous_batching_config=config)
+        except (ValueError, NotImplementedError, AttributeError) as exc:  # e.g. an attention it cannot page
+            raise EngineError(f"transformers' continuous batching cannot run this model ({exc}); serve it with "
+                              "CASTBOT_SERVE_ENGINE=adaptive") from exc
         add_first_processor(self.manager, never_empty_processor(tokenizer.eos_token_id))
         self.manager.start()
         # outputs are routed here, not through register_result_handler: transformers drops a cancelled request
