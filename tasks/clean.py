@@ -106,6 +106,12 @@ def normalize_whitespace(lines: pd.Series) -> pd.Series:
     return lines.str.replace(r"\s+", " ", regex=True).str.strip()
 
 
+def strip_label_colon(lines: pd.Series) -> pd.Series:
+    """The colon a scrape left at the start of a line when it split 'Rick: Every 10th.' into label and text
+    (': Every 10th.'); a colon not followed by a space (':)') stays."""
+    return lines.str.replace(r"^\s*:\s+", "", regex=True)
+
+
 def trim_labels(speakers: pd.Series) -> pd.Series:
     """Outer spaces, inner runs of spaces and trailing colons ('Rick:' -> 'Rick')."""
     return speakers.str.replace(r"\s+", " ", regex=True).str.strip().str.rstrip(":").str.strip()
@@ -152,6 +158,7 @@ def clean_transcript(frame: pd.DataFrame, rules: CleaningConfig) -> tuple[pd.Dat
         cleaner.rewrite("inline stage directions [..] (..) *..* and cut-off fragments", "line", strip_directions)
     if rules.normalize_whitespace:
         cleaner.rewrite("NBSP, repeated spaces, embedded newlines", "line", normalize_whitespace)
+    cleaner.rewrite("colon left of a split speaker label (': Every 10th.')", "line", strip_label_colon)
     line = cleaner.frame["line"].fillna("").astype(str).str.strip()
     cleaner.drop("direction-only rows (text was all directions)", said & line.eq(""))
     multi = cleaner.frame["speaker"].fillna("").astype(str).str.contains(rules.multi_speaker_pattern, regex=True)

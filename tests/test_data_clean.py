@@ -50,6 +50,13 @@ def test_markup_mojibake_and_whitespace():
     assert "<i>" in rule(report, "HTML/forum markup")["example"]
 
 
+def test_a_colon_left_by_a_split_speaker_label_goes():
+    cleaned, report = clean([("1", "", "Rick", ": Every 10th.\n"), ("1", "", "Morty", "  :  Deal."),
+                             ("1", "", "Summer", ":) fine"), ("1", "", "Beth", "Ratio 3: 1")])
+    assert cleaned["line"].tolist() == ["Every 10th.", "Deal.", ":) fine", "Ratio 3: 1"]
+    assert rule(report, "colon left of a split speaker label")["rows"] == 2
+
+
 def test_speaker_labels_case_colon_and_aliases():
     cleaned, report = clean([
         ("1", "", "Rick:", "a"), ("1", "", " rick ", "b"), ("1", "", "Rick", "c"), ("1", "", "Rick", "d"),
