@@ -175,7 +175,7 @@ web = Starlette(routes=[Route("/", _web_page)])
     traffic={"timeout": LIMITS.timeout_s},
     resources={"gpu": 1} if ARGS.gpu else {},
     workers=1,
-    threads=1,  # one generate() at a time; batching is what buys throughput
+    threads=1,  # adaptive engine: one generate() at a time; the continuous engine decodes in its own thread
 )
 class Chat:
     """A character chatbot: /chat for one turn of a conversation, /generate for batched prompts."""
@@ -239,8 +239,9 @@ class Chat:
         """The reply's text piece by piece, then the whole Reply; leaving early stops its generation."""
         turns = conversation(prompt, self.bot.format.character)
         if self.engine:
-            async for item in self.engine.stream(turns, **prompt.decoding()):
-                yield item
+            async with contextlib.aclosing(self.engine.stream(turns, **prompt.decoding())) as items:
+                async for item in items:  # closing it cancels the request in the engine
+                    yield item
             return
         stop = threading.Event()
         pieces = self.bot.stream(turns, stop=stop, **prompt.decoding())
