@@ -243,3 +243,30 @@ def test_a_test_split_is_encoded_once_per_tokenizer_and_format(bot):
     other = Bot(bot.tokenizer, bot.model, DialogueFormat(bot.format.style, "Bram", "The Tiny Show"), 96)
     again = encode_samples(other, samples, 96)
     assert again is not first and again == [other.encode(s, 96) for s in samples]
+
+
+def test_serving_dtype_fast_is_bf16_only_where_the_cpu_multiplies_it():
+    import torch
+
+    from castbot.bot import native_cpu_bf16, pick_device
+
+    assert pick_device("cpu", "auto") == ("cpu", torch.float32)  # evaluation: the same figures on any CPU
+    assert pick_device("cpu", "fast") == ("cpu", torch.bfloat16 if native_cpu_bf16() else torch.float32)
+    assert pick_device("cpu", "bfloat16") == ("cpu", torch.bfloat16)
+
+
+def test_the_continuous_engine_serves_a_bf16_model(bot):
+    import copy
+
+    import torch
+
+    from castbot.engine import ContinuousEngine
+
+    half = Bot(bot.tokenizer, copy.deepcopy(bot.model).to(torch.bfloat16), bot.format, bot.max_length)
+    engine = ContinuousEngine(half, max_batch_size=4, max_new_tokens=16)
+    try:
+        replies = engine.replies(CHATS, **GREEDY)
+    finally:
+        engine.close()
+    assert all(1 <= r.new_tokens <= GREEDY["max_new_tokens"] for r in replies)
+    assert [r.prompt_tokens for r in replies] == [len(bot.prompt(c, GREEDY["max_new_tokens"])) for c in CHATS]

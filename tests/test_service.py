@@ -17,7 +17,8 @@ from tests.conftest import CHARACTER, REPO, free_port, stop_process_group, tiny_
 # the served process's limits (CASTBOT_SERVE_*); small so the bad-input and overload cases are cheap
 SERVER_LIMITS = {"max_message_chars": 200, "max_turn_chars": 200, "max_history_turns": 8, "max_new_tokens": 32,
                  "max_prompts": 4, "max_request_bytes": 8192, "max_concurrency": 24, "max_batch_size": 16,
-                 "torch_threads": 1}
+                 "torch_threads": 1,
+                 "dtype": "float32"}  # both engines in the same exact arithmetic, so greedy replies can be compared
 BOT_CHAT = {"max_new_tokens": 8}
 
 
