@@ -451,6 +451,9 @@ def _rank_main(spec_path: str) -> None:
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         (output / "figures.json").write_text(json.dumps(result))
+    if dist.is_initialized():  # left to interpreter exit, gloo's threads can abort a rank (SIGABRT) after the work
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
