@@ -33,18 +33,14 @@ def held_out_perplexity(model_name: str) -> dict[str, float]:
     import torch
     from mlflow import MlflowClient
 
-    from bench.serve_throughput import DEMO_PROFILE
+    from bench.serve_throughput import DEMO_PROFILE, held_out_samples
     from castbot.bot import Bot
     from castbot.config import load_profile
-    from tasks.clean import clean_transcript
-    from tasks.dialogues import build_dialogues
     from tasks.evaluate import measure_perplexity
-    from tasks.ingest import load_transcript
     from tasks.registry import download_champion
 
     config = load_profile(str(DEMO_PROFILE))
-    cleaned, _ = clean_transcript.fn(load_transcript.fn(config.data), config.cleaning)
-    test = build_dialogues.fn(cleaned, config.character, config.dialogue, config.training.seed)["test"]
+    test = held_out_samples(DEMO_PROFILE)
     MlflowClient().get_model_version_by_alias(model_name, "champion")  # a clear error when there is none
     folder = download_champion.fn(model_name, tempfile.mkdtemp(prefix="castbot-dtypes-"))["path"]
     bot = Bot.load(folder, max_length=config.dialogue.max_length)

@@ -28,8 +28,8 @@ from pathlib import Path
 DEMO_PROFILE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def held_out_chats(profile: Path = DEMO_PROFILE) -> list[dict]:
-    """The profile's test-split contexts as /chat requests: the last context line is the message."""
+def held_out_samples(profile: Path = DEMO_PROFILE) -> list[dict]:
+    """The profile's test split, built by the flow's own data steps."""
     from castbot.config import load_profile
     from tasks.clean import clean_transcript
     from tasks.dialogues import build_dialogues
@@ -37,10 +37,14 @@ def held_out_chats(profile: Path = DEMO_PROFILE) -> list[dict]:
 
     config = load_profile(str(profile))
     cleaned, _ = clean_transcript.fn(load_transcript.fn(config.data), config.cleaning)
-    test = build_dialogues.fn(cleaned, config.character, config.dialogue, config.training.seed)["test"]
+    return build_dialogues.fn(cleaned, config.character, config.dialogue, config.training.seed)["test"]
+
+
+def held_out_chats(profile: Path = DEMO_PROFILE) -> list[dict]:
+    """The profile's test-split contexts as /chat requests: the last context line is the message."""
     return [{"history": [{"speaker": speaker, "text": text}
                          for speaker, text in zip(s["speakers"][:-1], s["context"][:-1])],
-             "message": s["context"][-1]} for s in test]
+             "message": s["context"][-1]} for s in held_out_samples(profile)]
 
 
 def free_port() -> int:
