@@ -41,6 +41,11 @@ class DataConfig(Strict):
         False, description="Each episode's rows come in several separated blocks (e.g. the LOTR scripts): every "
         "contiguous block becomes its own episode, so context never spans two blocks."
     )
+    also_train_on: list[str] = Field(
+        default_factory=list, description="Profiles of the same character whose transcripts add training episodes "
+        "(never validation or test), each ingested, validated and cleaned by its own profile's rules. An episode "
+        "that shares lines with this transcript is left out. Paths relative to this profile's folder.",
+    )
 
 
 class ValidationConfig(Strict):
@@ -284,7 +289,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_profile(path: str | Path) -> PipelineConfig:
-    """Read a YAML profile; relative data paths resolve against the profile's folder."""
+    """Read a YAML profile and check the profiles it names in data.also_train_on."""
+    config = _read_profile(path)
+    for other in config.data.also_train_on:
+        try:
+            other_config = _read_profile(other)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: data.also_train_on: {exc}") from None
+        check_also_train_on(config, other_config, Path(path))
+    return config
+
+
+def _read_profile(path: str | Path) -> PipelineConfig:
+    """Read one YAML profile; relative data paths resolve against the profile's folder."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: profile not found")
@@ -298,10 +315,27 @@ def load_profile(path: str | Path) -> PipelineConfig:
     if isinstance(data_path, str) and not data_path.startswith("chatterbot:") and not Path(data_path).is_absolute():
         # normpath, not resolve(): a symlinked data folder keeps the path the user wrote
         raw["data"]["path"] = os.path.normpath(path.parent.absolute() / data_path)
+    others = (raw.get("data") or {}).get("also_train_on")
+    if isinstance(others, list):
+        raw["data"]["also_train_on"] = [
+            os.path.normpath(path.parent.absolute() / p) if isinstance(p, str) and not Path(p).is_absolute() else p
+            for p in others
+        ]
     try:
-        return PipelineConfig.model_validate(raw)
+        config = PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         problems = "\n".join(
             f"  {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"{path}: invalid profile\n{problems}") from None
+    return config
+
+
+def check_also_train_on(config: PipelineConfig, other: PipelineConfig, path: Path) -> None:
+    """A profile named in data.also_train_on must be of the same character and name no further profiles."""
+    if other.character != config.character:
+        raise ConfigError(f"{path}: data.also_train_on names a profile of '{other.character}', "
+                          f"not '{config.character}': its lines would teach another character")
+    if other.data.also_train_on:
+        raise ConfigError(f"{path}: data.also_train_on names a profile that has its own also_train_on: "
+                          "list every transcript in this profile instead")

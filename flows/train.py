@@ -4,7 +4,9 @@
 """
 
 import sys
+from pathlib import Path
 
+import pandas as pd
 from prefect import flow
 
 from castbot.config import ConfigError, PipelineConfig, load_profile
@@ -31,23 +33,34 @@ def training_texts(samples: list[dict]) -> list[str]:
     return sorted({line for s in samples for line in [*s["context"], s["response"]]})
 
 
+def prepared_transcript(profile: PipelineConfig, reports: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One profile's transcript as read (with its sha256) and cleaned, validated by the profile's own rules."""
+    frame = load_transcript(profile.data)
+    validate_raw(frame, profile.data.path, profile.validation, reports)
+    cleaned, cleaning = clean_transcript(frame, profile.cleaning)
+    publish_cleaning_report(cleaning, profile.data.path, reports)
+    validate_dialogue(cleaned, profile.data.path, profile.character, profile.validation, reports)
+    return frame, cleaned
+
+
 @flow(name="train-character-bot")
 def train(config: PipelineConfig) -> dict:
     """Train a character bot from a transcript and promote it if it beats the champion."""
     from tasks.tokenize import choose_format, tokenize_dialogues
 
     reports = report_dir()
-    frame = load_transcript(config.data)
-    validate_raw(frame, config.data.path, config.validation, reports)
-    cleaned, cleaning = clean_transcript(frame, config.cleaning)
-    publish_cleaning_report(cleaning, config.data.path, reports)
-    validate_dialogue(cleaned, config.data.path, config.character, config.validation, reports)
-    splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed)
+    frame, cleaned = prepared_transcript(config, reports)
+    profiles = {Path(path).stem: load_profile(path) for path in config.data.also_train_on}
+    others = {name: prepared_transcript(profile, str(Path(reports) / name)) for name, profile in profiles.items()}
+    more = {name: other_cleaned for name, (_, other_cleaned) in others.items()}
+    splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed, more)
     data_sha256 = frame.attrs["sha256"]
-    workdir = work_folder(data_sha256, config.digest())
+    data_key = "".join([data_sha256, *(other.attrs["sha256"] for other, _ in others.values())])
+    workdir = work_folder(data_key, config.digest())
     run_id = start_run(config, data_sha256, workdir.name)
     try:
-        log_data_lineage(run_id, cleaned, config.data.path, reports)
+        log_data_lineage(run_id, cleaned, config.data.path, reports,
+                         {profiles[name].data.path: other_cleaned for name, other_cleaned in more.items()})
         base = prepare_base_model(config.base_model, training_texts(splits["train"]), config.offline_model,
                                   config.training.seed)
         fmt = choose_format(base, config.dialogue, config.character, config.show)

@@ -31,20 +31,25 @@ def dataset_digest(frame: pd.DataFrame) -> str:
 
 
 @task(name="log_data_lineage", retries=2, retry_delay_seconds=2)
-def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: str) -> str:
-    """Log the cleaned dataset as the run's training input (with digest) and the data reports as artifacts."""
+def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: str,
+                     more: dict[str, pd.DataFrame] | None = None) -> str:
+    """Log the cleaned dataset (and those of data.also_train_on, keyed by profile) as the run's training inputs,
+    with digests, and the data reports as artifacts."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import DatasetInput, InputTag
 
     from tasks.ingest import source_uri
 
+    def training_input(frame: pd.DataFrame, source: str) -> DatasetInput:
+        name = f"{Path(source.replace(':', '-')).stem}-cleaned"
+        dataset = mlflow.data.from_pandas(frame, source=source_uri(source), name=name, digest=dataset_digest(frame))
+        return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
+
     digest = dataset_digest(cleaned)
-    name = f"{Path(source.replace(':', '-')).stem}-cleaned"
-    dataset = mlflow.data.from_pandas(cleaned, source=source_uri(source), name=name, digest=digest)
     client = MlflowClient()
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
-                                                     tags=[InputTag("mlflow.data.context", "training")])])
+    client.log_inputs(run_id, datasets=[training_input(cleaned, source),
+                                        *(training_input(frame, profile) for profile, frame in (more or {}).items())])
     client.set_tag(run_id, "castbot.cleaned_data_digest", digest)  # copied onto the model version at registration
     client.log_artifacts(run_id, reports, artifact_path="data_reports")
     return digest

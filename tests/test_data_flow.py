@@ -80,3 +80,29 @@ def test_russian_dialogue_end_to_end(prefect_harness, tmp_path):
     tokenizer = load_tokenizer(str(next(tmp_path.rglob("tokenizer.json")).parent))  # the registered model's
     text = "Доброе утро! Как дела? Ёжик съел щи."
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_a_second_transcript_trains_too_and_is_logged_as_a_training_input(prefect_harness, tmp_path):
+    import pandas as pd
+    import yaml
+    from mlflow import MlflowClient
+
+    from flows.train import train
+    from tasks.ingest import file_sha256
+    from tests.conftest import CHARACTER
+
+    main = write_tiny_show(tmp_path / "show.csv", episodes=6)
+    more = tmp_path / "more.csv"
+    pd.DataFrame([{"episode": f"X{e}", "scene": "0", "speaker": CHARACTER if i % 2 else "Bram",
+                   "line": f"Episode {e} brings line {i} of a new adventure"}
+                  for e in range(4) for i in range(10)]).to_csv(more, index=False)
+    profile = tmp_path / "more.yaml"
+    profile.write_text(yaml.safe_dump(tiny_config(more).model_dump(mode="json")))
+    result = train(tiny_config(main, **{"registry.model_name": "more-bot", "data.also_train_on": [str(profile)]}))
+
+    client = MlflowClient()
+    run = client.get_run(result["run_id"])
+    assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["more-cleaned", "show-cleaned"]
+    assert run.data.tags["castbot.data_sha256"] == file_sha256(str(main))  # the transcript tested on
+    logged = {f.path for f in client.list_artifacts(result["run_id"], "data_reports/more")}
+    assert {"data_reports/more/cleaning_report.md", "data_reports/more/dialogue"} <= logged

@@ -106,6 +106,48 @@ def test_splits_never_share_an_episode():
     assert all(len(s["context"]) <= 2 for s in splits["train"])
 
 
+def test_another_transcript_adds_only_its_new_episodes_to_training():
+    """A second transcript of the show names episodes its own way; the episodes both hold are left out, and
+    validation and test stay exactly the first transcript's."""
+    import pandas as pd
+
+    from castbot.config import DialogueConfig
+    from tasks.dialogues import build_dialogues, new_episodes
+
+    frame = pd.DataFrame(tiny_show_rows(episodes=10))
+    copy = frame[frame["episode"].isin(["E3", "E7"])].assign(  # the same two episodes, scraped again
+        episode=lambda f: f["episode"].map({"E3": "103", "E7": "107"}), line=lambda f: f["line"].str.upper())
+    new = pd.DataFrame([{"episode": str(e), "scene": "0", "speaker": CHARACTER if i % 2 else "Bram",
+                         "line": f"In episode {e} we have line number {i} of a brand new adventure"}
+                        for e in (11, 12, 13, 14) for i in range(10)])
+    other = pd.concat([copy, new])
+    kept, repeated = new_episodes(other, frame)
+    assert sorted(repeated) == ["103", "107"] and set(kept["episode"]) == {"11", "12", "13", "14"}
+
+    config = DialogueConfig(context_turns=2)
+    alone = build_dialogues.fn(frame, CHARACTER, config, seed=1)
+    both = build_dialogues.fn(frame, CHARACTER, config, seed=1, more={"scrape": other})
+    assert both["test"] == alone["test"] and both["validation"] == alone["validation"]
+    added = both["train"][len(alone["train"]):]
+    assert both["train"][:len(alone["train"])] == alone["train"]
+    assert {s["episode"] for s in added} == {"scrape:11", "scrape:12", "scrape:13", "scrape:14"}
+    assert len(added) == (new["speaker"] == CHARACTER).sum()
+
+
+def test_also_train_on_must_name_a_profile_of_the_same_character(tmp_path):
+    write(tmp_path / "morty.yaml", "data: {path: other.csv}\ncharacter: Morty\n")
+    write(tmp_path / "chain.yaml", "data: {path: other.csv, also_train_on: [morty.yaml]}\ncharacter: Rick\n")
+    write(tmp_path / "rick2.yaml", "data: {path: other.csv}\ncharacter: Rick\n")
+    cases = {"morty.yaml": r"names a profile of 'Morty', not 'Rick'", "chain.yaml": "has its own also_train_on",
+             "missing.yaml": r"data\.also_train_on: .*missing\.yaml: profile not found"}
+    for other, message in cases.items():
+        profile = write(tmp_path / "p.yaml", f"data: {{path: x.csv, also_train_on: [{other}]}}\ncharacter: Rick\n")
+        with pytest.raises(ConfigError, match=message):
+            load_profile(profile)
+    profile = write(tmp_path / "p.yaml", "data: {path: x.csv, also_train_on: [rick2.yaml]}\ncharacter: Rick\n")
+    assert load_profile(profile).data.also_train_on == [str(tmp_path / "rick2.yaml")]
+
+
 @pytest.mark.parametrize("batch_size", [1, 2])  # 1: weighting across batches; 2: padding inside a batch
 def test_perplexity_is_token_weighted_over_padded_batches(batch_size):
     """Two samples of very different lengths: the result is exp(total loss / total tokens)."""
