@@ -56,6 +56,8 @@ def profile_parameters(profile: Path) -> dict:
     path = params["data"]["path"]
     if not path.startswith("chatterbot:"):
         params["data"]["path"] = os.path.relpath(path, REPO)
+    if "also_train_on" in params["data"]:
+        params["data"]["also_train_on"] = [os.path.relpath(other, REPO) for other in params["data"]["also_train_on"]]
     return {"config": params}
 
 

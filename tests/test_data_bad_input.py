@@ -10,10 +10,9 @@ from tests.conftest import tiny_config, tiny_show_rows, write_tiny_show
 from tasks.errors import DataError
 
 
-def run_data_steps(config, docs: Path):
-    """ingest -> raw checks -> clean -> dialogue checks -> samples, as the flow runs them (task bodies only)."""
+def cleaned_transcript(config, docs: Path):
+    """ingest -> raw checks -> clean -> dialogue checks, as the flow runs them (task bodies only)."""
     from tasks.clean import clean_transcript
-    from tasks.dialogues import build_dialogues
     from tasks.ingest import load_transcript
     from tasks.validate import validate_dialogue, validate_raw
 
@@ -21,7 +20,17 @@ def run_data_steps(config, docs: Path):
     validate_raw.fn(frame, config.data.path, config.validation, str(docs))
     cleaned, _ = clean_transcript.fn(frame, config.cleaning)
     validate_dialogue.fn(cleaned, config.data.path, config.character, config.validation, str(docs))
-    return build_dialogues.fn(cleaned, config.character, config.dialogue, config.training.seed)
+    return cleaned
+
+
+def run_data_steps(config, docs: Path):
+    """The data steps up to the samples, with the transcripts of data.also_train_on."""
+    from castbot.config import load_profile
+    from tasks.dialogues import build_dialogues
+
+    more = {Path(p).stem: cleaned_transcript(load_profile(p), docs / Path(p).stem) for p in config.data.also_train_on}
+    return build_dialogues.fn(cleaned_transcript(config, docs), config.character, config.dialogue,
+                              config.training.seed, more)
 
 
 def rows(**kwargs) -> pd.DataFrame:

@@ -131,6 +131,25 @@ def test_bad_data_fails_before_training_and_registers_nothing(tmp_path, case, me
     assert not MlflowClient().search_model_versions(f"name='{name}'")
 
 
+def test_a_bad_second_transcript_fails_before_training_and_names_its_file(tmp_path):
+    import pandas as pd
+    import yaml
+
+    from flows.train import train
+    from tasks.errors import DataError
+
+    more = write_tiny_show(tmp_path / "more.csv")
+    pd.read_csv(more).rename(columns={"line": "text"}).to_csv(more, index=False)
+    profile = tmp_path / "more.yaml"
+    profile.write_text(yaml.safe_dump(tiny_config(more).model_dump(mode="json")))
+    config = tiny_config(write_tiny_show(tmp_path / "show.csv"),
+                         **{"registry.model_name": "bad-more-bot", "data.also_train_on": [str(profile)]})
+    with pytest.raises(DataError) as error:
+        train(config)
+    assert str(more) in str(error.value) and "mapped column(s) missing: line -> 'line'" in str(error.value)
+    assert not MlflowClient().search_model_versions("name='bad-more-bot'")
+
+
 def test_cli_reports_a_bad_profile_key_and_exits_non_zero(tmp_path):
     profile = tmp_path / "bad.yaml"
     profile.write_text("data: {path: show.csv}\ncharacter: Ada\ntraining: {epochs: 0}\n")
