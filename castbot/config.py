@@ -44,7 +44,8 @@ class DataConfig(Strict):
     also_train_on: list[str] = Field(
         default_factory=list, description="Profiles of the same character whose transcripts add training episodes "
         "(never validation or test), each ingested, validated and cleaned by its own profile's rules. An episode "
-        "that shares lines with this transcript is left out. Paths relative to this profile's folder.",
+        "that shares lines with this transcript is left out. In a YAML profile, paths are relative to its "
+        "folder; in the Prefect form, to the working directory (the repository root in the deployments).",
     )
 
 
@@ -291,12 +292,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_profile(path: str | Path) -> PipelineConfig:
     """Read a YAML profile and check the profiles it names in data.also_train_on."""
     config = _read_profile(path)
-    for other in config.data.also_train_on:
-        try:
-            other_config = _read_profile(other)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: data.also_train_on: {exc}") from None
-        check_also_train_on(config, other_config, Path(path))
+    try:
+        also_train_on_profiles(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return config
 
 
@@ -331,11 +330,23 @@ def _read_profile(path: str | Path) -> PipelineConfig:
     return config
 
 
-def check_also_train_on(config: PipelineConfig, other: PipelineConfig, path: Path) -> None:
-    """A profile named in data.also_train_on must be of the same character and name no further profiles."""
-    if other.character != config.character:
-        raise ConfigError(f"{path}: data.also_train_on names a profile of '{other.character}', "
-                          f"not '{config.character}': its lines would teach another character")
-    if other.data.also_train_on:
-        raise ConfigError(f"{path}: data.also_train_on names a profile that has its own also_train_on: "
-                          "list every transcript in this profile instead")
+def also_train_on_profiles(config: PipelineConfig) -> dict[str, PipelineConfig]:
+    """The profiles named in data.also_train_on, by file name: each of the same character, naming no further
+    profiles, and no two with one name (the name keys their reports and lineage tags)."""
+    profiles = {}
+    for path in config.data.also_train_on:
+        try:
+            other = _read_profile(path)
+        except ConfigError as exc:
+            raise ConfigError(f"data.also_train_on: {exc}") from None
+        name = Path(path).stem
+        if name in profiles:
+            raise ConfigError(f"data.also_train_on names two profiles called '{name}': rename one")
+        if other.character != config.character:
+            raise ConfigError(f"data.also_train_on names a profile of '{other.character}', "
+                              f"not '{config.character}': its lines would teach another character")
+        if other.data.also_train_on:
+            raise ConfigError("data.also_train_on names a profile that has its own also_train_on: "
+                              "list every transcript in this profile instead")
+        profiles[name] = other
+    return profiles

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from castbot.config import ConfigError, PipelineConfig, load_profile
+from castbot.config import ConfigError, PipelineConfig, also_train_on_profiles, load_profile
 from castbot.pretrained import ModelFetchError
 from tasks.base_model import base_reference, prepare_base_model
 from tasks.bento import build_bento
@@ -50,17 +50,19 @@ def train(config: PipelineConfig) -> dict:
 
     reports = report_dir()
     frame, cleaned = prepared_transcript(config, reports)
-    profiles = {Path(path).stem: load_profile(path) for path in config.data.also_train_on}
-    others = {name: prepared_transcript(profile, str(Path(reports) / name)) for name, profile in profiles.items()}
+    profiles = also_train_on_profiles(config)
+    others = {name: prepared_transcript(profile, str(Path(reports) / "also_train_on" / name))
+              for name, profile in profiles.items()}
     more = {name: other_cleaned for name, (_, other_cleaned) in others.items()}
     splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed, more)
     data_sha256 = frame.attrs["sha256"]
-    data_key = "".join([data_sha256, *(other.attrs["sha256"] for other, _ in others.values())])
+    # resume only onto the same files cleaned the same way: each extra profile's settings count too
+    data_key = "".join([data_sha256, *(others[name][0].attrs["sha256"] + profiles[name].digest() for name in others)])
     workdir = work_folder(data_key, config.digest())
     run_id = start_run(config, data_sha256, workdir.name)
     try:
-        log_data_lineage(run_id, cleaned, config.data.path, reports,
-                         {profiles[name].data.path: other_cleaned for name, other_cleaned in more.items()})
+        log_data_lineage(run_id, cleaned, config.data.path, reports, splits,
+                         {name: (profiles[name].data.path, other_cleaned) for name, other_cleaned in more.items()})
         base = prepare_base_model(config.base_model, training_texts(splits["train"]), config.offline_model,
                                   config.training.seed)
         fmt = choose_format(base, config.dialogue, config.character, config.show)

@@ -53,7 +53,7 @@ def split_episodes(episodes: list[str], config: DialogueConfig, seed: int) -> di
 def _checkable_lines(frame: pd.DataFrame) -> dict[str, set[str]]:
     """Each episode's distinct lines of 20+ letters (lower case, letters and digits only): short lines such as
     "Oh, man." recur in every episode and say nothing about which episode a transcript holds."""
-    keys = frame["line"].str.lower().map(lambda line: re.sub(r"[^a-z0-9]+", "", line))
+    keys = frame["line"].fillna("").astype(str).str.lower().map(lambda line: re.sub(r"[^a-z0-9]+", "", line))
     return {str(ep): {k for k in group if len(k) >= 20} for ep, group in keys.groupby(frame["episode"])}
 
 
@@ -96,8 +96,8 @@ def build_dialogues(frame: pd.DataFrame, character: str, config: DialogueConfig,
                            scene=kept["scene"].fillna("").astype(str))
         added = samples_for(kept, character, config.context_turns)
         run_logger("castbot.dialogues").info(
-            "%s: %d training samples from %d episodes; left out %d episodes this transcript holds (%s)", source,
-            len(added), kept["episode"].nunique(), len(repeated), ", ".join(repeated) or "none")
+            "%s: %d training samples from %d new episodes; left out %d episodes this transcript holds (%s)", source,
+            len(added), len({s["episode"] for s in added}), len(repeated), ", ".join(repeated) or "none")
         result["train"] += added
     # a (context, response) pair seen in training says nothing about held-out quality: drop it from
     # validation and test (chatterbot-corpus repeats whole conversations across files)

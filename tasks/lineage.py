@@ -31,10 +31,10 @@ def dataset_digest(frame: pd.DataFrame) -> str:
 
 
 @task(name="log_data_lineage", retries=2, retry_delay_seconds=2)
-def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: str,
-                     more: dict[str, pd.DataFrame] | None = None) -> str:
-    """Log the cleaned dataset (and those of data.also_train_on, keyed by profile) as the run's training inputs,
-    with digests, and the data reports as artifacts."""
+def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: str, splits: dict[str, list[dict]],
+                     more: dict[str, tuple[str, pd.DataFrame]] | None = None) -> str:
+    """Log the cleaned dataset (and those of data.also_train_on: name -> (source, cleaned)) as the run's training
+    inputs with digests, the samples per split, and the data reports as artifacts."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import DatasetInput, InputTag
@@ -46,11 +46,17 @@ def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: s
         dataset = mlflow.data.from_pandas(frame, source=source_uri(source), name=name, digest=dataset_digest(frame))
         return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
 
+    more = more or {}
     digest = dataset_digest(cleaned)
     client = MlflowClient()
     client.log_inputs(run_id, datasets=[training_input(cleaned, source),
-                                        *(training_input(frame, profile) for profile, frame in (more or {}).items())])
-    client.set_tag(run_id, "castbot.cleaned_data_digest", digest)  # copied onto the model version at registration
+                                        *(training_input(frame, path) for path, frame in more.values())])
+    # castbot.* run tags are copied onto the model version at registration: the version names the data it saw
+    client.set_tag(run_id, "castbot.cleaned_data_digest", digest)
+    for name, (_, frame) in more.items():
+        client.set_tag(run_id, f"castbot.also_train_on.{name}.cleaned_data_digest", dataset_digest(frame))
+    for split, samples in splits.items():
+        client.log_param(run_id, f"samples.{split}", len(samples))
     client.log_artifacts(run_id, reports, artifact_path="data_reports")
     return digest
 

@@ -3,6 +3,7 @@
 import pytest
 
 from tests.conftest import tiny_config, write_tiny_show
+from tests.test_data_bad_input import run_data_steps
 
 
 def task_states(flow_state) -> dict[str, str]:
@@ -104,5 +105,11 @@ def test_a_second_transcript_trains_too_and_is_logged_as_a_training_input(prefec
     run = client.get_run(result["run_id"])
     assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["more-cleaned", "show-cleaned"]
     assert run.data.tags["castbot.data_sha256"] == file_sha256(str(main))  # the transcript tested on
-    logged = {f.path for f in client.list_artifacts(result["run_id"], "data_reports/more")}
-    assert {"data_reports/more/cleaning_report.md", "data_reports/more/dialogue"} <= logged
+    assert "castbot.also_train_on.more.cleaned_data_digest" in run.data.tags
+    folder = "data_reports/also_train_on/more"
+    assert {f"{folder}/cleaning_report.md", f"{folder}/dialogue"} <= {f.path for f in client.list_artifacts(
+        result["run_id"], folder)}
+    alone = run_data_steps(tiny_config(main), tmp_path / "docs")  # the same data steps without the second file
+    assert int(run.data.params["samples.train"]) == len(alone["train"]) + 20  # 4 new episodes x 5 lines of Ada
+    for split in ("validation", "test"):
+        assert int(run.data.params[f"samples.{split}"]) == len(alone[split])

@@ -150,6 +150,20 @@ def test_a_bad_second_transcript_fails_before_training_and_names_its_file(tmp_pa
     assert not MlflowClient().search_model_versions("name='bad-more-bot'")
 
 
+def test_a_form_config_naming_another_characters_profile_is_refused(tmp_path):
+    """The Prefect form skips load_profile: the flow itself checks data.also_train_on."""
+    from castbot.config import ConfigError
+    from flows.train import train
+
+    show = write_tiny_show(tmp_path / "show.csv")
+    profile = tmp_path / "bram.yaml"
+    profile.write_text(f"data: {{path: {show}}}\ncharacter: Bram\n")
+    config = tiny_config(show, **{"registry.model_name": "form-more-bot", "data.also_train_on": [str(profile)]})
+    with pytest.raises(ConfigError, match="names a profile of 'Bram', not 'Ada'"):
+        train(config)
+    assert not MlflowClient().search_model_versions("name='form-more-bot'")
+
+
 def test_cli_reports_a_bad_profile_key_and_exits_non_zero(tmp_path):
     profile = tmp_path / "bad.yaml"
     profile.write_text("data: {path: show.csv}\ncharacter: Ada\ntraining: {epochs: 0}\n")

@@ -120,6 +120,8 @@ def test_another_transcript_adds_only_its_new_episodes_to_training():
     new = pd.DataFrame([{"episode": str(e), "scene": "0", "speaker": CHARACTER if i % 2 else "Bram",
                          "line": f"In episode {e} we have line number {i} of a brand new adventure"}
                         for e in (11, 12, 13, 14) for i in range(10)])
+    quoted = max(frame["line"], key=len)  # one line in eleven quoted from the first transcript: still a new episode
+    new = pd.concat([new, pd.DataFrame([{"episode": "11", "scene": "0", "speaker": "Bram", "line": quoted}])])
     other = pd.concat([copy, new])
     kept, repeated = new_episodes(other, frame)
     assert sorted(repeated) == ["103", "107"] and set(kept["episode"]) == {"11", "12", "13", "14"}
@@ -138,10 +140,13 @@ def test_also_train_on_must_name_a_profile_of_the_same_character(tmp_path):
     write(tmp_path / "morty.yaml", "data: {path: other.csv}\ncharacter: Morty\n")
     write(tmp_path / "chain.yaml", "data: {path: other.csv, also_train_on: [morty.yaml]}\ncharacter: Rick\n")
     write(tmp_path / "rick2.yaml", "data: {path: other.csv}\ncharacter: Rick\n")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "rick2.yaml", "data: {path: other.csv}\ncharacter: Rick\n")
     cases = {"morty.yaml": r"names a profile of 'Morty', not 'Rick'", "chain.yaml": "has its own also_train_on",
-             "missing.yaml": r"data\.also_train_on: .*missing\.yaml: profile not found"}
-    for other, message in cases.items():
-        profile = write(tmp_path / "p.yaml", f"data: {{path: x.csv, also_train_on: [{other}]}}\ncharacter: Rick\n")
+             "missing.yaml": r"data\.also_train_on: .*missing\.yaml: profile not found",
+             "rick2.yaml, sub/rick2.yaml": "names two profiles called 'rick2': rename one"}
+    for others, message in cases.items():
+        profile = write(tmp_path / "p.yaml", f"data: {{path: x.csv, also_train_on: [{others}]}}\ncharacter: Rick\n")
         with pytest.raises(ConfigError, match=message):
             load_profile(profile)
     profile = write(tmp_path / "p.yaml", "data: {path: x.csv, also_train_on: [rick2.yaml]}\ncharacter: Rick\n")
