@@ -321,13 +321,12 @@ def _read_profile(path: str | Path) -> PipelineConfig:
             for p in others
         ]
     try:
-        config = PipelineConfig.model_validate(raw)
+        return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         problems = "\n".join(
             f"  {'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"{path}: invalid profile\n{problems}") from None
-    return config
 
 
 def also_train_on_profiles(config: PipelineConfig) -> dict[str, PipelineConfig]:

@@ -41,20 +41,22 @@ def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: s
 
     from tasks.ingest import source_uri
 
-    def training_input(frame: pd.DataFrame, source: str) -> DatasetInput:
+    def training_input(frame: pd.DataFrame, source: str, digest: str) -> DatasetInput:
         name = f"{Path(source.replace(':', '-')).stem}-cleaned"
-        dataset = mlflow.data.from_pandas(frame, source=source_uri(source), name=name, digest=dataset_digest(frame))
+        dataset = mlflow.data.from_pandas(frame, source=source_uri(source), name=name, digest=digest)
         return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
 
     more = more or {}
     digest = dataset_digest(cleaned)
+    more_digests = {name: dataset_digest(frame) for name, (_, frame) in more.items()}
     client = MlflowClient()
-    client.log_inputs(run_id, datasets=[training_input(cleaned, source),
-                                        *(training_input(frame, path) for path, frame in more.values())])
+    client.log_inputs(run_id, datasets=[training_input(cleaned, source, digest),
+                                        *(training_input(frame, path, more_digests[name])
+                                          for name, (path, frame) in more.items())])
     # castbot.* run tags are copied onto the model version at registration: the version names the data it saw
     client.set_tag(run_id, "castbot.cleaned_data_digest", digest)
-    for name, (_, frame) in more.items():
-        client.set_tag(run_id, f"castbot.also_train_on.{name}.cleaned_data_digest", dataset_digest(frame))
+    for name, other_digest in more_digests.items():
+        client.set_tag(run_id, f"castbot.also_train_on.{name}.cleaned_data_digest", other_digest)
     for split, samples in splits.items():
         client.log_param(run_id, f"samples.{split}", len(samples))
     client.log_artifacts(run_id, reports, artifact_path="data_reports")
