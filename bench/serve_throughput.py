@@ -5,7 +5,7 @@ the same Bento unbatched, and each engine alone with no server on the same chats
     python -m bench.serve_throughput --bento castbot-chat:TAG --requests 256
 
 Phases: served with the continuous engine (clients read /chat/stream, so time to first token is measured), served
-with BentoML's adaptive batching and unbatched (clients call /chat: the first text comes with the whole reply),
+with the adaptive engine's static batches and unbatched (clients call /chat: the first text comes with the whole reply),
 then in this process the static batched generate() and the continuous engine. Every request uses the service's
 default sampling, so reply lengths vary as in use. Only 127.0.0.1 is contacted; each phase stops after
 --requests requests or --phase-timeout seconds. Figures: requests/s and generated tokens/s (new tokens incl.
@@ -189,10 +189,14 @@ def prompts_of(chats: list[dict], count: int):
 
 
 def direct_static(bot, chats: list[dict], args) -> dict:
-    """Batched generate_batch() in this process on the same chats, in batches of args.concurrency."""
-    from castbot.serving import generate_batch
+    """Batched Bot.generate() in this process on the same chats, in batches of args.concurrency."""
+    from castbot.serving import conversation
 
     prompts = prompts_of(chats, args.requests)
+
+    def generate_batch(bot, batch):  # default decoding: every prompt has the same settings
+        return bot.generate([conversation(p, bot.format.character) for p in batch], **batch[0].decoding())
+
     generate_batch(bot, prompts[: args.concurrency])  # warm-up
     timing = Timing()
     start = time.monotonic()
@@ -206,7 +210,7 @@ def direct_static(bot, chats: list[dict], args) -> dict:
 
 def direct_continuous(bot, chats: list[dict], args) -> dict:
     """The continuous engine in this process: args.concurrency callers, each sending its next chat at once."""
-    from castbot.engine import ContinuousEngine
+    from castbot.engines.continuous import ContinuousEngine
     from castbot.serving import conversation
 
     engine = ContinuousEngine(bot, args.concurrency)

@@ -8,6 +8,7 @@
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from castbot.dialogue import (DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat, Turn, decode_reply, read_model_meta,
                               sample_turns)
@@ -15,13 +16,40 @@ from castbot.dialogue import (DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat, T
 
 MIN_TEMPERATURE = 0.01  # lower temperatures decode greedily
 
+# stop: an end-of-turn token; length: max_new_tokens; cancelled: the client left (or a stop event); error: it failed
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
 
 @dataclass
 class Reply:
     reply: str
     prompt_tokens: int  # tokens of the prompt after dropping the oldest turns
     new_tokens: int  # tokens generated, including the end-of-turn token
-    hit_max_tokens: bool  # stopped by max_new_tokens, not by an end-of-turn token
+    finish_reason: FinishReason
+
+    @property
+    def hit_max_tokens(self) -> bool:
+        """Stopped by max_new_tokens, not by an end-of-turn token."""
+        return self.finish_reason == "length"
+
+
+def assemble_reply(tokenizer, prompt_tokens: int, generated: list[int], cancelled: bool = False) -> Reply:
+    """The Reply of a row of generated token ids: cut after its first end-of-turn token, decoded and counted."""
+    eos = tokenizer.eos_token_id
+    ended = eos in generated
+    new = generated[: generated.index(eos) + 1] if ended else generated
+    reason = "stop" if ended else "cancelled" if cancelled else "length"
+    return Reply(decode_reply(tokenizer, new), prompt_tokens, len(new), reason)
+
+
+def sampling_settings(**decoding) -> dict | None:
+    """temperature, top_p and top_k of a request (DECODING_DEFAULTS filled in), or None where it decodes greedily:
+    below MIN_TEMPERATURE the logits / temperature overflow."""
+    settings = {**DECODING_DEFAULTS, **decoding}
+    if settings["temperature"] < MIN_TEMPERATURE:
+        return None
+    return {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
+            "top_k": settings["top_k"]}
 
 
 def position_limit(config) -> int:
@@ -120,39 +148,11 @@ class Bot:
     def prompt(self, turns: list[Turn], max_new_tokens: int) -> list[int]:
         return self.format.prompt_ids(self.tokenizer, turns, self.prompt_budget(max_new_tokens))
 
-    def stream(self, turns: list[Turn], stop=None, **decoding):
-        """Yield the reply's text piece by piece as it is generated; the generator returns the whole Reply.
-        Setting the threading.Event `stop` (a client that went away) ends generation at the next token."""
-        import threading
-
-        from transformers import StoppingCriteria, TextIteratorStreamer
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop is not None and stop.is_set()
-
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        done: list = []
-
-        def work():
-            try:
-                done.extend(self.generate([turns], streamer=streamer, stopping_criteria=[Stop()], **decoding))
-            except BaseException as exc:  # surfaced below; the streamer must still end, or the reader waits forever
-                done.append(exc)
-                streamer.end()
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        yield from (piece for piece in streamer if piece)
-        worker.join()
-        if isinstance(done[0], BaseException):
-            raise RuntimeError(f"generation failed: {done[0]}") from done[0]
-        return done[0]
-
     def generate(self, conversations: list[list[Turn]], streamer=None, stopping_criteria=None,
                  **decoding) -> list[Reply]:
         """One reply per conversation, in one left-padded generate() call; decoding as DECODING_DEFAULTS.
-        A transformers streamer (one conversation only) receives the tokens as they come."""
+        A transformers streamer (one conversation only) receives the tokens as they come (the adaptive engine's
+        stream); stopping_criteria can end generation early."""
         import torch
 
         settings = {**DECODING_DEFAULTS, **decoding}
@@ -161,20 +161,14 @@ class Bot:
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         ids, mask = (torch.tensor(t, device=self.device) for t in left_pad(rows, pad))  # (batch, width) each
         width = ids.shape[1]
-        # below MIN_TEMPERATURE the logits / temperature overflow: such requests decode greedily
-        sampling = ({"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"],
-                     "top_k": settings["top_k"]} if settings["temperature"] >= MIN_TEMPERATURE else {"do_sample": False})
+        sampled = sampling_settings(**settings)
+        sampling = {"do_sample": True, **sampled} if sampled else {"do_sample": False}
         with torch.inference_mode():
             out = self.model.generate(  # (batch, width) -> (batch, width + new)
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=1,  # never an empty turn
                 no_repeat_ngram_size=settings["no_repeat_ngram_size"], pad_token_id=pad, eos_token_id=eos,
                 streamer=streamer, stopping_criteria=stopping_criteria, **sampling)
-        replies = []
-        for row, prompt in zip(out[:, width:].tolist(), rows):
-            ended = eos in row
-            new = row[: row.index(eos) + 1] if ended else row
-            replies.append(Reply(decode_reply(self.tokenizer, new), len(prompt), len(new), not ended))
-        return replies
+        return [assemble_reply(self.tokenizer, len(prompt), row) for row, prompt in zip(out[:, width:].tolist(), rows)]
 
     def encode(self, sample: dict, max_length: int) -> dict:
         """A {context, speakers, response} sample as input_ids/attention_mask/labels, loss on the response."""

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from castbot.config import Strict
 from castbot.dialogue import DECODING_DEFAULTS
+from castbot.engines import ENGINES
 
 # JSON requests: no extra keys, and no type coercion ("5" is not an integer, false is not 0), as the spec says
 STRICT_JSON = ConfigDict(extra="forbid", strict=True)
@@ -29,12 +30,14 @@ class ServeLimits(Strict):
     max_request_bytes: int = Field(65536, ge=1024, description="Largest request body, in bytes (413 beyond).")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight beyond which the service answers 503.")
     timeout_s: int = Field(60, ge=1, description="A request still running after this many seconds gets a 504.")
-    engine: Literal["continuous", "adaptive"] = Field(
+    engine: Literal[tuple(ENGINES)] = Field(
         "continuous", description="continuous: transformers' continuous batching, requests join and leave the "
-        "running batch at every decoding step; adaptive: BentoML's adaptive batching of /generate (static batches).")
-    batching: bool = Field(True, description="Adaptive engine only: batch /generate calls (false: one at a time).")
+        "running batch at every decoding step; adaptive: requests that queue up while a batch runs form the next "
+        "static batch (castbot/engines/).")
+    batching: bool = Field(True, description="Adaptive engine only: batch queued requests (false: one at a time).")
     max_batch_size: int = Field(32, ge=2, description="Most prompts the model runs in one batch.")
-    max_latency_ms: int = Field(30000, ge=10, description="Latency budget of a batched call; beyond it a 503. "
+    max_latency_ms: int = Field(30000, ge=10, description="Adaptive engine: longest a request may wait in the queue "
+                                "for its batch; beyond it a 503. "
                                 "SmolLM2-135M on 2 CPU cores takes 6-13 s for a batch of 32 replies of 40 tokens.")
     dtype: Literal["fast", "auto", "float32", "bfloat16", "float16"] = Field(
         "fast", description="Weights' dtype. fast: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), "
@@ -77,10 +80,6 @@ class Decoding(BaseModel):
 
     def decoding(self) -> dict:
         return self.model_dump(include=set(Decoding.model_fields))
-
-    def settings(self) -> tuple:
-        """A hashable key: prompts with equal settings share one generate() call."""
-        return tuple(getattr(self, name) for name in Decoding.model_fields)
 
 
 class Turn(BaseModel):
@@ -141,7 +140,7 @@ def speaker_name(label: str, character: str) -> str:
 
 def chat_prompt(request: ChatRequest) -> Prompt:
     """The /generate prompt for a chat: history then the message (the user's), with the request's decoding.
-    Speakers are resolved (bot -> the character) when the prompt is built, by generate_batch."""
+    Speakers are resolved (bot -> the character) by conversation()."""
     return Prompt(turns=[*request.history, request.message], **request.decoding())
 
 
@@ -153,17 +152,3 @@ def conversation(prompt: Prompt, character: str) -> list[tuple[str, str]]:
 def as_generation(reply) -> Generation:
     """A castbot.bot.Reply as the API returns it."""
     return Generation(reply=reply.reply, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens)
-
-
-def generate_batch(bot, prompts: list[Prompt]) -> list[Generation]:
-    """Replies to prompts that share decoding settings, in one left-padded generate() call of the Bot."""
-    conversations = [conversation(p, bot.format.character) for p in prompts]
-    return [as_generation(r) for r in bot.generate(conversations, **prompts[0].decoding())]
-
-
-def group_by_settings(prompts: list[Prompt]) -> dict[tuple, list[int]]:
-    """Indices of prompts per distinct decoding settings, in arrival order."""
-    groups: dict[tuple, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        groups.setdefault(prompt.settings(), []).append(i)
-    return groups

@@ -275,16 +275,6 @@ def test_conftest_is_imported_once_so_the_session_has_one_state_folder():
     assert os.environ["CASTBOT_HOME"] == str(tests.conftest.STATE)
 
 
-def test_bentoml_still_recycles_the_self_client_session_that_keep_self_session_pins():
-    """When this fails, BentoML changed SessionManager: castbot.bentoml_compat.keep_self_session may go."""
-    import inspect
-
-    from _bentoml_impl.client.proxy2 import SessionManager
-
-    parameters = inspect.signature(SessionManager.__init__).parameters
-    assert parameters["max_requests"].default == 100 and parameters["max_age"].default == 300.0
-
-
 def test_bentoml_traffic_settings_still_lack_what_the_admission_middleware_adds():
     """When this fails, BentoML's traffic settings gained a body limit or more: service.py's Admission may shrink."""
     from pathlib import Path
@@ -295,13 +285,3 @@ def test_bentoml_traffic_settings_still_lack_what_the_admission_middleware_adds(
     defaults = Path(bentoml.__file__).parent / "_internal" / "configuration" / "v2" / "default_configuration.yaml"
     traffic = yaml.safe_load(defaults.read_text())["services"]["traffic"]
     assert set(traffic) == {"timeout", "max_concurrency"}
-
-
-@pytest.mark.parametrize("shape", ["model", "dict", "json"])
-def test_as_model_accepts_each_shape_bentoml_returns(shape):
-    from castbot.bentoml_compat import as_model
-    from castbot.serving import Generation
-
-    generation = Generation(reply="Hi.", prompt_tokens=3, new_tokens=2)
-    result = {"model": generation, "dict": generation.model_dump(), "json": generation.model_dump_json()}[shape]
-    assert as_model(result, Generation) == generation

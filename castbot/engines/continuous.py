@@ -7,70 +7,33 @@ only turns a Bot's conversations into its requests and its outputs into Replies,
     reply = await engine.reply([("Morty", "Rick, where are we going?")], temperature=0)
 
 Per-request decoding: temperature, top_p, top_k and max_new_tokens hold per request (transformers' per-request
-logits processors). Greedy (temperature below MIN_TEMPERATURE) is sampling from the top 1 token, which equals
-generate()'s argmax. transformers 5's continuous batching drops the logits processors that read a request's token
-history: no_repeat_ngram_size is not applied here (the continuous engine serves without it), and min_new_tokens=1
-(never an empty reply) is put back by NeverEmpty below.
+logits processors). Greedy (castbot.bot.sampling_settings gives None) is sampling from the top 1 token, which
+equals generate()'s argmax. transformers 5's continuous batching drops the logits processors that read a request's
+token history: no_repeat_ngram_size is not applied here (the continuous engine serves without it), and
+min_new_tokens=1 (never an empty reply) is put back by compat.never_empty_processor.
 """
 
 import asyncio
+import contextlib
 import math
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from castbot.bot import MIN_TEMPERATURE, Bot, Reply
-from castbot.dialogue import DECODING_DEFAULTS, Turn, decode_reply
+from castbot.bot import Bot, Reply, assemble_reply, sampling_settings
+from castbot.dialogue import DECODING_DEFAULTS, Turn
+from castbot.engines import EngineError, Stream
+from castbot.engines.compat import add_first_processor, decoding_steps, never_empty_processor, running_requests
 
 PAGE_SIZE = 64  # tokens per KV-cache page on CPU; on a GPU transformers sizes the cache from free memory
 
 
-def never_empty_processor(eos_token_id: int):
-    """A per-request logits processor that bans end-of-turn as a reply's first token, as generate()'s
-    min_new_tokens=1 does (transformers 5.24 drops MinNewTokensLengthLogitsProcessor from continuous batching:
-    its supports_continuous_batching is False). Its argument per request is 1 while nothing is generated yet."""
-    import torch
-    from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
-
-    class NeverEmpty(ContinuousBatchingLogitsProcessor):
-        supported_kwargs: dict[str, type] = {}
-        ignored_kwargs: tuple[str, ...] = ()
-
-        def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-            int32_tensor.fill_(0)
-
-        def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
-            return torch.tensor([not r.state.generated_tokens for r in requests_with_new_token], dtype=torch.int32)
-
-        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-            first = tensor_arg[: scores.size(0)].bool()  # (requests,)
-            banned = torch.zeros_like(scores, dtype=torch.bool)  # (requests, vocab)
-            banned[:, eos_token_id] = first
-            return scores.masked_fill(banned, -math.inf)
-
-    return NeverEmpty()
-
-
-def add_first_processor(manager, processor) -> None:
-    """Put a per-request processor first in a ContinuousBatchingManager's list (before its top-k/top-p, so a banned
-    token is never the only one left), before manager.start() sizes the argument tensors."""
-    processors = manager.logit_processor
-    processors.logits_processor.insert(0, processor)
-    processors.tensors_required += 1
-    processors.do_processing = True
-
-
-class EngineError(RuntimeError):
-    """The continuous-batching thread failed a request."""
-
-
 def request_settings(vocab_size: int, **decoding) -> dict:
     """Per-request logits-processor arguments for transformers' continuous batching."""
-    settings = {**DECODING_DEFAULTS, **decoding}
-    if settings["temperature"] < MIN_TEMPERATURE:  # greedy: sampling from the single likeliest token
+    sampled = sampling_settings(**decoding)
+    if sampled is None:  # greedy: sampling from the single likeliest token
         return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
-    return {"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]),
-            "top_k": settings["top_k"] or vocab_size}  # top_k 0 means all tokens, as in generate()
+    return {**sampled, "top_k": sampled["top_k"] or vocab_size}  # top_k 0 means all tokens, as in generate()
 
 
 class ContinuousEngine:
@@ -79,7 +42,7 @@ class ContinuousEngine:
     def __init__(self, bot: Bot, max_batch_size: int = 32, max_new_tokens: int = 128):
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        self.bot = bot
+        self.bot, self.max_batch_size = bot, max_batch_size
         tokenizer = bot.tokenizer
         # do_sample and non-neutral defaults make transformers create the per-request temperature/top-k/top-p
         # processors; each request then carries its own values
@@ -106,7 +69,13 @@ class ContinuousEngine:
         # without a last output, so a per-request handler would stay registered, bound to its event loop, forever
         self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock, self._closed = threading.Lock(), threading.Event()
-        threading.Thread(target=self._route, name="castbot-engine-outputs", daemon=True).start()
+        self._router = threading.Thread(target=self._route, name="castbot-engine-outputs", daemon=True)
+        self._router.start()
+
+    @classmethod
+    def from_limits(cls, bot: Bot, limits, on_batch: Callable[[int], None]) -> "ContinuousEngine":
+        """As the service builds it (no static batches: on_batch is never called)."""
+        return cls(bot, limits.max_batch_size, limits.max_new_tokens)
 
     def _route(self) -> None:
         """Hand each output to the event loop of the request waiting for it; drop those nobody waits for."""
@@ -127,19 +96,20 @@ class ContinuousEngine:
                 pass
 
     def running(self) -> int:
-        """Requests in the batch now decoding."""
-        processor = self.manager.batch_processor
-        return len(processor.scheduler.active_requests) if processor is not None else 0
+        return running_requests(self.manager)
 
     def steps(self) -> int:
-        """Decoding steps run so far; each advances every request in the batch by a token."""
-        return getattr(self.manager, "current_batch", 0)  # set by the manager's thread once it runs
+        return decoding_steps(self.manager)
+
+    def ready(self) -> bool:
+        """The manager's decoding thread and this engine's output router are both alive."""
+        return not self._closed.is_set() and self.manager.is_running() and self._router.is_alive()
 
     def close(self) -> None:
         self.manager.stop(block=True, timeout=30)
         self._closed.set()
 
-    async def _outputs(self, turns: list[Turn], streaming: bool, **decoding) -> AsyncIterator:
+    async def _outputs(self, prompt: list[int], streaming: bool, **decoding) -> AsyncIterator:
         """The request's outputs as the manager's thread delivers them: every token when streaming, else the last.
         Leaving early (a client that went away) cancels the request."""
         max_new = decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
@@ -149,8 +119,8 @@ class ContinuousEngine:
             self._waiting[request_id] = (asyncio.get_running_loop(), outputs)
         finished = False
         try:
-            added = self.manager.add_request(self.bot.prompt(turns, max_new), request_id=request_id,
-                                             max_new_tokens=max_new, streaming=streaming,
+            added = self.manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new,
+                                             streaming=streaming,
                                              **request_settings(self.bot.model.config.vocab_size, **decoding))
             if added is None:
                 raise EngineError("the continuous-batching thread is not accepting requests (stopped or failed)")
@@ -166,26 +136,25 @@ class ContinuousEngine:
             if not finished:
                 self.manager.cancel_request(request_id)
 
-    def _reply(self, output) -> Reply:
-        eos, tokens = self.bot.tokenizer.eos_token_id, output.generated_tokens
-        ended = eos in tokens
-        new = tokens[: tokens.index(eos) + 1] if ended else tokens
-        return Reply(decode_reply(self.bot.tokenizer, new), len(output.prompt_ids), len(new), not ended)
+    def _prompt(self, turns: list[Turn], decoding: dict) -> list[int]:
+        return self.bot.prompt(turns, decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"]))
 
-    async def stream(self, turns: list[Turn], **decoding) -> AsyncIterator[str | Reply]:
-        """The reply's text piece by piece as it is generated, then the whole Reply as the last item."""
-        sent = ""
-        async for output in self._outputs(turns, streaming=True, **decoding):
-            text = decode_reply(self.bot.tokenizer, output.generated_tokens)
-            if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
-                yield text[len(sent):]  # held back while it ends inside a multi-byte character
-                sent = text
-        yield self._reply(output)
+    def stream(self, turns: list[Turn], **decoding) -> Stream:
+        """The reply's text piece by piece as it is generated; closing the stream cancels the request."""
+        prompt = self._prompt(turns, decoding)
+
+        async def generated() -> AsyncIterator[list[int]]:
+            async with contextlib.aclosing(self._outputs(prompt, streaming=True, **decoding)) as outputs:
+                async for output in outputs:
+                    yield list(output.generated_tokens)
+
+        return Stream(self.bot.tokenizer, len(prompt), generated())
 
     async def reply(self, turns: list[Turn], **decoding) -> Reply:
-        async for output in self._outputs(turns, streaming=False, **decoding):
+        prompt = self._prompt(turns, decoding)
+        async for output in self._outputs(prompt, streaming=False, **decoding):
             pass
-        return self._reply(output)
+        return assemble_reply(self.bot.tokenizer, len(prompt), list(output.generated_tokens))
 
     def replies(self, conversations: list[list[Turn]], **decoding) -> list[Reply]:
         """One reply per conversation, all submitted at once (for benchmarks and tests, outside an event loop)."""
