@@ -36,7 +36,7 @@ class _Job:
 
     def settle(self, result: Reply | BaseException) -> None:
         """Answer on the job's own loop (a future already cancelled, by a client that left, is skipped)."""
-        def settle() -> None:
+        def answer() -> None:
             if self.future.done():
                 return
             if isinstance(result, BaseException):
@@ -45,7 +45,7 @@ class _Job:
                 self.future.set_result(result)
 
         try:
-            self.loop.call_soon_threadsafe(settle)
+            self.loop.call_soon_threadsafe(answer)
         except RuntimeError:  # that loop closed meanwhile
             pass
 
