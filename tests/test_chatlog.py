@@ -296,3 +296,34 @@ def test_postgresql_holds_the_same_log(postgres_url):
     assert log.delete_conversation("pg0") == 1
     assert ChatLog(postgres_url).schema_version() == SCHEMA_VERSION  # a second replica opens it unchanged
     log.close()
+
+
+def test_feedback_samples_are_liked_complete_turns_never_held_out_replies(log):
+    from tasks.feedback import add_feedback_samples
+    from tests.conftest import tiny_config
+
+    cases = {"liked": (1, "stop"), "liked-cut": (1, "cancelled"), "disliked": (-1, "stop"), "unrated": (None, "stop"),
+             "liked-test-line": (1, "stop")}
+    for name, (rating, finish) in cases.items():
+        log.record(turn(turn_id=name, conversation=name, finish_reason=finish, message=f"Ready, {name}?",
+                        reply="Test line." if name == "liked-test-line" else f"Yes, {name}."))
+        if rating:
+            log.add_feedback(name, rating, None)
+    splits = {"train": [], "validation": [], "test": [{"episode": "E1", "context": ["Go?"], "response": "Test line."}]}
+    config = tiny_config("show.csv", **{"data.feedback": {"enabled": True, "url": str(log.url)}})
+    added = add_feedback_samples.fn(splits, config)["train"]
+    assert added == [{"episode": "feedback:liked", "context": ["Ready, liked?"], "speakers": [""],
+                      "response": "Yes, liked.", "turn_id": "liked"}]
+    assert config.data.feedback.model_name is None and config.model_name == "ada-bot"  # the default bot: this one's
+    assert add_feedback_samples.fn(splits, tiny_config("show.csv")) == splits  # off by default
+
+
+def test_data_feedback_settings_are_checked():
+    from pydantic import ValidationError
+
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ValidationError, match="since_days"):
+        tiny_config("show.csv", **{"data.feedback": {"enabled": True, "since_days": 0}})
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        tiny_config("show.csv", **{"data.feedback": {"enable": True}})
