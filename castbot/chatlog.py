@@ -171,14 +171,21 @@ class ChatLog:
     """The conversation log at one SQLAlchemy URL; one engine shared by all threads."""
 
     def __init__(self, url: str):
-        self.url = sa.make_url(url)
+        try:
+            self.url = sa.make_url(url)
+        except sa.exc.ArgumentError:
+            raise ChatLogError("the chat log URL is not a SQLAlchemy URL (e.g. sqlite:///path/chatlog.db or "
+                               "postgresql+psycopg://user:password@host:5432/db): fix CASTBOT_CHATLOG_URL") from None
         self._write_lock = threading.Lock()  # SQLite allows one writer: queue in Python, not in busy retries
         try:
             self.engine = self._engine()
             self._migrate()
+        except ImportError as exc:
+            raise ChatLogError(f"the chat log at {safe_url(self.url)} needs a driver that is not installed ({exc}): "
+                               "for PostgreSQL, pip install 'castbot[postgres]'") from None
         except sa.exc.SQLAlchemyError as exc:
             raise ChatLogError(f"cannot open the chat log at {safe_url(self.url)}: "
-                               f"{type(exc).__name__}: {exc.orig if hasattr(exc, 'orig') else exc}") from None
+                               f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}") from None
 
     @classmethod
     def from_env(cls) -> ChatLog | None:
@@ -193,13 +200,14 @@ class ChatLog:
         return log
 
     def _engine(self) -> sa.Engine:
+        # hide_parameters: a failed INSERT's exception would otherwise quote the user's message and the reply
         if self.url.get_backend_name() != "sqlite":
             # pool_pre_ping: a PostgreSQL restart must not fail the next requests
-            return sa.create_engine(self.url, pool_size=8, max_overflow=16, pool_pre_ping=True)
+            return sa.create_engine(self.url, pool_size=8, max_overflow=16, pool_pre_ping=True, hide_parameters=True)
         database = self.url.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(self.url, pool_size=4, max_overflow=8,
+        engine = sa.create_engine(self.url, pool_size=4, max_overflow=8, hide_parameters=True,
                                   connect_args={"check_same_thread": False, "timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine

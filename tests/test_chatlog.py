@@ -327,3 +327,14 @@ def test_data_feedback_settings_are_checked():
         tiny_config("show.csv", **{"data.feedback": {"enabled": True, "since_days": 0}})
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         tiny_config("show.csv", **{"data.feedback": {"enable": True}})
+
+
+def test_a_failed_write_does_not_quote_the_message_and_a_bad_url_is_explained(log):
+    record = turn(message="my secret plan for the moon")
+    log.record(record)
+    with pytest.raises(sa.exc.IntegrityError) as error:
+        log.record(record)  # the same turn id twice
+    assert "secret plan" not in str(error.value)
+    with pytest.raises(ChatLogError, match="not a SQLAlchemy URL.*fix CASTBOT_CHATLOG_URL") as error:
+        ChatLog("chatlog.db?password=hunter2")
+    assert "hunter2" not in str(error.value)
