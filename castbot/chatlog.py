@@ -26,6 +26,7 @@ later change migrates an existing log instead of breaking it. Message text never
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -213,11 +214,13 @@ class ChatLog:
         return engine
 
     def _migrate(self) -> None:
-        """Bring the schema to SCHEMA_VERSION, one step at a time, each step in the transaction that records it."""
+        """Bring the schema to SCHEMA_VERSION, one step at a time, in one transaction with the version row."""
         with self._write_lock, self.engine.begin() as conn:
+            # several processes (Bento workers, replicas) open one log at once: one migrates, the others wait
             if self.url.get_backend_name() == "postgresql":
-                # several replicas start at once: one migrates, the others wait for it (released at commit)
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(717171)"))
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(717171)"))  # released at commit
+            elif self.url.get_backend_name() == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before reading the version
             version_table.create(conn, checkfirst=True)
             current = conn.execute(sa.select(sa.func.max(version_table.c.version))).scalar()
             current = current or 0
@@ -234,9 +237,12 @@ class ChatLog:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.max(version_table.c.version))).scalar() or 0
 
+    def _writer(self):
+        """SQLite: one writer at a time (the lock); PostgreSQL takes concurrent writers itself."""
+        return self._write_lock if self.url.get_backend_name() == "sqlite" else contextlib.nullcontext()
+
     def _write(self, statement) -> sa.CursorResult:
-        lock = self._write_lock if self.url.get_backend_name() == "sqlite" else _NO_LOCK
-        with lock, self.engine.begin() as conn:
+        with self._writer(), self.engine.begin() as conn:
             return conn.execute(statement)
 
     def record(self, turn: TurnRecord) -> None:
@@ -296,24 +302,12 @@ class ChatLog:
         # feedback first: the foreign key's ON DELETE CASCADE is not enforced by SQLite connections without the
         # pragma (another tool's), so do not rely on it
         doomed = sa.select(turns_table.c.turn_id).where(condition)
-        lock = self._write_lock if self.url.get_backend_name() == "sqlite" else _NO_LOCK
-        with lock, self.engine.begin() as conn:
+        with self._writer(), self.engine.begin() as conn:
             conn.execute(sa.delete(feedback_table).where(feedback_table.c.turn_id.in_(doomed)))
             return conn.execute(sa.delete(turns_table).where(condition)).rowcount
 
     def close(self) -> None:
         self.engine.dispose()
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_LOCK = _NoLock()
 
 
 def retention_days() -> int | None:

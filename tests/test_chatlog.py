@@ -338,3 +338,17 @@ def test_a_failed_write_does_not_quote_the_message_and_a_bad_url_is_explained(lo
     with pytest.raises(ChatLogError, match="not a SQLAlchemy URL.*fix CASTBOT_CHATLOG_URL") as error:
         ChatLog("chatlog.db?password=hunter2")
     assert "hunter2" not in str(error.value)
+
+
+def test_processes_opening_a_new_log_at_once_migrate_it_once(tmp_path):
+    """Bento workers start together: each creates the schema if missing, and none trips over another."""
+    url = f"sqlite:///{tmp_path / 'chatlog.db'}"
+    opener = "import sys; from castbot.chatlog import ChatLog; ChatLog(sys.argv[1]).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", opener, url], cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 6, errors
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("select version from schema_version")).scalars().all() == [SCHEMA_VERSION]
+    engine.dispose()
