@@ -10,7 +10,7 @@ Command line (exit 2 on bad arguments):
 
     python -m castbot.chatlog export --since 2026-11-01 [--model NAME] --out turns.parquet   # or .jsonl
     python -m castbot.chatlog delete --conversation ID
-    python -m castbot.chatlog purge --days N
+    python -m castbot.chatlog purge [--days N]    # default: CASTBOT_CHATLOG_RETENTION_DAYS (e.g. from cron)
 
 Environment:
     CASTBOT_CHATLOG=off                   no log at all (from_env returns None)
@@ -356,7 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     delete = commands.add_parser("delete", help="delete one conversation's turns and feedback")
     delete.add_argument("--conversation", required=True, help="the conversation id")
     purge = commands.add_parser("purge", help="delete turns older than N days")
-    purge.add_argument("--days", type=_positive_int, required=True)
+    purge.add_argument("--days", type=_positive_int, help="default: CASTBOT_CHATLOG_RETENTION_DAYS")
     return parser
 
 
@@ -372,8 +372,13 @@ def export_turns(log: ChatLog, since: datetime, model: str | None, out: Path) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)  # exits 2 with a message on bad arguments
+    parser = _parser()
+    args = parser.parse_args(argv)  # exits 2 with a message on bad arguments
     try:
+        if args.command == "purge" and args.days is None:
+            args.days = retention_days()
+            if args.days is None:
+                parser.error("purge needs --days N, or CASTBOT_CHATLOG_RETENTION_DAYS set")
         log = ChatLog(default_url())
     except ChatLogError as exc:
         print(f"castbot.chatlog: {exc}", file=sys.stderr)

@@ -196,8 +196,11 @@ def test_turns_committed_before_kill_9_survive_it(tmp_path):
     assert len(ChatLog(url).turns()) == 20
 
 
-def cli(*args: str, url: str) -> subprocess.CompletedProcess:
+def cli(*args: str, url: str, retention_days: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "CASTBOT_CHATLOG_URL": url}
+    env.pop("CASTBOT_CHATLOG_RETENTION_DAYS", None)
+    if retention_days:
+        env["CASTBOT_CHATLOG_RETENTION_DAYS"] = retention_days
     return subprocess.run([sys.executable, "-m", "castbot.chatlog", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
 
@@ -224,6 +227,7 @@ def test_cli_exports_deletes_and_purges(tmp_path, log):
 
     assert "deleted 1 turns" in cli("delete", "--conversation", "gone", url=url).stdout
     assert "purged 1 turns older than 30 days" in cli("purge", "--days", "30", url=url).stdout
+    assert "purged 0 turns older than 7 days" in cli("purge", url=url, retention_days="7").stdout
     assert list(log.turns()["turn_id"]) == [liked.turn_id]
 
 
@@ -233,6 +237,7 @@ def test_cli_exports_deletes_and_purges(tmp_path, log):
     (["export", "--out", "t.parquet"], "the following arguments are required: --since"),
     (["purge", "--days", "0"], "is not a whole number >= 1"),
     (["delete"], "the following arguments are required: --conversation"),
+    (["purge"], "purge needs --days N, or CASTBOT_CHATLOG_RETENTION_DAYS set"),
     (["vacuum"], "invalid choice"),
 ])
 def test_cli_refuses_bad_arguments_with_exit_2(tmp_path, args, message):
