@@ -25,6 +25,19 @@ class ColumnMap(Strict):
     )
 
 
+class FeedbackConfig(Strict):
+    """Served turns that users liked, from the conversation log (castbot/chatlog.py), as extra training samples."""
+
+    enabled: bool = Field(False, description="Add the log's liked turns (thumbs up; never thumbs down or unrated) of "
+                          "this bot to the training split as message -> reply samples. Validation and test stay the "
+                          "transcript's, so the gate still decides on the same held-out episodes.")
+    url: str | None = Field(None, description="SQLAlchemy URL of the conversation log; default CASTBOT_CHATLOG_URL, "
+                            "else chatlog.db under CASTBOT_HOME.")
+    model_name: str | None = Field(None, min_length=1, description="Registered model whose liked turns are used; "
+                                   "default this profile's model name (registry.model_name or '<character>-bot').")
+    since_days: int | None = Field(None, ge=1, le=3650, description="Only turns of the last N days; None: all.")
+
+
 class DataConfig(Strict):
     path: str = Field(
         ...,
@@ -46,6 +59,9 @@ class DataConfig(Strict):
         "(never validation or test), each ingested, validated and cleaned by its own profile's rules. An episode "
         "that shares lines with this transcript is left out. In a YAML profile, paths are relative to its "
         "folder; in the Prefect form, to the working directory (the repository root in the deployments).",
+    )
+    feedback: FeedbackConfig = Field(
+        default_factory=FeedbackConfig, description="Liked turns from the conversation log as training samples.",
     )
 
 

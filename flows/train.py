@@ -16,6 +16,7 @@ from tasks.bento import build_bento
 from tasks.clean import clean_transcript, publish_cleaning_report
 from tasks.dialogues import build_dialogues
 from tasks.errors import DataError
+from tasks.feedback import add_feedback_samples
 from tasks.evaluate import evaluate_model, log_scores
 from tasks.finetune import ModelCard, clear_work_folder, fine_tune, work_folder
 from tasks.gate import gate_candidate
@@ -55,6 +56,7 @@ def train(config: PipelineConfig) -> dict:
               for name, profile in profiles.items()}
     more = {name: other_cleaned for name, (_, other_cleaned) in others.items()}
     splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed, more)
+    splits = add_feedback_samples(splits, config)
     data_sha256 = frame.attrs["sha256"]
     # resume only onto the same files cleaned the same way: each extra profile's settings count too
     data_key = "".join([data_sha256, *(others[name][0].attrs["sha256"] + profiles[name].digest() for name in others)])

@@ -34,11 +34,13 @@ def dataset_digest(frame: pd.DataFrame) -> str:
 def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: str, splits: dict[str, list[dict]],
                      more: dict[str, tuple[str, pd.DataFrame]] | None = None) -> str:
     """Log the cleaned dataset (and those of data.also_train_on: name -> (source, cleaned)) as the run's training
-    inputs with digests, the samples per split, and the data reports as artifacts."""
+    inputs with digests, the samples per split (and the liked turns of data.feedback, with their digest), and the
+    data reports as artifacts."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import DatasetInput, InputTag
 
+    from tasks.feedback import feedback_digest, feedback_samples
     from tasks.ingest import source_uri
 
     def training_input(frame: pd.DataFrame, source: str, digest: str) -> DatasetInput:
@@ -59,6 +61,10 @@ def log_data_lineage(run_id: str, cleaned: pd.DataFrame, source: str, reports: s
         client.set_tag(run_id, f"castbot.also_train_on.{name}.cleaned_data_digest", other_digest)
     for split, samples in splits.items():
         client.log_param(run_id, f"samples.{split}", len(samples))
+    liked = feedback_samples(splits["train"])  # data.feedback: liked turns from the conversation log
+    client.log_param(run_id, "samples.train_feedback", len(liked))
+    if liked:
+        client.set_tag(run_id, "castbot.feedback_digest", feedback_digest(liked))
     client.log_artifacts(run_id, reports, artifact_path="data_reports")
     return digest
 

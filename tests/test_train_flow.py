@@ -229,3 +229,41 @@ def test_a_candidate_that_loops_is_refused_for_degeneracy(tmp_path, monkeypatch)
     artifacts = {a.path for a in MlflowClient().list_artifacts(result["run_id"])}
     assert "replies.md" in artifacts
     assert champion_version("loop-bot") is None
+
+
+def test_a_profile_with_data_feedback_trains_on_the_liked_turn_only(tmp_path):
+    """One liked, one disliked and one unrated turn of this bot, and a liked turn of another bot: only the first
+    becomes a training sample, and the run records its count and digest; validation and test stay the transcript's."""
+    from datetime import datetime, timezone
+
+    from castbot.chatlog import ChatLog, TurnRecord
+    from flows.train import train
+    from tasks.feedback import feedback_digest
+    from tests.test_data_bad_input import run_data_steps
+
+    url = f"sqlite:///{tmp_path / 'chatlog.db'}"
+    log = ChatLog(url)
+    ratings = {"liked": 1, "disliked": -1, "unrated": None, "other-bot": 1}
+    for name, rating in ratings.items():
+        log.record(TurnRecord(name, f"conversation-{name}", datetime.now(timezone.utc), "chat",
+                              f"Is the rocket ready, {name}?", f"The numbers say {name}.", 1,
+                              "rival-bot" if name == "other-bot" else "feedback-bot", "1", "Ada", "transformers",
+                              12, 5, 0.2, None, "stop"))
+        if rating:
+            assert log.add_feedback(name, rating, None)
+    log.close()
+
+    data = write_tiny_show(tmp_path / "show.csv")
+    config = tiny_config(data, **{"registry.model_name": "feedback-bot", "data.feedback": {"enabled": True, "url": url}})
+    result = train(config)
+
+    run = MlflowClient().get_run(result["run_id"])
+    transcript = run_data_steps(config, tmp_path / "docs")
+    assert int(run.data.params["samples.train"]) == len(transcript["train"]) + 1
+    assert int(run.data.params["samples.train_feedback"]) == 1
+    for split in ("validation", "test"):
+        assert int(run.data.params[f"samples.{split}"]) == len(transcript[split])
+    liked = {"turn_id": "liked", "context": ["Is the rocket ready, liked?"], "response": "The numbers say liked."}
+    assert run.data.tags["castbot.feedback_digest"] == feedback_digest([liked])
+    assert MlflowClient().get_model_version("feedback-bot", result["version"]).tags[
+        "castbot.feedback_digest"] == feedback_digest([liked])  # the version names the feedback it saw
