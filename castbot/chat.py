@@ -1,7 +1,8 @@
 """Terminal chat against a running castbot service; keeps the conversation history.
 
     python -m castbot.chat --url http://127.0.0.1:3000
-Type a message and Enter; /reset forgets the history, /quit (or Ctrl-D) leaves.
+Type a message and Enter; /good or /bad [comment] rates the last reply, /reset forgets the history,
+/quit (or Ctrl-D) leaves.
 """
 
 import argparse
@@ -21,10 +22,31 @@ def refusal(resp: httpx.Response) -> dict:
     return {"error": f"{resp.status_code}: {fields or data.get('error', resp.text)}"}
 
 
-def ask(client: httpx.Client, history: list[dict], message: str, max_new_tokens: int | None, on_event) -> dict:
+RATINGS = {"/good": 1, "/bad": -1}
+
+
+def rate(client: httpx.Client, turn_id: str | None, command: str) -> str:
+    """POST /feedback for the last reply: '/good' or '/bad', optionally followed by a comment; what to show."""
+    word, _, comment = command.partition(" ")
+    if turn_id is None:
+        return "(nothing to rate yet)"
+    body = {"turn_id": turn_id, "rating": RATINGS[word], **({"comment": comment.strip()} if comment.strip() else {})}
+    try:
+        resp = client.post("/feedback", json=body)
+    except httpx.HTTPError as exc:
+        return f"(feedback not sent: {exc})"
+    if resp.status_code != 200:
+        return f"(feedback refused: {refusal(resp)['error']})"
+    return "(thanks: feedback saved)"
+
+
+def ask(client: httpx.Client, history: list[dict], message: str, max_new_tokens: int | None, on_event,
+        conversation_id: str | None = None) -> dict:
     """POST /chat/stream; on_event(name, data) for each server-sent event; the final 'done' data, or an 'error'
     entry naming what was refused."""
     body = {"history": history, "message": message}
+    if conversation_id is not None:
+        body["conversation_id"] = conversation_id
     if max_new_tokens is not None:
         body["max_new_tokens"] = max_new_tokens
     with client.stream("POST", "/chat/stream", json=body) as resp:
@@ -54,6 +76,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     history: list[dict] = []
+    conversation_id = turn_id = None
     interactive = sys.stdin.isatty()
 
     written: list[str] = []  # pieces of the reply being printed
@@ -79,17 +102,22 @@ def main(argv: list[str]) -> int:
                 return 0
             if message == "/reset":
                 history.clear()
+                conversation_id = turn_id = None
+                continue
+            if message.split(" ")[0] in RATINGS:
+                print(rate(client, turn_id, message), flush=True)
                 continue
             if not message:
                 continue
             try:
-                answer = ask(client, history, message, args.max_new_tokens, show)
+                answer = ask(client, history, message, args.max_new_tokens, show, conversation_id)
             except httpx.HTTPError as exc:
                 print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
                 return 1
             if "error" in answer:
                 print(f"(refused: {answer['error']})", file=sys.stderr)
                 continue
+            conversation_id, turn_id = answer.get("conversation_id", conversation_id), answer.get("turn_id")
             if args.verbose:
                 print(f"  [{answer['model_name']} v{answer['model_version']}, prompt {answer['prompt_tokens']} tokens]",
                       flush=True)
