@@ -13,14 +13,17 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import time
+import uuid
+from datetime import datetime, timedelta, timezone
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import bentoml
 import prometheus_client
-from bentoml.exceptions import ServiceUnavailable
+from bentoml.exceptions import NotFound, ServiceUnavailable
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.responses import FileResponse
@@ -28,12 +31,14 @@ from starlette.routing import Route
 
 from castbot.bentoml_compat import FixedOpenAPI
 from castbot.bot import Bot, Reply
+from castbot.chatlog import ChatLog, TurnRecord
 from castbot.engines import EngineBusy, make_engine
-from castbot.serving import (LIMITS, ChatReply, ChatRequest, GenerateRequest, Generation, Prompt, as_generation,
-                             chat_prompt, conversation)
+from castbot.serving import (LIMITS, ChatReply, ChatRequest, Feedback, FeedbackSaved, GenerateRequest, Generation,
+                             Prompt, as_generation, chat_prompt, conversation)
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
-API_PATHS = frozenset({"/chat", "/chat/stream", "/generate"})
+API_PATHS = frozenset({"/chat", "/chat/stream", "/generate", "/feedback"})
+logger = logging.getLogger("castbot.service")
 
 
 class BentoArgs(BaseModel):
@@ -75,6 +80,29 @@ def _batch_started(size: int) -> None:
     """The adaptive engine's hook, per static batch it runs."""
     BATCH_SIZES.observe(size)
     RUNNING_BATCH.set(size)
+
+
+CHATLOG_ERRORS = prometheus_client.Counter(
+    "castbot_chatlog_errors", "Turns or ratings the conversation log failed to store (the reply still went out).")
+CHATLOG_WRITE = prometheus_client.Histogram(
+    "castbot_chatlog_write_seconds", "Time to commit one turn to the conversation log, before the reply completes.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+
+
+def open_chatlog() -> ChatLog | None:
+    """The conversation log from CASTBOT_CHATLOG*, or None when it is off or cannot be opened (logged, counted:
+    the service answers without it rather than not at all)."""
+    try:
+        return ChatLog.from_env()
+    except Exception as exc:  # a bad URL, a database down: the error names it without the password
+        CHATLOG_ERRORS.inc()
+        logger.error("conversation log unavailable, turns are not logged: %s", exc)
+        return None
+
+
+def new_turn(conversation_id: str | None) -> dict[str, str]:
+    """Ids of a turn about to be answered: its own, and its conversation's (the client's, or a new one)."""
+    return {"turn_id": uuid.uuid4().hex, "conversation_id": conversation_id or uuid.uuid4().hex}
 
 
 DECODING_STEPS = prometheus_client.Counter(
@@ -179,6 +207,7 @@ class Chat:
             raise RuntimeError(f"CASTBOT_SERVE_MAX_NEW_TOKENS={LIMITS.max_new_tokens} leaves no room for a prompt: "
                                f"the model holds {self.bot.positions} positions")
         self.engine = make_engine(LIMITS.engine, self.bot, LIMITS, on_batch=_batch_started)
+        self.chatlog = open_chatlog()
         self.steps_counted = 0
         labels = stored.info.labels
         self.identity = {"model_name": labels.get("mlflow_model", stored.tag.name),
@@ -192,20 +221,20 @@ class Chat:
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
     async def generate(self, prompts: list[Prompt]) -> list[Generation]:
         """Continue each prompt; concurrent requests decode together, up to max_batch_size at a time."""
-        replies = await asyncio.gather(*(self._reply("/generate", prompt) for prompt in prompts))
-        return [as_generation(reply) for reply in replies]
+        return list(await asyncio.gather(*(self._reply("/generate", prompt, new_turn(None)) for prompt in prompts)))
 
     @bentoml.api(route="/chat")
     async def chat(self, request: ChatRequest, /) -> ChatReply:
         """One chat turn: history (oldest first) and message -> the character's reply."""
-        reply = await self._reply("/chat", chat_prompt(request))
-        return ChatReply(**as_generation(reply).model_dump(), **self.identity)
+        generation = await self._reply("/chat", chat_prompt(request), new_turn(request.conversation_id))
+        return ChatReply(**generation.model_dump(), **self.identity)
 
     @bentoml.api(route="/chat/stream")
     async def chat_stream(self, request: ChatRequest, /) -> AsyncGenerator[str, None]:
         """The /chat reply as server-sent events: `event: start` with the model's identity, `data: {"text": ...}`
         per piece as it is generated, then `event: done` with the whole reply, its token counts and the identity."""
         started, first_piece_at, prompt = time.perf_counter(), None, chat_prompt(request)
+        turn = new_turn(request.conversation_id)
         stream = self.engine.stream(conversation(prompt, self.bot.format.character), **prompt.decoding())
         failed = True
         try:
@@ -220,11 +249,27 @@ class Chat:
             raise
         finally:
             reply = dataclasses.replace(stream.reply, finish_reason="error") if failed else stream.reply
-            await self._finished("/chat/stream", prompt, reply, started, first_piece_at)
-        final = ChatReply(**as_generation(reply).model_dump(), **self.identity)
+            await self._finished("/chat/stream", prompt, reply, started, first_piece_at, turn)
+        final = ChatReply(**as_generation(reply, turn).model_dump(), **self.identity)
         yield f"event: done\ndata: {final.model_dump_json()}\n\n"
 
-    async def _reply(self, endpoint: str, prompt: Prompt) -> Reply:
+    @bentoml.api(route="/feedback")
+    async def feedback(self, request: Feedback, /) -> FeedbackSaved:
+        """Rate a served turn (+1 or -1, with an optional comment) by the turn_id its reply carried."""
+        if self.chatlog is None:
+            raise NotFound(f"turn {request.turn_id} is not in the conversation log: the log is off "
+                           "(CASTBOT_CHATLOG=off) or unavailable")
+        try:
+            found = await asyncio.to_thread(self.chatlog.add_feedback, request.turn_id, request.rating, request.comment)
+        except Exception as exc:
+            CHATLOG_ERRORS.inc()
+            logger.error("feedback not stored: %s", type(exc).__name__)
+            raise ServiceUnavailable("the conversation log cannot store feedback now; retry later") from exc
+        if not found:
+            raise NotFound(f"turn {request.turn_id} is not in the conversation log")
+        return FeedbackSaved(turn_id=request.turn_id, rating=request.rating)
+
+    async def _reply(self, endpoint: str, prompt: Prompt, turn: dict[str, str]) -> Generation:
         """One reply from the engine, passed through _finished whatever its end; EngineBusy becomes a 503."""
         started = time.perf_counter()
         reply = Reply("", 0, 0, "error")
@@ -236,14 +281,22 @@ class Chat:
         except EngineBusy as exc:
             raise ServiceUnavailable(str(exc)) from exc
         finally:
-            await self._finished(endpoint, prompt, reply, started, None)
-        return reply
+            await self._finished(endpoint, prompt, reply, started, None, turn)
+        return as_generation(reply, turn)
 
     async def _finished(self, endpoint: str, prompt: Prompt, reply: Reply, started: float,
-                        first_piece_at: float | None) -> None:
+                        first_piece_at: float | None, turn: dict[str, str]) -> None:
         """Every finished turn of /chat, /chat/stream and /generate passes here once, whatever its finish_reason;
-        started and first_piece_at are time.perf_counter() readings. Metrics are updated here, not read on
-        scrape (BentoML's multiprocess metrics cannot read a gauge on scrape)."""
+        started and first_piece_at are time.perf_counter() readings. The turn is committed to the conversation
+        log before the reply goes out (so an acknowledged reply survives a crash), in a worker thread; a turn the
+        client abandoned is logged without waiting. Metrics are updated here, not read on scrape (BentoML's
+        multiprocess metrics cannot read a gauge on scrape)."""
+        if self.chatlog is not None:
+            record = self._record(endpoint, prompt, reply, started, first_piece_at, turn)
+            if reply.finish_reason == "cancelled":
+                asyncio.get_running_loop().run_in_executor(None, self._write, record)
+            else:
+                await asyncio.to_thread(self._write, record)
         GENERATED_TOKENS.inc(reply.new_tokens)
         if first_piece_at is not None:
             FIRST_TOKEN.observe(first_piece_at - started)
@@ -251,6 +304,28 @@ class Chat:
         steps = self.engine.steps()
         DECODING_STEPS.inc(steps - self.steps_counted)
         self.steps_counted = steps
+
+    def _record(self, endpoint: str, prompt: Prompt, reply: Reply, started: float, first_piece_at: float | None,
+                turn: dict[str, str]) -> TurnRecord:
+        """The conversation log's row for a finished turn."""
+        now = time.perf_counter()
+        return TurnRecord(
+            **turn, time=datetime.now(timezone.utc) - timedelta(seconds=now - started), endpoint=endpoint.lstrip("/"),
+            message=prompt.named_turns()[-1][1], reply=reply.reply, history_turns=len(prompt.turns) - 1,
+            **self.identity, engine=LIMITS.engine, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens,
+            latency_s=now - started, ttft_s=None if first_piece_at is None else first_piece_at - started,
+            finish_reason=reply.finish_reason)
+
+    def _write(self, record: TurnRecord) -> None:
+        """Commit one turn; a failure is counted and logged (without the user's words), never raised."""
+        started = time.perf_counter()
+        try:
+            self.chatlog.record(record)
+        except Exception as exc:
+            CHATLOG_ERRORS.inc()
+            logger.error("turn %s not logged: %s", record.turn_id, type(exc).__name__)
+            return
+        CHATLOG_WRITE.observe(time.perf_counter() - started)
 
 
 Chat.add_asgi_middleware(Admission, max_concurrency=LIMITS.max_concurrency, max_request_bytes=LIMITS.max_request_bytes)

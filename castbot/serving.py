@@ -7,7 +7,7 @@ so a chat is built and decoded the same way everywhere. Limits come from CASTBOT
 import os
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from castbot.config import Strict
 from castbot.dialogue import DECODING_DEFAULTS
@@ -17,6 +17,7 @@ from castbot.engines import ENGINES
 STRICT_JSON = ConfigDict(extra="forbid", strict=True)
 
 ENV_PREFIX = "CASTBOT_SERVE_"
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"  # turn and conversation ids: uuid4 hex from the service, or the client's
 
 
 class ServeLimits(Strict):
@@ -111,12 +112,41 @@ class Generation(BaseModel):
     reply: str = Field(..., description="The generated turn, up to the first end-of-turn token.")
     prompt_tokens: int = Field(..., description="Tokens of the prompt after truncating the oldest turns.")
     new_tokens: int = Field(..., description="Tokens generated, including the end-of-turn token.")
+    turn_id: str = Field(..., description="This turn in the conversation log: what POST /feedback rates.")
+    conversation_id: str = Field(..., description="The conversation this turn belongs to; send it back with the "
+                                 "next /chat request to keep the turns of one chat together.")
 
 
 class ChatRequest(Decoding):
     history: list[Turn] = Field(default_factory=list, max_length=LIMITS.max_history_turns,
                                 description="Earlier turns, oldest first; empty for a single-turn chat.")
     message: _text(LIMITS.max_message_chars) = Field(..., description="The user's new message.")
+    conversation_id: str | None = Field(None, pattern=ID_PATTERN, max_length=64,
+                                        description="The conversation_id of an earlier reply in this chat; "
+                                        "omitted: a new conversation.")
+
+
+class Feedback(BaseModel):
+    """A user's rating of one served turn."""
+
+    model_config = STRICT_JSON
+
+    turn_id: str = Field(..., pattern=ID_PATTERN, max_length=64, description="The turn_id of the rated reply.")
+    rating: int = Field(..., description="+1: a good reply, -1: a bad one.", json_schema_extra={"enum": [1, -1]})
+    comment: str | None = Field(None, max_length=LIMITS.max_message_chars, description="Why, in the user's words.")
+
+
+    @field_validator("rating")
+    @classmethod
+    def _one_or_minus_one(cls, rating: int) -> int:
+        if rating not in (1, -1):  # strict ints: true and 1.0 are refused before this
+            raise ValueError("rating is 1 (good) or -1 (bad)")
+        return rating
+
+
+class FeedbackSaved(BaseModel):
+    turn_id: str = Field(..., description="The rated turn.")
+    rating: int = Field(..., description="The rating now stored for it (a later rating replaces an earlier one).")
 
 
 class ChatReply(Generation):
@@ -149,6 +179,6 @@ def conversation(prompt: Prompt, character: str) -> list[tuple[str, str]]:
     return [(speaker_name(s, character), t) for s, t in prompt.named_turns()]
 
 
-def as_generation(reply) -> Generation:
-    """A castbot.bot.Reply as the API returns it."""
-    return Generation(reply=reply.reply, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens)
+def as_generation(reply, turn: dict[str, str]) -> Generation:
+    """A castbot.bot.Reply as the API returns it, with its turn_id and conversation_id."""
+    return Generation(reply=reply.reply, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens, **turn)

@@ -20,6 +20,7 @@ SERVER_LIMITS = {"max_message_chars": 200, "max_turn_chars": 200, "max_history_t
                  "torch_threads": 1,
                  "dtype": "float32"}  # both engines in the same exact arithmetic, so greedy replies can be compared
 BOT_CHAT = {"max_new_tokens": 8}
+CHATLOGS: dict[str, str] = {}  # served URL -> its conversation log's SQLAlchemy URL
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
@@ -47,22 +48,40 @@ def trained(prefect_harness, tmp_path_factory) -> dict:
     return result
 
 
-def serve(bento: str, workdir: Path, engine: str):
-    """`bentoml serve BENTO` with the given engine on a free loopback port; stopped when the generator ends."""
+def start_server(bento: str, workdir: Path, engine: str) -> tuple[str, subprocess.Popen]:
+    """`bentoml serve BENTO` with the given engine on a free loopback port, its conversation log in workdir."""
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    CHATLOGS[url] = f"sqlite:///{workdir / 'chatlog.db'}"
     env = {**os.environ, **{f"CASTBOT_SERVE_{k.upper()}": str(v) for k, v in SERVER_LIMITS.items()},
-           "CASTBOT_SERVE_ENGINE": engine}
+           "CASTBOT_SERVE_ENGINE": engine, "CASTBOT_CHATLOG_URL": CHATLOGS[url]}
     log = workdir / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", bento,
                                  "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc, log)
+    return url, proc
+
+
+def serve(bento: str, workdir: Path, engine: str):
+    """start_server, stopped when the generator ends."""
+    url, proc = start_server(bento, workdir, engine)
     try:
-        wait_ready(url, proc, log)
         yield url
     finally:
         stop_process_group(proc)
+
+
+def logged_turns(url: str):
+    """The served process's conversation log, read as the monitor and the export read it."""
+    from castbot.chatlog import ChatLog
+
+    log = ChatLog(CHATLOGS[url])
+    try:
+        return log.turns()
+    finally:
+        log.close()
 
 
 @pytest.fixture(scope="session")
@@ -294,8 +313,10 @@ def test_both_engines_give_the_same_greedy_reply(server, adaptive_server):
     body = {"message": "Is the rocket ready?", "temperature": 0, "no_repeat_ngram_size": 0, "max_new_tokens": 12}
     continuous, adaptive = chat(server, **body).json(), chat(adaptive_server, **body).json()
     assert continuous["reply"] == adaptive["reply"] and continuous["new_tokens"] == adaptive["new_tokens"]
-    streamed = stream_events(adaptive_server, body)
-    assert streamed[-1] == ("done", adaptive)
+    name, streamed = stream_events(adaptive_server, body)[-1]
+    ids = {"turn_id", "conversation_id"}
+    assert name == "done" and streamed["turn_id"] != adaptive["turn_id"]  # each answer is a turn of its own
+    assert {k: v for k, v in streamed.items() if k not in ids} == {k: v for k, v in adaptive.items() if k not in ids}
 
 
 def test_concurrent_chats_run_in_batches_with_adaptive_batching(adaptive_server):
@@ -365,6 +386,118 @@ def test_chat_stream_sends_the_reply_piece_by_piece(server, trained):
     assert "castbot_requests_in_flight" in metrics and "castbot_running_batch_size" in metrics
     refused = httpx.post(f"{server}/chat/stream", json={"message": ""}, timeout=30)
     assert refused.status_code == 400 and "message" in refused.text
+
+
+# ---- the conversation log and feedback ---------------------------------------------------------------------
+
+
+def mixed_burst(url: str, n: int) -> list[dict]:
+    """n requests at once, alternating /chat and /chat/stream, each a conversation of its own: the final reply
+    bodies (a stream's `done` data), in order."""
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=n)) as client:
+            async def one(i: int) -> dict:
+                body = {"message": f"Logged turn number {i}?", "max_new_tokens": 6}
+                if i % 2 == 0:
+                    resp = await client.post(f"{url}/chat", json=body)
+                    assert resp.status_code == 200, resp.text
+                    return {**resp.json(), "endpoint": "chat"}
+                async with client.stream("POST", f"{url}/chat/stream", json=body) as resp:
+                    assert resp.status_code == 200
+                    lines = [line async for line in resp.aiter_lines()]
+                return {**json.loads(lines[lines.index("event: done") + 1].removeprefix("data: ")),
+                        "endpoint": "chat/stream"}
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    return asyncio.run(run())
+
+
+def test_every_answered_turn_is_in_the_conversation_log_once(server, trained):
+    answers = mixed_burst(server, 64)
+    turns = logged_turns(server).set_index("turn_id")
+    assert len({a["turn_id"] for a in answers}) == 64
+    for answer in answers:
+        row = turns.loc[answer["turn_id"]]  # a turn_id that is not in the log raises KeyError here
+        assert (row.endpoint, row.reply, row.new_tokens, row.conversation_id) == (
+            answer["endpoint"], answer["reply"], answer["new_tokens"], answer["conversation_id"])
+        assert row.model_name == "serve-bot" and row.model_version == trained["version"]
+        assert row.finish_reason in ("stop", "length") and row.latency_s > 0
+    assert turns.index.is_unique
+    streamed = turns[turns.endpoint == "chat/stream"]
+    assert streamed.ttft_s.notna().all() and (streamed.ttft_s <= streamed.latency_s).all()
+
+    # a conversation keeps its id from turn to turn when the client sends it back
+    first = chat(server, message="Who are you?", **BOT_CHAT).json()
+    second = chat(server, message="And then?", conversation_id=first["conversation_id"],
+                  history=[{"speaker": "user", "text": "Who are you?"}, {"speaker": "bot", "text": first["reply"]}],
+                  **BOT_CHAT).json()
+    assert second["conversation_id"] == first["conversation_id"] and second["turn_id"] != first["turn_id"]
+    row = logged_turns(server).set_index("turn_id").loc[second["turn_id"]]
+    assert (row.message, row.history_turns) == ("And then?", 2)
+
+    generated = httpx.post(f"{server}/generate", json={"prompts": [{"turns": ["Hello?"], "max_new_tokens": 4},
+                                                                  {"turns": ["Bye?"], "max_new_tokens": 4}]},
+                           timeout=60).json()
+    logged = logged_turns(server).set_index("turn_id")
+    assert [logged.loc[g["turn_id"]].message for g in generated] == ["Hello?", "Bye?"]
+
+
+def test_a_stream_the_client_leaves_is_logged_as_cancelled(server):
+    """The client reads the start event and one piece, then hangs up while the reply is still being generated."""
+    for attempt in range(5):
+        message = f"Tell me everything, attempt {attempt}."
+        with httpx.stream("POST", f"{server}/chat/stream", timeout=60,
+                          json={"message": message, "max_new_tokens": 32, "temperature": 2, "top_k": 0}) as resp:
+            lines = resp.iter_lines()
+            assert next(lines) == "event: start"
+            next(line for line in lines if line.startswith("data: {\"text\""))
+        for _ in range(100):  # the server notices the hang-up and logs the turn without waiting on the client
+            rows = logged_turns(server)
+            rows = rows[rows.message == message]
+            if len(rows):
+                break
+            time.sleep(0.1)
+        assert len(rows) == 1, f"turn of attempt {attempt} not logged once: {len(rows)} rows"
+        if rows.iloc[0].finish_reason == "cancelled":
+            assert rows.iloc[0].endpoint == "chat/stream" and rows.iloc[0].new_tokens < 32
+            return
+    pytest.fail("every reply finished before the client left: the race was not tested")
+
+
+def test_feedback_rates_a_served_turn(server):
+    answer = chat(server, message="Rate me.", **BOT_CHAT).json()
+    saved = httpx.post(f"{server}/feedback", json={"turn_id": answer["turn_id"], "rating": -1}, timeout=30)
+    assert saved.status_code == 200 and saved.json() == {"turn_id": answer["turn_id"], "rating": -1}
+    again = httpx.post(f"{server}/feedback", json={"turn_id": answer["turn_id"], "rating": 1, "comment": "better"},
+                       timeout=30)
+    assert again.status_code == 200
+    row = logged_turns(server).set_index("turn_id").loc[answer["turn_id"]]
+    assert (row.rating, row.comment) == (1, "better")  # the last rating counts
+
+    unknown = httpx.post(f"{server}/feedback", json={"turn_id": "no-such-turn", "rating": 1}, timeout=30)
+    assert unknown.status_code == 404 and "no-such-turn" in unknown.text
+    for body, field in [({"turn_id": answer["turn_id"], "rating": 5}, "rating"),
+                        ({"turn_id": answer["turn_id"], "rating": True}, "rating"),
+                        ({"rating": 1}, "turn_id")]:
+        refused = httpx.post(f"{server}/feedback", json=body, timeout=30)
+        assert refused.status_code == 400 and field in refused.text, (body, refused.text)
+
+
+def test_replies_acknowledged_before_a_kill_9_are_all_in_the_log(trained, tmp_path):
+    import signal
+
+    url, proc = start_server(trained["bento"], tmp_path, "continuous")
+    try:
+        answers = mixed_burst(url, 64)
+        os.killpg(proc.pid, signal.SIGKILL)  # no shutdown, no flush: only what was committed survives
+        proc.wait(timeout=30)
+    finally:
+        stop_process_group(proc)
+    turns = logged_turns(url).set_index("turn_id")
+    missing = [a["turn_id"] for a in answers if a["turn_id"] not in turns.index]
+    assert not missing, f"{len(missing)} of 64 acknowledged turns lost after kill -9"
+    assert [turns.loc[a["turn_id"]].reply for a in answers] == [a["reply"] for a in answers]
 
 
 def test_terminal_chat_keeps_the_history(server):
