@@ -10,6 +10,7 @@ import pandas as pd
 from prefect import flow
 
 from castbot.config import ConfigError, PipelineConfig, also_train_on_profiles, load_profile
+from castbot.prefect_setup import exits_on_server_timeout
 from castbot.pretrained import ModelFetchError
 from tasks.base_model import base_reference, prepare_base_model
 from tasks.bento import build_bento
@@ -91,6 +92,7 @@ def train(config: PipelineConfig) -> dict:
             "reason": decision.reason, "perplexity": scores["candidate"]["perplexity"], "bento": bento}
 
 
+@exits_on_server_timeout
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m flows.train PROFILE.yaml", file=sys.stderr)

@@ -81,7 +81,8 @@ TIERS = {
     "flow": {"test_train_flow.py", "test_data_flow.py", "test_data_bad_input.py", "test_data_profiles.py",
              "test_finetune.py", "test_champion_race.py"},  # tasks and flows with real Prefect, GX, MLflow
     "service": {"test_service.py"},  # a real `bentoml serve` over HTTP
-    "slow": {"test_pretrained.py", "test_finetune_resume.py", "test_deployments.py"},  # SmolLM2, servers, kills
+    "slow": {"test_pretrained.py", "test_finetune_resume.py", "test_deployments.py",
+             "test_prefect_start.py"},  # SmolLM2, servers, kills, a saturated CPU
 }
 TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
 
