@@ -159,15 +159,15 @@ def test_profiles_shipped_with_the_repo_load():
 
 
 def test_sample_replies_are_reproducible_text_for_every_fixed_prompt(tiny_data, tmp_path):
-    from tasks.samples import PROMPTS, generate_replies, samples_markdown
+    from tasks.samples import PROMPTS, replies_to_prompts, samples_markdown
 
     config, base, datasets = tiny_data
     model_path = train_model(base, datasets, config.training.model_copy(update={"max_steps": 6}),
                              str(tmp_path))["model_path"]
-    replies = generate_replies(model_path)
+    replies = replies_to_prompts(model_path)
     assert len(replies) == len(PROMPTS) and all(isinstance(r, str) for r in replies)
     assert any(replies), "a trained model says something"
-    assert generate_replies(model_path) == replies
+    assert replies_to_prompts(model_path) == replies
     table = samples_markdown("Ada", PROMPTS, replies)
     assert table.count("\n| ") == len(PROMPTS) + 1 and "top_p=0.7" in table and PROMPTS[0] in table
 
