@@ -232,6 +232,12 @@ def paired_improvement(candidate_losses: list[float], champion_losses: list[floa
     return {"delta": delta, "low": low, "high": high, "significant": bool(high < 0)}
 
 
+def pooled_perplexity(losses: list[tuple[float, int]]) -> float:
+    """exp(total loss / total target tokens) of (loss sum in nats, target tokens) pairs, as Bot.score returns them;
+    a mean of per-sample or per-batch perplexities would weight short samples too much."""
+    return exp_mean(sum(loss for loss, _ in losses), sum(n for _, n in losses))
+
+
 def side_by_side_markdown(contexts: list[list[str]], replies: dict[str, list[str]], limit: int = 20) -> str:
     """A markdown table: the context's last turns, then one reply column per model (dict order).
 

@@ -153,33 +153,6 @@ def test_also_train_on_must_name_a_profile_of_the_same_character(tmp_path):
     assert load_profile(profile).data.also_train_on == [str(tmp_path / "rick2.yaml")]
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])  # 1: weighting across batches; 2: padding inside a batch
-def test_perplexity_is_token_weighted_over_padded_batches(batch_size):
-    """Two samples of very different lengths: the result is exp(total loss / total tokens)."""
-    import torch
-    from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tasks.evaluate import perplexity
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(config).eval()
-    rows = [
-        {"input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "attention_mask": [1] * 10, "labels": [-100, -100, 3, 4, 5, 6, 7, 8, 9, 10]},
-        {"input_ids": [11, 12, 13], "attention_mask": [1] * 3, "labels": [-100, 12, 13]},
-    ]
-    expected_loss, expected_tokens = 0.0, 0
-    for row in rows:  # one sample at a time: no padding involved
-        out = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]))
-        n = sum(1 for label in row["labels"][1:] if label != -100)
-        expected_loss += out.loss.item() * n
-        expected_tokens += n
-    result = perplexity(model, Dataset.from_list(rows), pad_token_id=0, batch_size=batch_size)
-    assert result["tokens"] == expected_tokens == 10
-    assert result["perplexity"] == pytest.approx(math.exp(expected_loss / expected_tokens), rel=1e-4)
-
-
 def score(perplexity: float, tokenizer: str = "t1", char_perplexity: float | None = None) -> dict:
     return {"perplexity": perplexity, "char_perplexity": char_perplexity or perplexity / 10, "tokenizer": tokenizer}
 
