@@ -14,6 +14,8 @@ from castbot.bot import Bot
 from castbot.config import OfflineModelConfig
 from castbot.dialogue import DialogueFormat
 
+pytestmark = pytest.mark.unit
+
 TEXTS = [" ".join(WORDS[i:i + 6]) for i in range(len(WORDS) - 6)] * 3
 
 

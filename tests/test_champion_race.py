@@ -4,9 +4,12 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, stop_process_group, tiny_config, write_tiny_show
+
+pytestmark = pytest.mark.flow
 
 
 def test_concurrent_runs_leave_the_latest_bento_on_the_champion(tmp_path):

@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import CHARACTER, REPO, free_port, stop_process_group, tiny_config, write_tiny_show
 
+pytestmark = pytest.mark.service
+
 # the served process's limits (CASTBOT_SERVE_*); small so the bad-input and overload cases are cheap
 SERVER_LIMITS = {"max_message_chars": 200, "max_turn_chars": 200, "max_history_turns": 8, "max_new_tokens": 32,
                  "max_prompts": 4, "max_request_bytes": 8192, "max_concurrency": 24, "max_batch_size": 16,

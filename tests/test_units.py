@@ -9,6 +9,8 @@ import pytest
 from castbot.config import ConfigError, GateConfig, load_profile
 from tests.conftest import CHARACTER, tiny_show_rows
 
+pytestmark = pytest.mark.unit
+
 
 def write(path, text):
     path.write_text(textwrap.dedent(text))
@@ -36,12 +38,15 @@ def test_relative_data_path_resolves_against_profile_folder(tmp_path):
     assert load_profile(profile).data.path == str(tmp_path / "data" / "show.csv")
 
 
-def test_shipped_profiles_load():
+def test_shipped_profiles_load_and_each_registers_under_its_own_name():
+    """Every profile in configs/ loads; two sharing a registry name would replace each other's champion."""
     from tests.conftest import REPO
 
-    for profile in sorted((REPO / "configs").glob("*.yaml")):
-        config = load_profile(profile)
-        assert config.character, profile
+    profiles = {path.name: load_profile(path) for path in sorted((REPO / "configs").glob("*.yaml"))}
+    names = [config.model_name for config in profiles.values()]
+    assert len(set(names)) == len(names), names
+    assert profiles["rick-dialogpt-small.yaml"].base_model == "microsoft/DialoGPT-small"
+    assert profiles["demo.yaml"].gate.max_perplexity < 1000
 
 
 @pytest.fixture(scope="module")
