@@ -16,14 +16,12 @@ from castbot.dialogue import DialogueFormat
 
 def test_split(profile: str):
     """The profile's config, base model folder and test samples, built as the flow builds them."""
+    from flows.train import training_data
     from tasks.base_model import prepare_base_model
-    from tasks.clean import clean_transcript
-    from tasks.dialogues import build_dialogues
-    from tasks.ingest import load_transcript
+    from tasks.lineage import report_dir
 
     config = load_profile(profile)
-    cleaned, _ = clean_transcript.fn(load_transcript.fn(config.data), config.cleaning)
-    splits = build_dialogues.fn(cleaned, config.character, config.dialogue, config.training.seed)
+    splits = training_data(config, report_dir()).splits
     base = prepare_base_model.fn(config.base_model, [], config.offline_model, config.training.seed)
     return config, base, splits["test"]
 

@@ -29,15 +29,12 @@ DEMO_PROFILE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def held_out_samples(profile: Path = DEMO_PROFILE) -> list[dict]:
-    """The profile's test split, built by the flow's own data steps."""
+    """The profile's test split, built by the flow's own data steps (also_train_on included)."""
     from castbot.config import load_profile
-    from tasks.clean import clean_transcript
-    from tasks.dialogues import build_dialogues
-    from tasks.ingest import load_transcript
+    from flows.train import training_data
+    from tasks.lineage import report_dir
 
-    config = load_profile(str(profile))
-    cleaned, _ = clean_transcript.fn(load_transcript.fn(config.data), config.cleaning)
-    return build_dialogues.fn(cleaned, config.character, config.dialogue, config.training.seed)["test"]
+    return training_data(load_profile(str(profile)), report_dir()).splits["test"]
 
 
 def held_out_chats(profile: Path = DEMO_PROFILE) -> list[dict]:

@@ -29,19 +29,16 @@ SHAPES = {
 
 def prepare(profile: str, shape_name: str):
     """Splits, base model folder and tokenised datasets for the profile with the named model shape."""
-    from flows.train import training_texts
+    from flows.train import training_data, training_texts
     from tasks.base_model import OFFLINE, prepare_base_model
-    from tasks.clean import clean_transcript
-    from tasks.dialogues import build_dialogues
-    from tasks.ingest import load_transcript
+    from tasks.lineage import report_dir
     from tasks.tokenize import choose_format, tokenize_dialogues
 
     config = load_profile(profile)
     named = isinstance(SHAPES[shape_name], str)
     shape = config.offline_model if named or SHAPES[shape_name] is None else OfflineModelConfig(
         **{**config.offline_model.model_dump(), **SHAPES[shape_name]})
-    cleaned, _ = clean_transcript.fn(load_transcript.fn(config.data), config.cleaning)  # as the flow does
-    splits = build_dialogues.fn(cleaned, config.character, config.dialogue, config.training.seed)
+    splits = training_data(config, report_dir()).splits
     base = prepare_base_model.fn(SHAPES[shape_name] if named else OFFLINE, training_texts(splits["train"]), shape,
                                  config.training.seed)
     fmt = choose_format(base, config.dialogue, config.character, config.show)
@@ -114,19 +111,17 @@ def bare_loop(base: str, datasets, config: TrainingConfig) -> dict:
 
 def quality(base: str, datasets, config: TrainingConfig) -> dict:
     """Test perplexity after the profile's full schedule in fp32 and in bf16 (evaluated in fp32)."""
-    from transformers import AutoModelForCausalLM
-
-    from tasks.evaluate import perplexity
+    from castbot.bot import Bot
+    from castbot.dialogue import DialogueFormat
     from tasks.finetune import train_model
-    from tasks.tokenize import load_tokenizer
+    from tasks.quality import pooled_perplexity
 
     scores = {}
     for precision in ("fp32", "bf16"):
         with tempfile.TemporaryDirectory() as tmp:
             result = train_model(base, datasets, config.model_copy(update={"precision": precision}), tmp)
-            model = AutoModelForCausalLM.from_pretrained(result["model_path"])
-            pad = load_tokenizer(result["model_path"]).pad_token_id
-            scores[precision] = {"perplexity": perplexity(model, datasets["test"], pad)["perplexity"],
+            bot = Bot.load(result["model_path"], fmt=DialogueFormat(), dtype="float32")  # evaluated in fp32
+            scores[precision] = {"perplexity": pooled_perplexity(bot.score(datasets["test"].to_list())),
                                  "tokens_per_s": result["train_tokens_per_s"], "steps": result["train_global_step"]}
     return scores
 

@@ -1,6 +1,9 @@
 """Prefect flows. Importing this package points MLflow, Prefect and BentoML at castbot's state folder
-(environment variables already set win) before Prefect reads its settings."""
+(environment variables already set win) and gives Prefect's temporary server time to start on a busy machine,
+before Prefect reads its settings. Each flow's `main` is wrapped in `exits_on_server_timeout`."""
 
+from castbot.prefect_setup import allow_slow_server_start
 from castbot.settings import use_project_state
 
 use_project_state()
+allow_slow_server_start()

@@ -5,11 +5,13 @@
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from prefect import flow
 
 from castbot.config import ConfigError, PipelineConfig, also_train_on_profiles, load_profile
+from castbot.prefect_setup import exits_on_server_timeout
 from castbot.pretrained import ModelFetchError
 from tasks.base_model import base_reference, prepare_base_model
 from tasks.bento import build_bento
@@ -22,7 +24,7 @@ from tasks.finetune import ModelCard, clear_work_folder, fine_tune, work_folder
 from tasks.gate import gate_candidate
 from tasks.ingest import load_transcript
 from tasks.judge import build_judge, publish_replies
-from tasks.lineage import log_data_lineage, report_dir
+from tasks.lineage import log_data_lineage, report_dir, resume_data_key
 from tasks.registry import (ChampionMoved, download_champion, finish_run, promote_champion, register_model,
                             start_run, tag_run)
 from tasks.samples import sample_replies
@@ -44,12 +46,19 @@ def prepared_transcript(profile: PipelineConfig, reports: str) -> tuple[pd.DataF
     return frame, cleaned
 
 
-@flow(name="train-character-bot")
-def train(config: PipelineConfig) -> dict:
-    """Train a character bot from a transcript and promote it if it beats the champion."""
-    from tasks.tokenize import choose_format, tokenize_dialogues
+class TrainingData(NamedTuple):
+    """What the data steps produce, in the order the flow unpacks it."""
 
-    reports = report_dir()
+    frame: pd.DataFrame  # the transcript as read; attrs["sha256"]
+    cleaned: pd.DataFrame
+    profiles: dict[str, PipelineConfig]  # data.also_train_on, by name
+    others: dict[str, tuple[pd.DataFrame, pd.DataFrame]]  # theirs as read and cleaned, by name
+    splits: dict[str, list[dict]]
+
+
+def training_data(config: PipelineConfig, reports: str) -> TrainingData:
+    """The flow's data steps: every transcript read, validated and cleaned, then one set of dialogue splits.
+    Benchmarks call this too, so their test split is the flow's."""
     frame, cleaned = prepared_transcript(config, reports)
     profiles = also_train_on_profiles(config)
     others = {name: prepared_transcript(profile, str(Path(reports) / "also_train_on" / name))
@@ -57,14 +66,22 @@ def train(config: PipelineConfig) -> dict:
     more = {name: other_cleaned for name, (_, other_cleaned) in others.items()}
     splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed, more)
     splits = add_feedback_samples(splits, config)
+    return TrainingData(frame, cleaned, profiles, others, splits)
+
+
+@flow(name="train-character-bot")
+def train(config: PipelineConfig) -> dict:
+    """Train a character bot from a transcript and promote it if it beats the champion."""
+    from tasks.tokenize import choose_format, tokenize_dialogues
+
+    reports = report_dir()
+    frame, cleaned, profiles, others, splits = training_data(config, reports)
     data_sha256 = frame.attrs["sha256"]
-    # resume only onto the same files cleaned the same way: each extra profile's settings count too
-    data_key = "".join([data_sha256, *(others[name][0].attrs["sha256"] + profiles[name].digest() for name in others)])
-    workdir = work_folder(data_key, config.digest())
+    workdir = work_folder(resume_data_key(frame, profiles, others, splits["train"]), config.digest())
     run_id = start_run(config, data_sha256, workdir.name)
     try:
         log_data_lineage(run_id, cleaned, config.data.path, reports, splits,
-                         {name: (profiles[name].data.path, other_cleaned) for name, other_cleaned in more.items()})
+                         {name: (profiles[name].data.path, other) for name, (_, other) in others.items()})
         base = prepare_base_model(config.base_model, training_texts(splits["train"]), config.offline_model,
                                   config.training.seed)
         fmt = choose_format(base, config.dialogue, config.character, config.show)
@@ -93,6 +110,7 @@ def train(config: PipelineConfig) -> dict:
             "reason": decision.reason, "perplexity": scores["candidate"]["perplexity"], "bento": bento}
 
 
+@exits_on_server_timeout
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m flows.train PROFILE.yaml", file=sys.stderr)

@@ -14,7 +14,7 @@ from prefect import task
 from castbot.config import CleaningConfig
 from tasks.cache import announce_cache_hit, content_policy
 from tasks.lineage import publish_markdown
-from tasks.text import shorten
+from tasks.text import markdown_cell, shorten
 
 HTML_TAG = r"</?[A-Za-z][^<>]{0,300}>"
 BBCODE = r"(?i)\[/?(?:b|i|u|s|url|quote|color|size|img|code|spoiler)(?:=[^\]]*)?\]"
@@ -180,13 +180,9 @@ def clean_transcript(frame: pd.DataFrame, rules: CleaningConfig) -> tuple[pd.Dat
     return cleaned, report
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def report_markdown(report: dict, source: str) -> str:
     """The cleaning report as a markdown table, one row per rule."""
-    rows = "\n".join(f"| {r['rule']} | {r['rows']:,} | {r['chars']:,} | {_cell(r['example'])} |"
+    rows = "\n".join(f"| {r['rule']} | {r['rows']:,} | {r['chars']:,} | {markdown_cell(r['example'])} |"
                      for r in report["rules"])
     return (f"# Cleaning report\n\n`{source}`: {report['rows_in']:,} rows in, {report['rows_out']:,} rows out; "
             f"{report['leftover_markup_rows']:,} cleaned lines still hold brackets or markup.\n\n"

@@ -5,20 +5,10 @@ import hashlib
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from castbot.bot import exp_mean, sample_losses
+from castbot.bot import exp_mean
 from castbot.config import PipelineConfig
 from castbot.dialogue import DialogueFormat
-from tasks.quality import perplexity_ci
-
-
-def perplexity(model, dataset, pad_token_id: int, batch_size: int = 32) -> dict:
-    """Sum token losses over every target token of dataset; a mean of per-batch means is wrong with padding."""
-    rows = [dict(zip(("input_ids", "attention_mask", "labels"), r))
-            for r in zip(dataset["input_ids"], dataset["attention_mask"], dataset["labels"])]
-    losses = sample_losses(model, rows, pad_token_id, batch_size)
-    total_loss, total_tokens = sum(loss for loss, _ in losses), sum(n for _, n in losses)
-    return {"perplexity": exp_mean(total_loss, total_tokens), "tokens": total_tokens,
-            "loss": total_loss / total_tokens if total_tokens else float("nan"), "total_loss": total_loss}
+from tasks.quality import perplexity_ci, pooled_perplexity
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -54,7 +44,7 @@ def measure_perplexity(bot, samples: list[dict], max_length: int) -> dict:
     words = sum(len(s["response"].split()) for s in samples)
     interval = perplexity_ci([loss for loss, _ in losses], [n for _, n in losses], [s["episode"] for s in samples],
                              seed=0) if tokens else {"low": float("nan"), "high": float("nan")}
-    return {"perplexity": exp_mean(total_loss, tokens), "tokens": tokens, "loss": total_loss / max(tokens, 1),
+    return {"perplexity": pooled_perplexity(losses), "tokens": tokens, "loss": total_loss / max(tokens, 1),
             "perplexity_low": interval["low"], "perplexity_high": interval["high"],  # 95%, bootstrap over episodes
             "total_loss": total_loss, "char_perplexity": exp_mean(total_loss, chars) if tokens else float("nan"),
             "word_perplexity": exp_mean(total_loss, words) if tokens else float("nan"),

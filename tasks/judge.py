@@ -81,14 +81,15 @@ def generate_replies(bot, contexts: list[dict], seed: int) -> list:
 
 def reply_perplexity(judge: Judge, replies: list[str], max_length: int) -> float:
     """Perplexity per token of the non-empty replies under the reference model, each given its context."""
-    from castbot.bot import Bot, exp_mean
+    from castbot.bot import Bot
+    from tasks.quality import pooled_perplexity
 
     if judge.reference_bot is None:
         judge.reference_bot = Bot.load(judge.reference, fmt=judge.reference_format, max_length=max_length)
     reference = judge.reference_bot
     samples = [{**context, "response": reply} for context, reply in zip(judge.contexts, replies) if reply.strip()]
     losses = reference.score([reference.encode(s, max_length) for s in samples])
-    return exp_mean(sum(loss for loss, _ in losses), sum(n for _, n in losses))
+    return pooled_perplexity(losses)
 
 
 def judge_replies(bot, judge: Judge, evaluation: EvaluationConfig, max_length: int) -> dict:

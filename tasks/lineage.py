@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
+from castbot.config import PipelineConfig
 from castbot.settings import STATE_DIR
 
 
@@ -76,3 +77,15 @@ def publish_markdown(markdown: str, key: str, description: str) -> None:
 
     if FlowRunContext.get() or TaskRunContext.get():
         create_markdown_artifact(markdown, key=key, description=description)
+
+
+def resume_data_key(frame: pd.DataFrame, profiles: dict[str, PipelineConfig],
+                    others: dict[str, tuple[pd.DataFrame, pd.DataFrame]], train: list[dict]) -> str:
+    """The data half of a work folder's key: the transcript's sha256, per also_train_on profile its file's
+    sha256 and its settings, and the digest of the liked turns (data.feedback) in the training split, so a run
+    resumes only onto the same data cleaned the same way."""
+    from tasks.feedback import feedback_digest, feedback_samples
+
+    liked = feedback_samples(train)
+    extra = [others[name][0].attrs["sha256"] + profiles[name].digest() for name in others]
+    return "".join([frame.attrs["sha256"], *extra, feedback_digest(liked) if liked else ""])

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from castbot.bot import exp_mean
-from tasks.text import shorten
+from tasks.text import markdown_cell
 
 # Chat-template and role tokens a reply must never contain: ChatML (<|im_start|>, <|im_end|>), GPT-2's
 # <|endoftext|> and any other <|...|> special token, Llama's <s> </s>, and a line that opens a role turn.
@@ -232,13 +232,10 @@ def paired_improvement(candidate_losses: list[float], champion_losses: list[floa
     return {"delta": delta, "low": low, "high": high, "significant": bool(high < 0)}
 
 
-def table_cell(text: str, limit: int, keep: str = "start") -> str:
-    """Text as one markdown table cell: at most limit characters, pipes escaped, newlines as ' / '."""
-    text = " / ".join(part.strip() for part in text.strip().splitlines())
-    if len(text) > limit:
-        text = shorten(text, limit - 1, keep, mark="…")
-    # '<' escaped so that leaked tokens such as </s> show instead of being read as HTML
-    return text.replace("|", "\\|").replace("<", "&lt;")
+def pooled_perplexity(losses: list[tuple[float, int]]) -> float:
+    """exp(total loss / total target tokens) of (loss sum in nats, target tokens) pairs, as Bot.score returns them;
+    a mean of per-sample or per-batch perplexities would weight short samples too much."""
+    return exp_mean(sum(loss for loss, _ in losses), sum(n for _, n in losses))
 
 
 def side_by_side_markdown(contexts: list[list[str]], replies: dict[str, list[str]], limit: int = 20) -> str:
@@ -247,15 +244,15 @@ def side_by_side_markdown(contexts: list[list[str]], replies: dict[str, list[str
     A model with fewer replies than contexts gets empty cells; an empty reply shows as _(empty)_.
     """
     names = list(replies)
-    lines = ["| " + " | ".join(["context", *(table_cell(n, 40) for n in names)]) + " |",
+    lines = ["| " + " | ".join(["context", *(markdown_cell(n, 40) for n in names)]) + " |",
              "|" + "---|" * (len(names) + 1)]
     for row, turns in enumerate(contexts[:limit]):
-        cells = [table_cell(" / ".join(turns), 200, keep="end")]  # the last turns matter most
+        cells = [markdown_cell(" / ".join(turns), 200, keep="end")]  # the last turns matter most
         for name in names:
             column = replies[name]
             if row >= len(column) or column[row] is None:
                 cells.append("")
             else:
-                cells.append(table_cell(column[row], 300) or "_(empty)_")
+                cells.append(markdown_cell(column[row], 300) or "_(empty)_")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

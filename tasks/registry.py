@@ -187,8 +187,10 @@ def promote_champion(model_name: str, version: str, measured_champion: str | Non
     current = champion_version(model_name)
     if current != measured_champion:
         if bento:
+            from tasks.bento import BENTO_TAG_KEY  # tasks.bento imports this module
+
             withdraw_bento(bento)
-            MlflowClient().delete_model_version_tag(model_name, version, "castbot.bento")
+            MlflowClient().delete_model_version_tag(model_name, version, BENTO_TAG_KEY)
         raise ChampionMoved(f"{model_name}: the champion moved from version {measured_champion} to {current} while "
                            f"this run was training; version {version} was compared with the old one, so it is "
                            "not promoted" + (f" and its Bento {bento} was deleted" if bento else "") +

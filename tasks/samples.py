@@ -3,6 +3,7 @@
 from prefect import task
 
 from castbot.dialogue import DECODING_DEFAULTS
+from tasks.text import markdown_cell
 
 # The same prompts for every run and profile, so runs compare side by side.
 PROMPTS = (
@@ -14,23 +15,20 @@ PROMPTS = (
 )
 
 
-def generate_replies(model_path: str, prompts: tuple[str, ...] = PROMPTS, seed: int = 0) -> list[str]:
+def replies_to_prompts(model_path: str, prompts: tuple[str, ...] = PROMPTS, seed: int = 0) -> list[str]:
     """One sampled reply per prompt with the shared decoding defaults, batched; seeded, so a rerun gives the
     same text."""
     from castbot.bot import Bot
-    from tasks.judge import generate_replies as reply_to
+    from tasks.judge import generate_replies
 
-    return [r.reply for r in reply_to(Bot.load(model_path), [{"context": [p]} for p in prompts], seed)]
+    return [r.reply for r in generate_replies(Bot.load(model_path), [{"context": [p]} for p in prompts], seed)]
 
 
 def samples_markdown(character: str, prompts: tuple[str, ...], replies: list[str]) -> str:
     """A two-column table: prompt, reply."""
     decoding = ", ".join(f"{k}={v}" for k, v in DECODING_DEFAULTS.items())
-
-    def cell(text: str) -> str:
-        return (text or "*(empty)*").replace("|", "\\|").replace("\n", " ")
-
-    rows = "\n".join(f"| {cell(p)} | {cell(r)} |" for p, r in zip(prompts, replies))
+    rows = "\n".join(f"| {markdown_cell(p) or '*(empty)*'} | {markdown_cell(r) or '*(empty)*'} |"
+                     for p, r in zip(prompts, replies))
     return f"### Sample replies from {character}\n\nDecoding: {decoding}\n\n| prompt | reply |\n|---|---|\n{rows}\n"
 
 
@@ -40,7 +38,7 @@ def sample_replies(model_path: str, run_id: str, character: str) -> list[str]:
     from mlflow import MlflowClient
     from prefect.artifacts import create_markdown_artifact
 
-    replies = generate_replies(model_path)
+    replies = replies_to_prompts(model_path)
     markdown = samples_markdown(character, PROMPTS, replies)
     MlflowClient().log_text(run_id, markdown, "samples.md")
     create_markdown_artifact(markdown, key="sample-replies", description=f"{character}: replies to fixed prompts")

@@ -75,22 +75,18 @@ def tiny_config(data_path, **overrides):
 
 
 # Test tiers (markers registered in pyproject.toml): `make test-fast` runs the unit tier, `make test` all of them.
-TIERS = {
-    "unit": {"test_units.py", "test_bot.py", "test_quality.py", "test_data_clean.py", "test_k8s.py",
-             "test_monitoring.py", "test_chatlog.py"},  # functions on small inputs and tiny models: seconds
-    "flow": {"test_train_flow.py", "test_data_flow.py", "test_data_bad_input.py", "test_data_profiles.py",
-             "test_finetune.py", "test_champion_race.py"},  # tasks and flows with real Prefect, GX, MLflow
-    "service": {"test_service.py"},  # a real `bentoml serve` over HTTP
-    "slow": {"test_pretrained.py", "test_finetune_resume.py", "test_deployments.py"},  # SmolLM2, servers, kills
-}
-TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
+# Each test carries exactly one, from `pytestmark = pytest.mark.<tier>` at the top of its file or a decorator:
+# unit: functions on small inputs and tiny models (seconds); flow: tasks and flows with real Prefect, GX, MLflow;
+# service: a real `bentoml serve` over HTTP; slow: SmolLM2, servers, kills, a saturated CPU.
+TIERS = ("unit", "flow", "service", "slow")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name not in TIER_OF:
-            raise pytest.UsageError(f"{item.path.name} has no tier: add it to TIERS in tests/conftest.py")
-        item.add_marker(TIER_OF[item.path.name])
+        tiers = [mark.name for mark in item.iter_markers() if mark.name in TIERS]
+        if len(tiers) != 1:
+            raise pytest.UsageError(f"{item.nodeid} has tier markers {tiers}: give it exactly one of {TIERS} "
+                                    "(`pytestmark = pytest.mark.unit` at the top of its file, or a decorator)")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -14,6 +14,8 @@ from castbot.bot import Bot
 from castbot.config import OfflineModelConfig
 from castbot.dialogue import DialogueFormat
 
+pytestmark = pytest.mark.unit
+
 TEXTS = [" ".join(WORDS[i:i + 6]) for i in range(len(WORDS) - 6)] * 3
 
 
@@ -362,3 +364,28 @@ def test_the_continuous_engine_serves_a_bf16_model(bot):
         engine.close()
     assert all(1 <= r.new_tokens <= GREEDY["max_new_tokens"] for r in replies)
     assert [r.prompt_tokens for r in replies] == [len(bot.prompt(c, GREEDY["max_new_tokens"])) for c in CHATS]
+
+
+def test_evaluated_perplexity_is_token_weighted_over_a_padded_batch(bot):
+    """What evaluate_model reports (measure_perplexity): a long and a short sample scored in one padded batch give
+    exp(total loss / total target tokens), each sample's loss as if run alone."""
+    import torch
+
+    from castbot.dialogue import IGNORE_INDEX
+    from tasks.evaluate import measure_perplexity
+
+    samples = [{"context": ["The rocket needs fuel."], "speakers": ["Bram"], "episode": "E1",
+                "response": " ".join(WORDS[:20])},
+               {"context": ["Moon tonight?"], "speakers": ["Cleo"], "episode": "E2", "response": "Never."}]
+    expected_loss, expected_tokens = 0.0, 0
+    with torch.inference_mode():
+        for sample in samples:  # one sample at a time: no padding involved
+            row = bot.encode(sample, 96)
+            labels = torch.tensor([row["labels"]])
+            n = int((labels[0, 1:] != IGNORE_INDEX).sum())
+            expected_loss += bot.model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * n
+            expected_tokens += n
+    result = measure_perplexity(bot, samples, 96)
+    assert result["sample_tokens"][0] > 3 * result["sample_tokens"][1], "lengths differ, so the batch is padded"
+    assert result["tokens"] == expected_tokens
+    assert result["perplexity"] == pytest.approx(math.exp(expected_loss / expected_tokens), rel=1e-4)

@@ -9,6 +9,8 @@ import pytest
 from tests.conftest import tiny_config, tiny_show_rows, write_tiny_show
 from tasks.errors import DataError
 
+pytestmark = pytest.mark.flow
+
 
 def cleaned_transcript(config, docs: Path):
     """ingest -> raw checks -> clean -> dialogue checks, as the flow runs them (task bodies only)."""

@@ -6,6 +6,8 @@ import pytest
 from castbot.config import CleaningConfig
 from tasks.clean import clean_transcript, report_markdown
 
+pytestmark = pytest.mark.unit
+
 
 def frame(rows: list[tuple]) -> pd.DataFrame:
     """rows of (episode, scene, speaker, line)."""

@@ -5,6 +5,8 @@ import pytest
 from tests.conftest import tiny_config, write_tiny_show
 from tests.test_data_bad_input import run_data_steps
 
+pytestmark = pytest.mark.flow
+
 
 def task_states(flow_state) -> dict[str, str]:
     """Task name -> state name ('Completed', 'Cached', ...) for one flow run."""

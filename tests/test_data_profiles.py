@@ -7,6 +7,8 @@ import pytest
 
 from tests.test_data_bad_input import run_data_steps
 
+pytestmark = pytest.mark.flow
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHOWS = {  # profile -> (character, fewest training samples expected)
     "rick-and-morty.yaml": ("Rick", 1800),  # 415 of its own + 1,497 from the scrape's other episodes

@@ -19,6 +19,8 @@ import yaml
 from deployments import render
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 FLOW = "train-character-bot"

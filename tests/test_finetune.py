@@ -6,7 +6,7 @@ import shutil
 import pytest
 from tests.conftest import tiny_config
 
-from castbot.config import ConfigError, PipelineConfig, load_profile
+from castbot.config import ConfigError, load_profile
 from tasks.finetune import CHECKPOINTS, LengthBucketSampler, checkpoint_problem, latest_checkpoint, train_model
 
 
@@ -25,11 +25,21 @@ def tiny_data(tiny_show):
     return config, base, tokenize_dialogues.fn(splits, base, config.dialogue)
 
 
+def scored_perplexity(folder: str, dataset) -> float:
+    """Perplexity of a model folder on tokenised rows, scored as evaluate_model scores (Bot.score)."""
+    from castbot.bot import Bot, load_tokenizer, load_weights
+    from castbot.dialogue import DialogueFormat
+    from tasks.quality import pooled_perplexity
+
+    return pooled_perplexity(Bot(load_tokenizer(folder), load_weights(folder), DialogueFormat()).score(dataset.to_list()))
+
+
 def padding(lengths, batches):
     processed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return 1 - sum(lengths) / processed
 
 
+@pytest.mark.unit
 def test_length_buckets_cut_padding_below_5_percent_and_cover_every_sample_once():
     import random
 
@@ -47,6 +57,7 @@ def test_length_buckets_cut_padding_below_5_percent_and_cover_every_sample_once(
     assert list(sampler) != order
 
 
+@pytest.mark.flow
 def test_a_corrupt_or_partial_checkpoint_is_skipped_with_a_warning_and_training_resumes(tiny_data, tmp_path, caplog):
     config, base, datasets = tiny_data
     first = train_model(base, datasets, config.training, str(tmp_path))
@@ -71,6 +82,7 @@ def test_a_corrupt_or_partial_checkpoint_is_skipped_with_a_warning_and_training_
     assert resumed["train_tokens"] < first["train_tokens"], "the resumed run trains only the steps after 6"
 
 
+@pytest.mark.flow
 def test_lora_saves_small_adapters_that_load_merged_into_their_base(tiny_data, tmp_path):
     """A LoRA run stores adapters and the base's name (a nightly candidate costs little); loading merges them."""
     import torch
@@ -96,24 +108,20 @@ def test_lora_saves_small_adapters_that_load_merged_into_their_base(tiny_data, t
     assert torch.equal(before.transformer.wte.weight, after.transformer.wte.weight), "LoRA leaves embeddings alone"
 
 
+@pytest.mark.flow
 def test_bf16_training_learns_and_reports_its_precision(tiny_data, tmp_path):
     """bf16 autocast really trains: validation perplexity falls from the base model's."""
-    from transformers import AutoModelForCausalLM
-
-    from tasks.evaluate import perplexity
-
     config, base, datasets = tiny_data
     training = config.training.model_copy(update={"precision": "bf16", "max_steps": 12, "learning_rate": 0.01})
     result = train_model(base, datasets, training, str(tmp_path))
     assert result["precision"] == "bf16" and result["train_precision_bf16"] == 1.0
     assert 0 <= result["train_padding_fraction"] < 1 and result["train_tokens_per_s"] > 0
-    pad = AutoModelForCausalLM.from_pretrained(base).config.pad_token_id
-    before = perplexity(AutoModelForCausalLM.from_pretrained(base), datasets["validation"], pad)["perplexity"]
-    after = perplexity(AutoModelForCausalLM.from_pretrained(result["model_path"]), datasets["validation"],
-                       pad)["perplexity"]
+    before = scored_perplexity(base, datasets["validation"])
+    after = scored_perplexity(result["model_path"], datasets["validation"])
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, message", [
     ({"training.method": "lora", "training.lora.r": 0}, "training.lora.r"),
     ({"training.lora.dropout": 0.9}, "training.lora.dropout"),
@@ -136,6 +144,7 @@ def test_bad_training_settings_are_refused_naming_the_key(tmp_path, overrides, m
         load_profile(profile)
 
 
+@pytest.mark.unit
 def test_fp16_on_a_cpu_is_refused_and_auto_picks_a_supported_precision():
     import torch
 
@@ -149,29 +158,22 @@ def test_fp16_on_a_cpu_is_refused_and_auto_picks_a_supported_precision():
     assert pick_precision("bf16") == "bf16"
 
 
-def test_profiles_shipped_with_the_repo_load():
-    from pathlib import Path
-
-    configs = Path(__file__).resolve().parent.parent / "configs"
-    dialogpt = load_profile(configs / "rick-dialogpt-small.yaml")
-    assert isinstance(dialogpt, PipelineConfig) and dialogpt.base_model == "microsoft/DialoGPT-small"
-    assert load_profile(configs / "demo.yaml").gate.max_perplexity < 1000
-
-
+@pytest.mark.flow
 def test_sample_replies_are_reproducible_text_for_every_fixed_prompt(tiny_data, tmp_path):
-    from tasks.samples import PROMPTS, generate_replies, samples_markdown
+    from tasks.samples import PROMPTS, replies_to_prompts, samples_markdown
 
     config, base, datasets = tiny_data
     model_path = train_model(base, datasets, config.training.model_copy(update={"max_steps": 6}),
                              str(tmp_path))["model_path"]
-    replies = generate_replies(model_path)
+    replies = replies_to_prompts(model_path)
     assert len(replies) == len(PROMPTS) and all(isinstance(r, str) for r in replies)
     assert any(replies), "a trained model says something"
-    assert generate_replies(model_path) == replies
+    assert replies_to_prompts(model_path) == replies
     table = samples_markdown("Ada", PROMPTS, replies)
     assert table.count("\n| ") == len(PROMPTS) + 1 and "top_p=0.7" in table and PROMPTS[0] in table
 
 
+@pytest.mark.flow
 def test_two_processes_train_through_accelerate_launch_with_the_same_code(tiny_data, tmp_path):
     """DDP on CPU (gloo) stands in for a GPU node: the task launches `accelerate launch` with the shipped config."""
     from mlflow import MlflowClient

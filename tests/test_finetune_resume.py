@@ -14,6 +14,8 @@ from tests.conftest import REPO, tiny_config, write_tiny_show
 
 from tasks.finetune import checkpoint_problem
 
+pytestmark = pytest.mark.slow
+
 MAX_STEPS, EVERY = 60, 10
 
 

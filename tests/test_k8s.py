@@ -13,6 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deployments" / "k8s"
 K8S_VERSION = "1.32.0"

@@ -11,6 +11,8 @@ import pytest
 
 from castbot.pretrained import PACKAGED, WHEEL_ENV, ModelFetchError, cached_folder, resolve_packaged
 
+pytestmark = pytest.mark.slow
+
 SPEC = PACKAGED["smollm2-135m"]
 
 

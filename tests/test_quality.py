@@ -15,6 +15,8 @@ from tasks.quality import (
     train_character_classifier,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def rick_split(shared_data) -> dict:

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import REPO, tiny_config, write_tiny_show
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("prefect_harness")]
 
 
 def champion_version(name: str) -> str | None:
@@ -196,22 +196,6 @@ def test_a_llama_chat_model_trains_with_lora_end_to_end_and_mlflow_loads_the_ver
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], "logged from code, not pickled"
     replies = mlflow.pyfunc.load_model(f"models:/llama-bot/{result['version']}").predict(["the rocket", "fuel?"])
     assert len(replies) == 2 and all(isinstance(r, str) and "<|im_" not in r for r in replies)
-
-
-def test_word_salad_is_refused_for_fluency_under_the_pretrained_reference(tmp_path):
-    """offline-tiny after a few steps writes word salad; SmolLM2 as the reference model finds it unreadable."""
-    from flows.train import train
-
-    config = tiny_config(write_tiny_show(tmp_path / "show.csv"),
-                         **{"registry.model_name": "salad-bot", "evaluation.reference_model": "smollm2-135m",
-                            "gate.max_reply_perplexity": 1000, "gate.max_perplexity": 1e5})
-    result = train(config)
-    assert not result["promoted"]
-    assert "reply perplexity under the reference model" in result["reason"] and "gate.max_reply_perplexity" in result["reason"]
-    metrics = MlflowClient().get_run(result["run_id"]).data.metrics
-    assert metrics["test_reply_perplexity_candidate"] > 1000
-    assert "test_likeness_candidate" in metrics and "test_distinct2_ratio_candidate" in metrics
-    assert champion_version("salad-bot") is None
 
 
 def test_a_candidate_that_loops_is_refused_for_degeneracy(tmp_path, monkeypatch):

@@ -9,6 +9,8 @@ import pytest
 from castbot.config import ConfigError, GateConfig, load_profile
 from tests.conftest import CHARACTER, tiny_show_rows
 
+pytestmark = pytest.mark.unit
+
 
 def write(path, text):
     path.write_text(textwrap.dedent(text))
@@ -36,12 +38,15 @@ def test_relative_data_path_resolves_against_profile_folder(tmp_path):
     assert load_profile(profile).data.path == str(tmp_path / "data" / "show.csv")
 
 
-def test_shipped_profiles_load():
+def test_shipped_profiles_load_and_each_registers_under_its_own_name():
+    """Every profile in configs/ loads; two sharing a registry name would replace each other's champion."""
     from tests.conftest import REPO
 
-    for profile in sorted((REPO / "configs").glob("*.yaml")):
-        config = load_profile(profile)
-        assert config.character, profile
+    profiles = {path.name: load_profile(path) for path in sorted((REPO / "configs").glob("*.yaml"))}
+    names = [config.model_name for config in profiles.values()]
+    assert len(set(names)) == len(names), names
+    assert profiles["rick-dialogpt-small.yaml"].base_model == "microsoft/DialoGPT-small"
+    assert profiles["demo.yaml"].gate.max_perplexity < 1000
 
 
 @pytest.fixture(scope="module")
@@ -151,33 +156,6 @@ def test_also_train_on_must_name_a_profile_of_the_same_character(tmp_path):
             load_profile(profile)
     profile = write(tmp_path / "p.yaml", "data: {path: x.csv, also_train_on: [rick2.yaml]}\ncharacter: Rick\n")
     assert load_profile(profile).data.also_train_on == [str(tmp_path / "rick2.yaml")]
-
-
-@pytest.mark.parametrize("batch_size", [1, 2])  # 1: weighting across batches; 2: padding inside a batch
-def test_perplexity_is_token_weighted_over_padded_batches(batch_size):
-    """Two samples of very different lengths: the result is exp(total loss / total tokens)."""
-    import torch
-    from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tasks.evaluate import perplexity
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(config).eval()
-    rows = [
-        {"input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "attention_mask": [1] * 10, "labels": [-100, -100, 3, 4, 5, 6, 7, 8, 9, 10]},
-        {"input_ids": [11, 12, 13], "attention_mask": [1] * 3, "labels": [-100, 12, 13]},
-    ]
-    expected_loss, expected_tokens = 0.0, 0
-    for row in rows:  # one sample at a time: no padding involved
-        out = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]]))
-        n = sum(1 for label in row["labels"][1:] if label != -100)
-        expected_loss += out.loss.item() * n
-        expected_tokens += n
-    result = perplexity(model, Dataset.from_list(rows), pad_token_id=0, batch_size=batch_size)
-    assert result["tokens"] == expected_tokens == 10
-    assert result["perplexity"] == pytest.approx(math.exp(expected_loss / expected_tokens), rel=1e-4)
 
 
 def score(perplexity: float, tokenizer: str = "t1", char_perplexity: float | None = None) -> dict:
