@@ -78,13 +78,14 @@ def test_lora_saves_small_adapters_that_load_merged_into_their_base(tiny_data, t
     import torch
     from transformers import AutoModelForCausalLM
 
-    from castbot.model_folder import load_weights
     from castbot.dialogue import DialogueFormat
-    from castbot.model_folder import ModelCard
+    from castbot.model_folder import ModelCard, load_weights, read_card
+    from tasks.bento import save_servable
 
     config, base, datasets = tiny_data
     training = config.training.model_copy(update={"method": "lora", "max_steps": 6, "learning_rate": 0.05})
-    result = train_model(base, datasets, training, str(tmp_path), card=ModelCard(format=DialogueFormat(), max_length=128, base_model=base))
+    card = ModelCard(format=DialogueFormat(), max_length=128, base_model=base)
+    result = train_model(base, datasets, training, str(tmp_path), card=card)
     folder = tmp_path / "model"
     assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
     before = AutoModelForCausalLM.from_pretrained(base)
@@ -97,6 +98,11 @@ def test_lora_saves_small_adapters_that_load_merged_into_their_base(tiny_data, t
     for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):  # peft's all-linear default
         assert not torch.equal(block_before.get_submodule(name).weight, block_after.get_submodule(name).weight), name
     assert torch.equal(before.transformer.wte.weight, after.transformer.wte.weight), "LoRA leaves embeddings alone"
+    assert read_card(folder) == card
+    save_servable(folder, tmp_path / "servable")  # the Bento's copy: merged once, its card names no base
+    assert read_card(tmp_path / "servable") == card.model_copy(update={"base_model": None})
+    served = load_weights(str(tmp_path / "servable"))
+    assert torch.equal(served.transformer.h[0].attn.c_attn.weight, after.transformer.h[0].attn.c_attn.weight)
 
 
 def test_bf16_training_learns_and_reports_its_precision(tiny_data, tmp_path):
