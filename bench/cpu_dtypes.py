@@ -3,7 +3,7 @@
     python -m bench.cpu_dtypes                      # matmuls only
     python -m bench.cpu_dtypes --model demo-bot     # and the champion's held-out perplexity in both dtypes
 
-Why: the service loads weights in bf16 where oneDNN multiplies bf16 natively (castbot.bot.native_cpu_bf16);
+Why: the service loads weights in bf16 where oneDNN multiplies bf16 natively (castbot.model_folder.native_cpu_bf16);
 this shows what that buys and what it costs.
 """
 
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from castbot.bot import native_cpu_bf16
+    from castbot.model_folder import native_cpu_bf16
     from castbot.settings import use_project_state
 
     use_project_state()

@@ -70,8 +70,9 @@ def bare_loop(base: str, datasets, config: TrainingConfig) -> dict:
     from transformers import DataCollatorForSeq2Seq, get_scheduler
 
     from castbot.dialogue import IGNORE_INDEX
-    from tasks.finetune import LengthBucketSampler, load_model
-    from tasks.tokenize import load_tokenizer
+    from tasks.finetune import load_model
+    from tasks.sampler import LengthBucketSampler
+    from castbot.model_folder import load_tokenizer
 
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(base)

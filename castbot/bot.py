@@ -7,11 +7,10 @@
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from castbot.dialogue import (DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat, Turn, decode_reply, read_model_meta,
-                              sample_turns)
+from castbot.dialogue import DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat, Turn, decode_reply, sample_turns
+from castbot.model_folder import load_tokenizer, load_weights, pick_device, read_card
 
 
 MIN_TEMPERATURE = 0.01  # lower temperatures decode greedily
@@ -65,54 +64,6 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[
             [[0] * (width - len(row)) + [1] * len(row) for row in rows])
 
 
-def pick_device(requested: str | None = None, dtype: str = "auto"):
-    """(device, torch dtype). dtype "auto": CUDA in bf16 (fp16 without bf16 support), CPU in fp32, so evaluation
-    figures do not depend on which CPU ran them; "fast": as auto, but bf16 on a CPU that multiplies it natively
-    (serving); or a torch dtype name."""
-    import torch
-
-    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype not in ("auto", "fast"):
-        return device, getattr(torch, dtype)
-    if device.startswith("cuda"):
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return device, torch.bfloat16 if dtype == "fast" and native_cpu_bf16() else torch.float32
-
-
-def native_cpu_bf16() -> bool:
-    """True where oneDNN multiplies bf16 in hardware (AVX512-BF16 or AMX). On this project's 2-core AMD EPYC,
-    SmolLM2-sized matmuls ran 2.3-3x faster in bf16 than fp32 from 32 rows up; without such support bf16 is
-    emulated and slower."""
-    import torch
-
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def load_tokenizer(name_or_path: str, padding_side: str = "left"):
-    """The tokenizer with a pad token (DialoGPT has none: its eos doubles as pad; SmolLM2's pad is its eos)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = padding_side
-    return tokenizer
-
-
-def load_weights(folder: str, dtype=None):
-    """A causal LM from a save_pretrained folder or hub id; a castbot LoRA adapter folder is merged into its base."""
-    from transformers import AutoModelForCausalLM
-
-    if not (Path(folder) / "adapter_config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    from peft import PeftModel
-
-    from castbot.pretrained import resolve
-
-    base = AutoModelForCausalLM.from_pretrained(resolve(read_model_meta(folder)["base_model"]), dtype=dtype)
-    return PeftModel.from_pretrained(base, folder).merge_and_unload()  # W + (alpha/r) B A: a plain model again
-
-
 class Bot:
     """A loaded model with its tokenizer and dialogue format: replies to conversations and scores samples."""
 
@@ -126,16 +77,16 @@ class Bot:
     def load(cls, folder: str, fmt: DialogueFormat | None = None, device: str | None = None,
              torch_threads: int = 0, max_length: int | None = None, dtype: str = "auto") -> "Bot":
         """Load a model folder; its castbot.json gives the format and trained length unless fmt is given.
-        dtype as pick_device's."""
+        dtype as castbot.model_folder.pick_device's."""
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        meta = read_model_meta(folder)
-        fmt = fmt or DialogueFormat(**meta.get("format", {}))
+        card = read_card(folder)  # None for a plain base model: eos format, its position table as the budget
+        fmt = fmt or (card.format if card else DialogueFormat())
         device, torch_dtype = pick_device(device, dtype)
         model = load_weights(folder, torch_dtype).to(device).eval()
-        return cls(load_tokenizer(folder), model, fmt, max_length or meta.get("max_length"))
+        return cls(load_tokenizer(folder), model, fmt, max_length or (card.max_length if card else None))
 
     @property
     def device(self):

@@ -14,13 +14,10 @@ Two styles, chosen per base model (`DialogueFormat.choose`):
 A turn is (speaker, text); the speaker may be "" (unnamed, e.g. the user of the service).
 """
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 IGNORE_INDEX = -100  # label value the loss skips
-FORMAT_FILE = "castbot.json"  # written beside a trained model's weights: format, character, trained length
 
 # Decoding defaults from the public Rick-bot recipes; evaluation samples and the service share them.
 DECODING_DEFAULTS = {
@@ -51,7 +48,7 @@ def _turn_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
 
 
-def prompt_ids(tokenizer, turns: list[str], max_tokens: int) -> list[int]:
+def _eos_prompt_ids(tokenizer, turns: list[str], max_tokens: int) -> list[int]:
     """eos style: token ids for the turns so far, ending in <eos>; oldest turns dropped first to fit max_tokens."""
     if max_tokens < 1:
         raise ValueError(f"no room for a prompt: max_tokens={max_tokens}")
@@ -79,10 +76,10 @@ def _labelled(context_ids: list[int], response_ids: list[int], loss_on: str) -> 
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def encode_sample(tokenizer, context: list[str], response: str, max_length: int, loss_on: str = "response") -> dict:
+def _eos_sample(tokenizer, context: list[str], response: str, max_length: int, loss_on: str) -> dict:
     """eos style: one training sample; the context is cut from the left."""
     response_ids = _response_ids(tokenizer, response, max_length)
-    context_ids = prompt_ids(tokenizer, context, max_length - len(response_ids)) if context else []
+    context_ids = _eos_prompt_ids(tokenizer, context, max_length - len(response_ids)) if context else []
     return _labelled(context_ids, response_ids, loss_on)
 
 
@@ -116,7 +113,7 @@ class DialogueFormat:
     def prompt_ids(self, tokenizer, turns: list[Turn], max_tokens: int) -> list[int]:
         """Token ids that end where the character's reply starts; oldest turns dropped first to fit max_tokens."""
         if self.style == "eos":
-            return prompt_ids(tokenizer, [text for _, text in turns], max_tokens)
+            return _eos_prompt_ids(tokenizer, [text for _, text in turns], max_tokens)
         turns = list(turns)
         ids = self._chat_ids(tokenizer, turns)
         while len(ids) > max_tokens and len(turns) > 1:
@@ -139,7 +136,7 @@ class DialogueFormat:
                       loss_on: str = "response") -> dict:
         """One training sample: prompt ids, then the response and its end-of-turn token (the loss target)."""
         if self.style == "eos":
-            return encode_sample(tokenizer, [text for _, text in context], response, max_length, loss_on)
+            return _eos_sample(tokenizer, [text for _, text in context], response, max_length, loss_on)
         floor = len(self._chat_ids(tokenizer, []))  # the template and system line with no context
         if max_length - floor < 2:
             raise ValueError(f"dialogue.max_length={max_length} leaves no room for a reply: the chat template and "
@@ -147,17 +144,6 @@ class DialogueFormat:
         response_ids = _response_ids(tokenizer, response, max_length - floor)  # a very long line keeps its start
         context_ids = self.prompt_ids(tokenizer, context, max_length - len(response_ids))
         return _labelled(context_ids, response_ids, loss_on)
-
-    def save(self, folder: Path, max_length: int, base_model: str | None = None) -> None:
-        """Write castbot.json beside a trained model: the service prompts exactly as training did."""
-        meta = {"format": asdict(self), "max_length": max_length, "base_model": base_model}
-        (Path(folder) / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def read_model_meta(folder: str | Path) -> dict:
-    """castbot.json of a trained model folder, or {} for a plain base model."""
-    path = Path(folder) / FORMAT_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def decode_reply(tokenizer, generated_ids: list[int]) -> str:

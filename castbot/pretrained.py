@@ -100,6 +100,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # GGUF, not a model folder: castbot.model_folder's loaders do not apply until it is saved below
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
@@ -115,9 +116,9 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
 
 def check_tied_embeddings(folder: Path) -> None:
     """The reloaded model's output layer must share the input embedding (SmolLM2 ties them)."""
-    from transformers import AutoModelForCausalLM
+    from castbot.model_folder import load_weights
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = load_weights(str(folder))
     if model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
         raise ModelFetchError(f"{folder}: lm_head and embed_tokens are not tied after conversion")
 

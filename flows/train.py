@@ -20,7 +20,9 @@ from tasks.dialogues import build_dialogues
 from tasks.errors import DataError
 from tasks.feedback import add_feedback_samples
 from tasks.evaluate import evaluate_model, log_scores
-from tasks.finetune import ModelCard, clear_work_folder, fine_tune, work_folder
+from castbot.model_folder import ModelCard
+from tasks.checkpoints import clear_work_folder, work_folder
+from tasks.finetune import fine_tune
 from tasks.gate import gate_candidate
 from tasks.ingest import load_transcript
 from tasks.judge import build_judge, publish_replies
@@ -86,7 +88,8 @@ def train(config: PipelineConfig) -> dict:
                                   config.training.seed)
         fmt = choose_format(base, config.dialogue, config.character, config.show)
         datasets = tokenize_dialogues(splits, base, config.dialogue, fmt)
-        card = ModelCard(fmt, config.dialogue.max_length, base_reference(config.base_model, base))
+        card = ModelCard(format=fmt, max_length=config.dialogue.max_length,
+                         base_model=base_reference(config.base_model, base))
         model_path = fine_tune(base, datasets, config.training, str(workdir), run_id, card)
         sample_replies(model_path, run_id, config.character)
         judge = build_judge(cleaned, splits, config, base, fmt)

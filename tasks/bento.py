@@ -5,7 +5,6 @@
 """
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -67,13 +66,9 @@ def save_servable(source: Path, dest: Path) -> None:
     if not (source / "adapter_config.json").is_file():
         shutil.copytree(source, dest, dirs_exist_ok=True)
         return
-    from castbot.bot import load_tokenizer, load_weights
-    from castbot.dialogue import FORMAT_FILE, read_model_meta
+    from castbot.model_folder import save_merged
 
-    load_weights(str(source)).save_pretrained(dest)
-    load_tokenizer(str(source)).save_pretrained(dest)
-    meta = read_model_meta(source) | {"base_model": None}  # merged: no base to resolve any more
-    (dest / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
+    save_merged(source, dest)
 
 
 def bentoml_build(model_tag: str, labels: dict[str, str], gpu: bool = False) -> str:

@@ -142,7 +142,11 @@ def download_champion(model_name: str, workdir: str) -> dict | None:
 @task(name="register_model")  # no retries: a retry after log_model would register a second version
 def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: dict[str, str]) -> str:
     """Log the model to the run and register it as a new version of config.model_name (no alias)."""
+    from castbot.model_folder import CARD_FILE, read_card
     from castbot.pyfunc import HF_ARTIFACT
+
+    if read_card(model_path) is None:  # the service would prompt a card-less folder in the wrong format
+        raise ValueError(f"{model_path}: no {CARD_FILE}; register a folder that training saved")
 
     client = MlflowClient()
     package = Path(__file__).resolve().parent.parent / "castbot"

@@ -3,9 +3,9 @@
 from prefect import task
 
 from castbot import dialogue
-from castbot.bot import load_tokenizer
 from castbot.config import DialogueConfig
 from castbot.dialogue import DialogueFormat, sample_turns
+from castbot.model_folder import load_tokenizer
 from tasks.cache import announce_cache_hit, content_policy
 
 

@@ -113,7 +113,10 @@ def test_scores_equal_the_models_own_loss_on_each_sample(bot):
 
 def test_prompt_ids_depend_on_history_and_drop_the_oldest_turns_first(eos_bot):
     tokenizer = eos_bot.tokenizer
-    from castbot.dialogue import prompt_ids
+    from castbot.dialogue import DialogueFormat
+
+    def prompt_ids(tokenizer, texts, max_tokens):  # the eos format: unnamed turns
+        return DialogueFormat().prompt_ids(tokenizer, [("", text) for text in texts], max_tokens)
 
     eos = tokenizer.eos_token_id
     alone = prompt_ids(tokenizer, ["the moon"], 100)
@@ -342,7 +345,7 @@ def test_a_test_split_is_encoded_once_per_tokenizer_and_format(bot):
 def test_serving_dtype_fast_is_bf16_only_where_the_cpu_multiplies_it():
     import torch
 
-    from castbot.bot import native_cpu_bf16, pick_device
+    from castbot.model_folder import native_cpu_bf16, pick_device
 
     assert pick_device("cpu", "auto") == ("cpu", torch.float32)  # evaluation: the same figures on any CPU
     assert pick_device("cpu", "fast") == ("cpu", torch.bfloat16 if native_cpu_bf16() else torch.float32)

@@ -73,7 +73,7 @@ def test_russian_dialogue_end_to_end(prefect_harness, tmp_path):
     import mlflow
 
     from flows.train import train
-    from tasks.tokenize import load_tokenizer
+    from castbot.model_folder import load_tokenizer
 
     config = tiny_config("chatterbot:russian", character="Bot", **{"registry.model_name": "russian-bot",
                                                                     "validation.min_character_lines": 30})

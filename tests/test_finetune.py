@@ -7,7 +7,9 @@ import pytest
 from tests.conftest import tiny_config
 
 from castbot.config import ConfigError, load_profile
-from tasks.finetune import CHECKPOINTS, LengthBucketSampler, checkpoint_problem, latest_checkpoint, train_model
+from tasks.checkpoints import CHECKPOINTS, checkpoint_problem, latest_checkpoint
+from tasks.finetune import train_model
+from tasks.sampler import LengthBucketSampler
 
 
 @pytest.fixture
@@ -88,12 +90,14 @@ def test_lora_saves_small_adapters_that_load_merged_into_their_base(tiny_data, t
     import torch
     from transformers import AutoModelForCausalLM
 
-    from castbot.bot import load_weights
-    from tasks.finetune import ModelCard
+    from castbot.dialogue import DialogueFormat
+    from castbot.model_folder import ModelCard, load_weights, read_card
+    from tasks.bento import save_servable
 
     config, base, datasets = tiny_data
     training = config.training.model_copy(update={"method": "lora", "max_steps": 6, "learning_rate": 0.05})
-    result = train_model(base, datasets, training, str(tmp_path), card=ModelCard(base_reference=base))
+    card = ModelCard(format=DialogueFormat(), max_length=128, base_model=base)
+    result = train_model(base, datasets, training, str(tmp_path), card=card)
     folder = tmp_path / "model"
     assert (folder / "adapter_config.json").is_file() and not (folder / "model.safetensors").exists()
     before = AutoModelForCausalLM.from_pretrained(base)
@@ -106,6 +110,11 @@ def test_lora_saves_small_adapters_that_load_merged_into_their_base(tiny_data, t
     for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):  # peft's all-linear default
         assert not torch.equal(block_before.get_submodule(name).weight, block_after.get_submodule(name).weight), name
     assert torch.equal(before.transformer.wte.weight, after.transformer.wte.weight), "LoRA leaves embeddings alone"
+    assert read_card(folder) == card
+    save_servable(folder, tmp_path / "servable")  # the Bento's copy: merged once, its card names no base
+    assert read_card(tmp_path / "servable") == card.model_copy(update={"base_model": None})
+    served = load_weights(str(tmp_path / "servable"))
+    assert torch.equal(served.transformer.h[0].attn.c_attn.weight, after.transformer.h[0].attn.c_attn.weight)
 
 
 @pytest.mark.flow
@@ -148,7 +157,7 @@ def test_bad_training_settings_are_refused_naming_the_key(tmp_path, overrides, m
 def test_fp16_on_a_cpu_is_refused_and_auto_picks_a_supported_precision():
     import torch
 
-    from tasks.finetune import pick_precision
+    from castbot.model_folder import pick_precision
 
     if torch.cuda.is_available():
         pytest.skip("CPU-only behaviour")

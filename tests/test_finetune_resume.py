@@ -12,7 +12,7 @@ import pytest
 import yaml
 from tests.conftest import REPO, tiny_config, write_tiny_show
 
-from tasks.finetune import checkpoint_problem
+from tasks.checkpoints import checkpoint_problem
 
 pytestmark = pytest.mark.slow
 

@@ -210,7 +210,10 @@ def test_chat_round_trip(server, trained):
 
 
 def test_reply_is_conditioned_on_the_history(server, tokenizer, chat_model):
-    from castbot.dialogue import prompt_ids
+    from castbot.dialogue import DialogueFormat
+
+    def prompt_ids(tokenizer, texts, max_tokens):  # the eos format the served model was trained in
+        return DialogueFormat().prompt_ids(tokenizer, [("", text) for text in texts], max_tokens)
 
     budget = chat_model.prompt_budget(BOT_CHAT["max_new_tokens"])  # the trained length, within the positions
     assert budget == 48  # tiny_config's dialogue.max_length, not the 128-position table

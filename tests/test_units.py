@@ -53,7 +53,7 @@ def test_shipped_profiles_load_and_each_registers_under_its_own_name():
 def tokenizer(tmp_path_factory):
     from castbot.config import OfflineModelConfig
     from tasks.base_model import build_offline_model
-    from tasks.tokenize import load_tokenizer
+    from castbot.model_folder import load_tokenizer
 
     texts = [row["line"] for row in tiny_show_rows()]
     folder = build_offline_model(texts, OfflineModelConfig(vocab_size=300, n_layer=1, n_embd=32, n_head=2),
@@ -62,9 +62,9 @@ def tokenizer(tmp_path_factory):
 
 
 def test_sample_joins_turns_with_eos_and_masks_context(tokenizer):
-    from castbot.dialogue import IGNORE_INDEX, encode_sample
+    from castbot.dialogue import IGNORE_INDEX, DialogueFormat
 
-    sample = encode_sample(tokenizer, ["Hello there", "How are you"], "Fine thanks", max_length=64)
+    sample = DialogueFormat().encode_sample(tokenizer, [("", "Hello there"), ("", "How are you")], "Fine thanks", 64)
     eos = tokenizer.eos_token_id
     assert sample["input_ids"].count(eos) == 3 and sample["input_ids"][-1] == eos
     n_response = len(tokenizer.encode("Fine thanks", add_special_tokens=False)) + 1
@@ -74,10 +74,10 @@ def test_sample_joins_turns_with_eos_and_masks_context(tokenizer):
 
 
 def test_truncation_drops_oldest_turns_never_the_response(tokenizer):
-    from castbot.dialogue import encode_sample
+    from castbot.dialogue import DialogueFormat
 
-    context = [f"old turn number {i} about the rocket" for i in range(30)]
-    sample = encode_sample(tokenizer, context, "The newest answer", max_length=40)
+    context = [("", f"old turn number {i} about the rocket") for i in range(30)]
+    sample = DialogueFormat().encode_sample(tokenizer, context, "The newest answer", 40)
     text = tokenizer.decode(sample["input_ids"], skip_special_tokens=False)
     assert len(sample["input_ids"]) <= 40
     assert text.endswith("The newest answer" + tokenizer.eos_token)
@@ -85,9 +85,9 @@ def test_truncation_drops_oldest_turns_never_the_response(tokenizer):
 
 
 def test_loss_on_all_keeps_every_label(tokenizer):
-    from castbot.dialogue import encode_sample
+    from castbot.dialogue import DialogueFormat
 
-    sample = encode_sample(tokenizer, ["Hello"], "Hi", max_length=32, loss_on="all")
+    sample = DialogueFormat().encode_sample(tokenizer, [("", "Hello")], "Hi", 32, loss_on="all")
     assert sample["labels"] == sample["input_ids"]
 
 
@@ -263,3 +263,33 @@ def test_bentoml_traffic_settings_still_lack_what_the_admission_middleware_adds(
     defaults = Path(bentoml.__file__).parent / "_internal" / "configuration" / "v2" / "default_configuration.yaml"
     traffic = yaml.safe_load(defaults.read_text())["services"]["traffic"]
     assert set(traffic) == {"timeout", "max_concurrency"}
+
+
+def test_transformers_private_trainer_methods_still_match_the_overrides():
+    """When this fails, transformers renamed or changed a private Trainer method that
+    castbot.transformers_compat.TrainerHooks overrides: the override would silently stop running."""
+    from castbot.transformers_compat import trainer_private_changes
+
+    assert trainer_private_changes() == []
+
+
+def test_model_card_round_trips_and_refuses_unknown_or_missing_fields(tmp_path):
+    import json
+
+    import pydantic
+
+    from castbot.dialogue import DialogueFormat
+    from castbot.model_folder import CARD_FILE, ModelCard, read_card
+
+    assert read_card(tmp_path) is None  # a plain base model folder
+    card = ModelCard(format=DialogueFormat("chat", "Rick", "Rick and Morty"), max_length=96, base_model="smollm2-135m")
+    card.save(tmp_path)
+    assert read_card(tmp_path) == card
+    assert json.loads((tmp_path / CARD_FILE).read_text())["base_model"] == "smollm2-135m"  # the on-disk key
+    with pytest.raises(pydantic.ValidationError, match="base_model"):
+        ModelCard(format=DialogueFormat(), max_length=96)
+    with pytest.raises(pydantic.ValidationError, match="trained_on"):
+        ModelCard(format=DialogueFormat(), max_length=96, base_model=None, trained_on="x")
+    (tmp_path / CARD_FILE).write_text(json.dumps({"format": {}, "max_length": 96}))
+    with pytest.raises(pydantic.ValidationError, match="base_model"):
+        read_card(tmp_path)
