@@ -50,12 +50,13 @@ def trained(prefect_harness, tmp_path_factory) -> dict:
     return result
 
 
-def start_server(bento: str, workdir: Path, engine: str) -> tuple[str, subprocess.Popen]:
-    """`bentoml serve BENTO` with the given engine on a free loopback port, its conversation log in workdir."""
+def start_server(bento: str, workdir: Path, engine: str, **limits) -> tuple[str, subprocess.Popen]:
+    """`bentoml serve BENTO` with the given engine on a free loopback port, its conversation log in workdir;
+    limits override SERVER_LIMITS."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     CHATLOGS[url] = f"sqlite:///{workdir / 'chatlog.db'}"
-    env = {**os.environ, **{f"CASTBOT_SERVE_{k.upper()}": str(v) for k, v in SERVER_LIMITS.items()},
+    env = {**os.environ, **{f"CASTBOT_SERVE_{k.upper()}": str(v) for k, v in {**SERVER_LIMITS, **limits}.items()},
            "CASTBOT_SERVE_ENGINE": engine, "CASTBOT_CHATLOG_URL": CHATLOGS[url]}
     log = workdir / "serve.log"
     with log.open("w") as out:
@@ -427,20 +428,7 @@ def mixed_burst(url: str, n: int) -> list[dict]:
     return asyncio.run(run())
 
 
-def test_every_answered_turn_is_in_the_conversation_log_once(server, trained):
-    answers = mixed_burst(server, 64)
-    turns = logged_turns(server).set_index("turn_id")
-    assert len({a["turn_id"] for a in answers}) == 64
-    for answer in answers:
-        row = turns.loc[answer["turn_id"]]  # a turn_id that is not in the log raises KeyError here
-        assert (row.endpoint, row.reply, row.new_tokens, row.conversation_id) == (
-            answer["endpoint"], answer["reply"], answer["new_tokens"], answer["conversation_id"])
-        assert row.model_name == "serve-bot" and row.model_version == trained["version"]
-        assert row.finish_reason in ("stop", "length") and row.latency_s > 0
-    assert turns.index.is_unique
-    streamed = turns[turns.endpoint == "chat/stream"]
-    assert streamed.ttft_s.notna().all() and (streamed.ttft_s <= streamed.latency_s).all()
-
+def test_conversation_ids_and_generate_turns_are_logged(server):
     # a conversation keeps its id from turn to turn when the client sends it back
     first = chat(server, message="Who are you?", **BOT_CHAT).json()
     second = chat(server, message="And then?", conversation_id=first["conversation_id"],
@@ -498,20 +486,29 @@ def test_feedback_rates_a_served_turn(server):
         assert refused.status_code == 400 and field in refused.text, (body, refused.text)
 
 
-def test_replies_acknowledged_before_a_kill_9_are_all_in_the_log(trained, tmp_path):
+def test_64_concurrent_turns_are_each_logged_once_and_survive_a_kill_9(trained, tmp_path):
     import signal
 
-    url, proc = start_server(trained["bento"], tmp_path, "continuous")
+    url, proc = start_server(trained["bento"], tmp_path, "continuous", max_concurrency=64)
     try:
         answers = mixed_burst(url, 64)
-        os.killpg(proc.pid, signal.SIGKILL)  # no shutdown, no flush: only what was committed survives
+        os.killpg(proc.pid, signal.SIGKILL)  # right after the replies: no shutdown, only what was committed survives
         proc.wait(timeout=30)
     finally:
         stop_process_group(proc)
-    turns = logged_turns(url).set_index("turn_id")
+    turns = logged_turns(url)
+    assert turns.turn_id.is_unique and len({a["turn_id"] for a in answers}) == 64
+    turns = turns.set_index("turn_id")
     missing = [a["turn_id"] for a in answers if a["turn_id"] not in turns.index]
     assert not missing, f"{len(missing)} of 64 acknowledged turns lost after kill -9"
-    assert [turns.loc[a["turn_id"]].reply for a in answers] == [a["reply"] for a in answers]
+    for answer in answers:
+        row = turns.loc[answer["turn_id"]]
+        assert (row.endpoint, row.reply, row.new_tokens, row.conversation_id) == (
+            answer["endpoint"], answer["reply"], answer["new_tokens"], answer["conversation_id"])
+        assert row.model_name == "serve-bot" and row.model_version == trained["version"]
+        assert row.finish_reason in ("stop", "length") and row.latency_s > 0
+    streamed = turns[turns.endpoint == "chat/stream"]
+    assert len(streamed) == 32 and (streamed.ttft_s <= streamed.latency_s).all()
 
 
 def test_terminal_chat_keeps_the_history(server):
