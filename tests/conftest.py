@@ -77,9 +77,9 @@ def tiny_config(data_path, **overrides):
 # Test tiers (markers registered in pyproject.toml): `make test-fast` runs the unit tier, `make test` all of them.
 TIERS = {
     "unit": {"test_units.py", "test_bot.py", "test_quality.py", "test_data_clean.py", "test_k8s.py",
-             "test_monitoring.py"},  # functions on small inputs and tiny models: seconds
+             "test_monitoring.py", "test_drift.py"},  # functions on small inputs and tiny models: seconds
     "flow": {"test_train_flow.py", "test_data_flow.py", "test_data_bad_input.py", "test_data_profiles.py",
-             "test_finetune.py", "test_champion_race.py"},  # tasks and flows with real Prefect, GX, MLflow
+             "test_finetune.py", "test_champion_race.py", "test_monitor_flow.py"},  # tasks and flows with real Prefect, GX, MLflow
     "service": {"test_service.py"},  # a real `bentoml serve` over HTTP
     "slow": {"test_pretrained.py", "test_finetune_resume.py", "test_deployments.py"},  # SmolLM2, servers, kills
 }

@@ -129,12 +129,19 @@ def test_prefect_yaml_is_rendered_from_the_profiles():
         "deployments/prefect.yaml is out of date with configs/: run python -m deployments.render"
     deployments = yaml.safe_load(render.render())["deployments"]
     profiles = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
-    assert len(deployments) == 2 * len(profiles)
+    assert len(deployments) == 4 * len(profiles)  # train and monitor, each local and Kubernetes
     crons = render.nightly_crons(profiles)
     assert crons["smoke"] is None and crons["demo"] == "0 2 * * *" and len(set(crons.values())) == len(profiles)
     demo = next(d for d in deployments if d["name"] == "demo-nightly")
     assert demo["schedules"] == [{"cron": crons["demo"], "timezone": render.TIMEZONE, "active": True}]
     assert demo["parameters"]["config"]["registry"]["model_name"] == "demo-bot"
+    assert demo["parameters"]["skip_if_unchanged"] is True  # a scheduled run with nothing new ends at once
+    [trigger] = demo["triggers"]
+    assert trigger["match"] == {"prefect.resource.id": "castbot.bot.demo-bot"} and trigger["enabled"]
+    assert trigger["expect"] == render.RETRAIN_EVENTS and trigger["parameters"] == {"skip_if_unchanged": False}
+    monitor = next(d for d in deployments if d["name"] == "demo-monitor")
+    assert monitor["entrypoint"] == render.MONITOR_ENTRYPOINT and monitor["parameters"]["profile"] == "demo"
+    assert monitor["schedules"][0]["cron"] == render.MONITOR_CRON
 
 
 def test_deploy_creates_scheduled_local_and_kubernetes_deployments(prefect):
