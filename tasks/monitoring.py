@@ -17,12 +17,17 @@ EVENTS = {"drifted": "castbot.bot.drifted", "degraded": "castbot.bot.degraded"}
 
 
 def chat_log_url() -> str:
-    """CASTBOT_CHATLOG_URL, or the default SQLite file under the state folder; MonitorError when the log is off."""
+    """CASTBOT_CHATLOG_URL, or the default SQLite file under the state folder; MonitorError when the log is off
+    or its SQLite file does not exist (opening it would create an empty log and report 'not enough data')."""
     from castbot.settings import STATE_DIR
 
     if os.environ.get("CASTBOT_CHATLOG", "").lower() == "off":
         raise MonitorError("CASTBOT_CHATLOG=off: there is no chat log to monitor; serve the bot with the log on")
-    return os.environ.get("CASTBOT_CHATLOG_URL") or f"sqlite:///{STATE_DIR / 'chatlog.db'}"
+    url = os.environ.get("CASTBOT_CHATLOG_URL") or f"sqlite:///{STATE_DIR / 'chatlog.db'}"
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise MonitorError(f"no chat log at {url.removeprefix('sqlite:///')}: serve the bot (its log is written "
+                           "there by default) or set CASTBOT_CHATLOG_URL to the log the service writes")
+    return url
 
 
 @task(name="read_window", retries=2, retry_delay_seconds=2)
@@ -31,9 +36,6 @@ def read_window(url: str, model_name: str, version: str, hours: float) -> tuple[
     window held (left out: they were answered by another model)."""
     from castbot.chatlog import ChatLog
 
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise MonitorError(f"no chat log at {url.removeprefix('sqlite:///')}: serve the bot (its log is written "
-                           "there by default) or set CASTBOT_CHATLOG_URL to the log the service writes")
     turns = ChatLog(url).turns(model_name, since=datetime.now(timezone.utc) - timedelta(hours=hours))
     mine = turns["model_version"].astype(str) == str(version)
     return turns[mine].reset_index(drop=True), int((~mine).sum())
