@@ -50,7 +50,8 @@ def verdicts(checks) -> dict[str, str]:
 
 def test_held_out_episodes_of_the_same_show_are_not_drift(rick):
     reference, held_out = rick
-    checks = window_checks(reference, turns_frame(held_out), MonitorConfig())
+    # every held-out line (81): fewer than the default window needs, so the test lowers it
+    checks = window_checks(reference, turns_frame(held_out), MonitorConfig(min_turns=50))
     assert verdicts(checks)["drift"] == "no", [c.line() for c in checks]
     assert verdicts(checks)["vocabulary"] == "ok" and verdicts(checks)["length"] == "ok"
     drift = next(c for c in checks if c.name == "drift")
@@ -79,7 +80,7 @@ def test_another_language_is_drift_and_out_of_vocabulary(rick):
 def test_a_few_turns_give_not_enough_data(rick):
     reference, held_out = rick
     [check] = window_checks(reference, turns_frame(held_out[:12]), MonitorConfig())
-    assert check.line() == "window: not enough data (12 turns < monitor.min_turns=50)" and not check.alarm
+    assert check.line() == "window: not enough data (12 turns < monitor.min_turns=100)" and not check.alarm
 
 
 def test_the_classifier_sees_a_capped_sample_and_says_so(rick):

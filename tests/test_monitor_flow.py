@@ -116,9 +116,9 @@ def test_the_monitor_flow_on_in_and_out_of_distribution_traffic(trained, tmp_pat
     others = [row["line"] for row in _rows() if row["speaker"] != "Ada"]
     log_turns(url, others[:8])
     assert main([str(profile)]) == 0
-    assert "window: not enough data (8 turns < monitor.min_turns=50)" in capsys.readouterr().out
+    assert "window: not enough data (8 turns < monitor.min_turns=100)" in capsys.readouterr().out
 
-    log_turns(url, others[8:] + others[:60 - (len(others) - 8)])  # 60 turns of the show itself
+    log_turns(url, (others * 2)[8:120])  # 120 turns of the show itself
     started = datetime.now(timezone.utc)
     assert main([str(profile)]) == 0
     out = capsys.readouterr().out
