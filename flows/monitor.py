@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prefect import flow, task
 
+from castbot.chatlog import ChatLogError
 from castbot.config import ConfigError, PipelineConfig, load_profile
 from tasks.drift import Check, window_checks
 from tasks.lineage import publish_markdown
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         result = monitor(load_profile(args.profile), profile=Path(args.profile).stem, window_hours=args.window_hours)
-    except (ConfigError, MonitorError) as exc:
+    except (ConfigError, MonitorError, ChatLogError) as exc:
         print(f"castbot: {exc}", file=sys.stderr)
         return 1
     print(f"{result['model_name']} version {result['version']}: {result['turns']} turns"

@@ -19,11 +19,11 @@ EVENTS = {"drifted": "castbot.bot.drifted", "degraded": "castbot.bot.degraded"}
 def chat_log_url() -> str:
     """CASTBOT_CHATLOG_URL, or the default SQLite file under the state folder; MonitorError when the log is off
     or its SQLite file does not exist (opening it would create an empty log and report 'not enough data')."""
-    from castbot.settings import STATE_DIR
+    from castbot.chatlog import default_url
 
-    if os.environ.get("CASTBOT_CHATLOG", "").lower() == "off":
-        raise MonitorError("CASTBOT_CHATLOG=off: there is no chat log to monitor; serve the bot with the log on")
-    url = os.environ.get("CASTBOT_CHATLOG_URL") or f"sqlite:///{STATE_DIR / 'chatlog.db'}"
+    if os.environ.get("CASTBOT_CHATLOG", "on").strip().lower() in ("off", "0", "false", "no"):  # as ChatLog.from_env
+        raise MonitorError("CASTBOT_CHATLOG is off: there is no chat log to monitor; serve the bot with the log on")
+    url = default_url()
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise MonitorError(f"no chat log at {url.removeprefix('sqlite:///')}: serve the bot (its log is written "
                            "there by default) or set CASTBOT_CHATLOG_URL to the log the service writes")

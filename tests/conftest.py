@@ -77,7 +77,7 @@ def tiny_config(data_path, **overrides):
 # Test tiers (markers registered in pyproject.toml): `make test-fast` runs the unit tier, `make test` all of them.
 TIERS = {
     "unit": {"test_units.py", "test_bot.py", "test_quality.py", "test_data_clean.py", "test_k8s.py",
-             "test_monitoring.py", "test_drift.py"},  # functions on small inputs and tiny models: seconds
+             "test_monitoring.py", "test_drift.py", "test_chatlog.py"},  # functions on small inputs and tiny models: seconds
     "flow": {"test_train_flow.py", "test_data_flow.py", "test_data_bad_input.py", "test_data_profiles.py",
              "test_finetune.py", "test_champion_race.py", "test_monitor_flow.py"},  # tasks and flows with real Prefect, GX, MLflow
     "service": {"test_service.py"},  # a real `bentoml serve` over HTTP

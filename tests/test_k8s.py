@@ -70,7 +70,8 @@ def test_rendered_overlay_is_valid_and_namespaced(rendered):
             assert doc["metadata"]["namespace"] == NAMESPACE, f"{name}: {doc['kind']}/{doc['metadata']['name']}"
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")]
     assert {d["metadata"]["name"] for d in workloads} >= {"castbot-chat", "castbot-prefect-worker", "mlflow",
-                                                          "mlflow-postgres", "castbot-minio", "mlflow-bucket"}
+                                                          "mlflow-postgres", "castbot-minio", "mlflow-bucket",
+                                                          "chatlog-database"}
     for workload in workloads:
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True, workload["metadata"]["name"]
@@ -115,6 +116,24 @@ def test_bento_deployment_serves_gpu_in_base_and_cpu_in_overlay(rendered):
         assert by_kind(docs, "HorizontalPodAutoscaler", "castbot-chat")["spec"]["minReplicas"] == 2
 
 
+def chatlog_url_source(deployment: dict) -> dict:
+    [env] = [e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+             if e["name"] == "CASTBOT_CHATLOG_URL"]
+    assert "value" not in env, "the chat log URL holds a password: it must come from a Secret, not a literal"
+    return env["valueFrom"]["secretKeyRef"]
+
+
+def test_bento_gets_the_chat_log_url_from_the_secret_the_database_job_uses(rendered):
+    """Every replica logs to the one PostgreSQL database that the chatlog-database Job creates."""
+    _, docs = rendered
+    source = chatlog_url_source(by_kind(docs, "Deployment", "castbot-chat"))
+    assert source == {"name": "castbot-chatlog", "key": "CASTBOT_CHATLOG_URL"}
+    job = by_kind(docs, "Job", "chatlog-database")["spec"]["template"]["spec"]["containers"][0]
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in job["env"] if "valueFrom" in e}
+    assert secrets == {"castbot-chatlog", "mlflow-postgres"}
+    assert "CREATE DATABASE chatlog OWNER chatlog" in job["args"][0]
+
+
 def test_cpu_patches_apply_to_the_base():
     """The overlay's JSON patches, applied without kustomize: the result is a valid CPU-only Deployment."""
     base = {(d["kind"], d["metadata"]["name"]): d for d in load_all(K8S / "base" / "bento.yaml")}
@@ -125,6 +144,7 @@ def test_cpu_patches_apply_to_the_base():
         validate(base[key])
     deployment = base[("Deployment", "castbot-chat")]
     assert "nvidia.com/gpu" not in json.dumps(deployment)
+    assert chatlog_url_source(deployment)["name"] == "castbot-chatlog"
     assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]
 
 
