@@ -3,6 +3,7 @@ reference, a scheduled run with nothing new skips training, and the monitor flow
 prints its verdicts, records an MLflow run and emits the drift event."""
 
 import random
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -139,6 +140,9 @@ def test_the_monitor_flow_on_in_and_out_of_distribution_traffic(trained, tmp_pat
     assert "monitor_history.png" in {a.path for a in MlflowClient().list_artifacts(runs[0].info.run_id)}
 
     EventsWorker.drain_all()
-    [event] = drift_events(started)
+    deadline = time.monotonic() + 60  # the server's event persister writes in batches (every 5 s by default)
+    while not (events := drift_events(started)) and time.monotonic() < deadline:
+        time.sleep(2)
+    [event] = events
     assert event["resource"]["prefect.resource.id"] == f"castbot.bot.{MODEL}"
     assert event["payload"]["profile"] == "watch" and event["payload"]["figures"]["drift_auc"] > 0.5
