@@ -59,7 +59,7 @@ def write_log(turns: pd.DataFrame, url: str) -> float:
     log, started = ChatLog(url), time.perf_counter()
     rows = turns[TURN_FIELDS].assign(time=turns["time"].dt.tz_convert(None)).to_dict("records")
     rated = turns[turns["rating"].notna()]
-    ratings = [{"turn_id": t, "rating": int(r), "comment": None, "time": datetime.utcnow()}
+    ratings = [{"turn_id": t, "rating": int(r), "comment": None, "time": datetime.now(timezone.utc).replace(tzinfo=None)}
                for t, r in zip(rated["turn_id"], rated["rating"])]
     with log.engine.begin() as conn:
         conn.execute(turns_table.insert(), rows)
@@ -70,20 +70,14 @@ def write_log(turns: pd.DataFrame, url: str) -> float:
 def time_monitor(reference: dict, turns: pd.DataFrame) -> None:
     from tasks.drift import window_checks
 
-    try:
-        from castbot.chatlog import ChatLog
-    except ImportError:
-        ChatLog = None
-    if ChatLog is not None:
-        url = f"sqlite:///{tempfile.mkdtemp(prefix='castbot-bench-')}/chatlog.db"
-        print(f"writing {len(turns)} turns to {url}: {write_log(turns, url):.1f} s (not part of the monitor)")
-        started = time.perf_counter()
-        turns = ChatLog(url).turns("rick-bot", since=datetime.now(timezone.utc) - timedelta(hours=2))
-        read = time.perf_counter() - started
-        print(f"read {len(turns)} turns back with ChatLog.turns: {read:.1f} s")
-    else:
-        read = 0.0
-        print("castbot.chatlog not available: timing the checks on the in-memory frame only")
+    from castbot.chatlog import ChatLog
+
+    url = f"sqlite:///{tempfile.mkdtemp(prefix='castbot-bench-')}/chatlog.db"
+    print(f"writing {len(turns)} turns to {url}: {write_log(turns, url):.1f} s (not part of the monitor)")
+    started = time.perf_counter()
+    turns = ChatLog(url).turns("rick-bot", since=datetime.now(timezone.utc) - timedelta(hours=2))
+    read = time.perf_counter() - started
+    print(f"read {len(turns)} turns back with ChatLog.turns: {read:.1f} s")
     started = time.perf_counter()
     checks = window_checks(reference, turns, MonitorConfig())
     checked = time.perf_counter() - started
