@@ -64,3 +64,44 @@ class FixedOpenAPI:
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, rewrite)
+
+
+class UnwrappedErrors:
+    """ASGI middleware: a 4xx JSON body that BentoML wrapped in a one-element list is sent as the object itself.
+
+    BentoML 1.4.39 (_bentoml_impl/server/app.py, api_endpoint_wrapper) builds the body of a 4xx BentoMLException as
+    `({"error": str(exc)},)`, a stray trailing comma, so clients get `[{"error": ...}]` where its own spec
+    documents `{"error": ...}`. Only non-2xx responses are read here, so replies and streams pass untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def unwrap(message) -> None:
+            if message["type"] == "http.response.start":
+                if not 400 <= message["status"] < 500:
+                    return await send(message)
+                start.update(message)
+                return
+            if not start:
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+            if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
+                body = json.dumps(data[0]).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, unwrap)

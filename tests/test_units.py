@@ -293,3 +293,12 @@ def test_model_card_round_trips_and_refuses_unknown_or_missing_fields(tmp_path):
     (tmp_path / CARD_FILE).write_text(json.dumps({"format": {}, "max_length": 96}))
     with pytest.raises(pydantic.ValidationError, match="base_model"):
         read_card(tmp_path)
+
+
+def test_bentoml_still_wraps_a_4xx_error_body_in_a_list():
+    """When this fails, BentoML fixed its stray trailing comma: castbot.bentoml_compat.UnwrappedErrors can go."""
+    import inspect
+
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    assert 'detail = ({"error": str(exc)},)' in inspect.getsource(ServiceAppFactory.api_endpoint_wrapper)
