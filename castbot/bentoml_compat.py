@@ -105,3 +105,37 @@ class UnwrappedErrors:
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, unwrap)
+
+
+class CorkDispatch:
+    """`await dispatch(item)`: callback's result for that item, batched with others by BentoML's CorkDispatcher."""
+
+    def __init__(self, dispatcher, wrapped):
+        self._dispatcher, self._wrapped = dispatcher, wrapped
+
+    async def __call__(self, item):
+        return await self._wrapped(item)
+
+    @property
+    def controller_task(self):
+        """The dispatcher's loop task once the first item arrived; None before."""
+        return self._dispatcher._controller
+
+    def shutdown(self) -> None:
+        self._dispatcher.shutdown()
+
+
+def cork_dispatcher(callback, max_batch_size: int, max_latency_s: float, fallback) -> CorkDispatch:
+    """BentoML's adaptive batching (the CorkDispatcher behind `@bentoml.api(batchable=True)`) around an async batch
+    callback (a sequence of items -> a sequence of results), for use inside the service's own process. An item
+    that BentoML drops after max_latency (or whose caller was cancelled) is answered with fallback().
+
+    BentoML 1.4.39 exposes the algorithm only through batchable APIs, which the service could reach only by calling
+    itself over HTTP (a client session kept per service and a context variable to skip admission). Its class is
+    internal (bentoml._internal.marshal.dispatcher): tests/test_units.py fails when its constructor or its
+    `_controller` attribute change."""
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    dispatcher = CorkDispatcher(max_latency_in_ms=int(max_latency_s * 1000), max_batch_size=max_batch_size,
+                                fallback=fallback, get_batch_size=lambda item: 1)
+    return CorkDispatch(dispatcher, dispatcher(callback))

@@ -302,3 +302,16 @@ def test_bentoml_still_wraps_a_4xx_error_body_in_a_list():
     from _bentoml_impl.server.app import ServiceAppFactory
 
     assert 'detail = ({"error": str(exc)},)' in inspect.getsource(ServiceAppFactory.api_endpoint_wrapper)
+
+
+def test_bentoml_cork_dispatcher_still_has_what_the_adaptive_engine_uses():
+    """castbot.bentoml_compat.cork_dispatcher builds BentoML's internal CorkDispatcher by these names and reads its
+    loop task as `_controller`: when this fails, BentoML moved its adaptive batching."""
+    import inspect
+
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    parameters = inspect.signature(CorkDispatcher.__init__).parameters
+    assert {"max_latency_in_ms", "max_batch_size", "fallback", "get_batch_size"} <= set(parameters)
+    assert "self._controller" in inspect.getsource(CorkDispatcher.__init__)
+    assert "self._controller" in inspect.getsource(CorkDispatcher.__call__)
