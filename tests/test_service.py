@@ -601,6 +601,18 @@ def test_web_page_chat_in_headless_chromium(server, browser):
     assert "serve-bot" in browser.eval("document.getElementById('who').textContent")
     assert int(browser.eval("document.querySelector('.turn.bot').dataset.pieces || 0")) >= 1, "the reply streamed"
 
+    # thumbs down on the reply: the rating lands in the conversation log, on that turn
+    browser.wait_for("!!document.querySelector('.turn.bot .rate[data-rating=\"-1\"]')")
+    box = browser.eval("(() => { const r = document.querySelector('.turn.bot .rate[data-rating=\"-1\"]')"
+                       ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+    for kind in ("mousePressed", "mouseReleased"):
+        browser.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+    browser.wait_for("document.querySelector('.turn.bot .rate[data-rating=\"-1\"]')"
+                     ".getAttribute('aria-pressed') === 'true'")
+    rated = logged_turns(server).dropna(subset=["rating"])
+    rated = rated[(rated.endpoint == "chat/stream") & (rated.message == "Is the rocket ready?")]
+    assert list(rated.rating) == [-1], rated[["turn_id", "rating"]]
+
 
 def test_the_published_spec_holds_for_every_response_schemathesis(server, tmp_path):
     """schemathesis generates requests from /docs.json (bounded, seeded, loopback only): every response, the
