@@ -77,6 +77,10 @@ def settle_stale_trials(study, heartbeat_seconds: int) -> list[int]:
     from optuna.trial import TrialState
 
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if running:
+        run_logger("castbot.tune").info("study %s: trial(s) %s are marked running; waiting up to %d s for their "
+                                        "heartbeats to go stale", study.study_name, sorted(running),
+                                        3 * heartbeat_seconds + 5)
     deadline = time.monotonic() + 3 * heartbeat_seconds + 5
     while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         fail_stale_trials(study)
@@ -367,7 +371,10 @@ def evidence_lines(study, summary: dict, config: PipelineConfig, study_run_id: s
              "not read).",
              f"Best: trial {summary['best_trial']}, {summary['best_value']:.4f}"
              + (f"; the profile's own settings (trial {own['trial']}): {own['value']:.4f}." if own else ".")]
-    changed = [f"{k} {dotted_value(config, k)} -> {v}" for k, v in summary["best_params"].items()
+    def show(value):
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    changed = [f"{k} {show(dotted_value(config, k))} -> {show(v)}" for k, v in summary["best_params"].items()
                if dotted_value(config, k) != v]
     lines.append("Changed: " + ", ".join(changed) if changed else "Changed: nothing (the profile's own settings won).")
     if summary["importances"]:
