@@ -438,8 +438,10 @@ class PipelineConfig(Strict):
         return self.registry.model_name or f"{self.character.lower().replace(' ', '-')}-bot"
 
     def digest(self) -> str:
-        """sha256 of the resolved config: the same settings give the same hash."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        """sha256 of the resolved config: the same settings give the same hash. The tune: section is left out: it
+        does not change what a training run does (and profiles hash as they did before it existed)."""
+        settings = self.model_dump(mode="json", exclude={"tune"})
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def search_space_problems(config: PipelineConfig) -> list[str]:
