@@ -67,10 +67,15 @@ def training_data(config: PipelineConfig, reports: str) -> TrainingData:
     profiles = also_train_on_profiles(config)
     others = {name: prepared_transcript(profile, str(Path(reports) / "also_train_on" / name))
               for name, profile in profiles.items()}
+    return TrainingData(frame, cleaned, profiles, others, dialogue_splits(config, cleaned, others))
+
+
+def dialogue_splits(config: PipelineConfig, cleaned: pd.DataFrame,
+                    others: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, list[dict]]:
+    """Train/validation/test samples from the cleaned transcripts by config.dialogue, with liked feedback turns."""
     more = {name: other_cleaned for name, (_, other_cleaned) in others.items()}
     splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed, more)
-    splits = add_feedback_samples(splits, config)
-    return TrainingData(frame, cleaned, profiles, others, splits)
+    return add_feedback_samples(splits, config)
 
 
 @flow(name="train-character-bot")

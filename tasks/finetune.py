@@ -41,9 +41,10 @@ def load_model(base_model: str, config: TrainingConfig, pad_token_id: int):
 
 
 def train_model(base_model: str, datasets, config: TrainingConfig, output_dir: str, run_id: str | None = None,
-                card: ModelCard | None = None) -> dict:
+                card: ModelCard | None = None, callbacks: list | None = None) -> dict:
     """Train (resuming from output_dir's newest complete checkpoint), save the model; return run figures.
-    card: what castbot.json records (default: eos format, 128 tokens)."""
+    card: what castbot.json records (default: eos format, 128 tokens); callbacks: more TrainerCallbacks (a study's
+    pruning)."""
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback
 
     from tasks.trainer import CountingTrainer, LossToMlflow, LoopTimer, training_arguments
@@ -57,7 +58,7 @@ def train_model(base_model: str, datasets, config: TrainingConfig, output_dir: s
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     card = card or ModelCard(format=DialogueFormat(), max_length=128, base_model=base_model)
     timer = LoopTimer()
-    callbacks = [timer, LossToMlflow(run_id, logger)]
+    callbacks = [timer, LossToMlflow(run_id, logger), *(callbacks or [])]
     if config.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold))
     trainer = CountingTrainer(

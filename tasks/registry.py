@@ -33,7 +33,7 @@ def git_commit() -> str:
 
 
 def flat_params(config: PipelineConfig) -> dict[str, str]:
-    """The config as dotted keys for MLflow params."""
+    """The config as dotted keys for MLflow params (a training run's: the tune: section is the study's)."""
     flat = {}
 
     def walk(prefix, value):
@@ -43,7 +43,7 @@ def flat_params(config: PipelineConfig) -> dict[str, str]:
         else:
             flat[prefix[:-1]] = str(value)[:500]
 
-    walk("", config.model_dump(mode="json"))
+    walk("", config.model_dump(mode="json", exclude={"tune"}))
     return flat
 
 

@@ -76,6 +76,25 @@ class LossToMlflow(TrainerCallback):
                          " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
 
+class ReportToTrial(TrainerCallback):
+    """Report each validation loss to the Optuna trial; when the pruner says so, stop training at once
+    (raises optuna.TrialPruned out of trainer.train(), before that step's checkpoint)."""
+
+    def __init__(self, trial):
+        self.trial, self.last_step = trial, 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        import optuna
+
+        if not state.is_world_process_zero or "eval_loss" not in (metrics or {}):
+            return
+        self.last_step = state.global_step
+        self.trial.report(float(metrics["eval_loss"]), step=state.global_step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {state.global_step}: validation loss "
+                                     f"{metrics['eval_loss']:.4f} is worse than the median of earlier trials")
+
+
 def training_arguments(config: TrainingConfig, checkpoints: Path, precision: str):
     """TrainingArguments from the config: the one place the Trainer's behaviour is set."""
     import torch

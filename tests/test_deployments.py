@@ -131,7 +131,7 @@ def test_prefect_yaml_is_rendered_from_the_profiles():
         "deployments/prefect.yaml is out of date with configs/: run python -m deployments.render"
     deployments = yaml.safe_load(render.render())["deployments"]
     profiles = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
-    assert len(deployments) == 4 * len(profiles)  # train and monitor, each local and Kubernetes
+    assert len(deployments) == 5 * len(profiles)  # train and monitor, each local and Kubernetes; the study
     crons = render.nightly_crons(profiles)
     assert crons["smoke"] is None and crons["demo"] == "0 2 * * *" and len(set(crons.values())) == len(profiles)
     demo = next(d for d in deployments if d["name"] == "demo-nightly")
@@ -144,6 +144,9 @@ def test_prefect_yaml_is_rendered_from_the_profiles():
     monitor = next(d for d in deployments if d["name"] == "demo-monitor")
     assert monitor["entrypoint"] == render.MONITOR_ENTRYPOINT and monitor["parameters"]["profile"] == "demo"
     assert monitor["schedules"][0]["cron"] == render.MONITOR_CRON
+    study = next(d for d in deployments if d["name"] == "demo-study")
+    assert study["entrypoint"] == render.STUDY_ENTRYPOINT and study["parameters"] == {"config": demo["parameters"]["config"]}
+    assert study["schedules"] == [{"cron": "0 2 * * 6", "timezone": render.TIMEZONE, "active": False}]  # paused
 
 
 def test_deploy_creates_scheduled_local_and_kubernetes_deployments(prefect):
@@ -158,6 +161,11 @@ def test_deploy_creates_scheduled_local_and_kubernetes_deployments(prefect):
         assert k8s["job_variables"]["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert k8s["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
                                       {"directory": render.IMAGE_WORKDIR}}]
+    study = prefect.http.get("/deployments/name/tune-character-bot/demo-study").json()
+    [weekly] = study["schedules"]
+    assert weekly["schedule"]["cron"] == "0 2 * * 6" and not weekly["active"]
+    space = study["parameter_openapi_schema"]["definitions"]["SearchRange"]["properties"]
+    assert space["low"]["description"] and study["parameter_openapi_schema"]["properties"]["trials"]
     # The UI's run form is drawn from this schema: every field has its description and bounds.
     schema = prefect.deployment("smoke")["parameter_openapi_schema"]
     batch_size = schema["definitions"]["TrainingConfig"]["properties"]["batch_size"]
