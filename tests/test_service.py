@@ -638,6 +638,157 @@ def test_openai_errors_at_the_door_are_in_openais_shape(server):
     assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
 
 
+# ---- the Telegram bot against a fake Bot API server -----------------------------------------------------------
+
+TOKEN = "123456:TEST-token-never-logged"
+
+
+class FakeBotAPI:
+    """A Bot API server on 127.0.0.1 (starlette under uvicorn, in a thread): getUpdates hands out the updates
+    queued by send(), sendMessage and sendChatAction are recorded per chat; other methods answer true."""
+
+    def __init__(self):
+        import threading
+
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        self.updates: list[dict] = []
+        self.calls: list[tuple[str, dict]] = []
+        self.lock, self.next_update, self.next_message = threading.Lock(), 1, 1
+
+        async def method(request):
+            if request.path_params["token"] != f"bot{TOKEN}":
+                return JSONResponse({"ok": False, "error_code": 401, "description": "Unauthorized"}, 401)
+            name, params = request.path_params["method"], dict(await request.form())
+            return JSONResponse({"ok": True, "result": await self.answer(name, params)})
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = Starlette(routes=[Route("/{token}/{method}", method, methods=["GET", "POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    async def answer(self, name: str, params: dict):
+        if name == "getMe":
+            return {"id": 42, "is_bot": True, "first_name": "Ada", "username": "ada_castbot"}
+        if name == "getUpdates":
+            offset = int(params.get("offset", 0))
+            for _ in range(20):  # a short long-poll
+                with self.lock:
+                    ready = [u for u in self.updates if u["update_id"] >= offset]
+                if ready:
+                    return ready
+                await asyncio.sleep(0.1)
+            return []
+        with self.lock:
+            self.calls.append((name, params))
+            self.next_message += 1
+            message_id = self.next_message
+        if name == "sendMessage":
+            return {"message_id": message_id, "date": int(time.time()), "text": params["text"],
+                    "chat": {"id": int(params["chat_id"]), "type": "private"}}
+        return True
+
+    def send(self, chat_id: int, text: str) -> None:
+        """A user in chat chat_id writes text (a /command gets its bot_command entity, as Telegram sends it)."""
+        entities = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}] if text.startswith("/") else []
+        with self.lock:
+            self.next_message += 1
+            self.updates.append({"update_id": self.next_update, "message": {
+                "message_id": self.next_message, "date": int(time.time()), "text": text, "entities": entities,
+                "chat": {"id": chat_id, "type": "private"}, "from": {"id": chat_id, "is_bot": False, "first_name": "U"}}})
+            self.next_update += 1
+
+    def sent(self, chat_id: int, name: str = "sendMessage") -> list[str]:
+        with self.lock:
+            return [p.get("text", p.get("action")) for n, p in self.calls if n == name and int(p["chat_id"]) == chat_id]
+
+    def wait_replies(self, chat_id: int, count: int, seconds: float = 90) -> list[str]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if len(replies := self.sent(chat_id)) >= count:
+                return replies
+            time.sleep(0.1)
+        raise AssertionError(f"chat {chat_id}: {count} replies expected, got {self.sent(chat_id)}")
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def bot_api():
+    api = FakeBotAPI()
+    yield api
+    api.close()
+
+
+def start_telegram_bot(url: str, api: FakeBotAPI, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_URL": api.url}
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "castbot.telegram", "--url", url, "--max-new-tokens", "8"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_telegram_bot_keeps_each_chats_history_and_resets(server, bot_api, tmp_path):
+    log = tmp_path / "telegram.log"
+    proc = start_telegram_bot(server, bot_api, log)
+    try:
+        bot_api.send(1, "/start")
+        [hello] = bot_api.wait_replies(1, 1)
+        assert f"I'm {CHARACTER}" in hello and "serve-bot" in hello
+        bot_api.send(1, "Is the rocket ready?")
+        bot_api.wait_replies(1, 2)
+        bot_api.send(1, "And the moon?")
+        bot_api.send(2, "Who are you?")  # another chat, at the same time
+        replies = bot_api.wait_replies(1, 3)
+        [other] = bot_api.wait_replies(2, 1)
+        assert all(r.strip() for r in replies) and other.strip()
+        assert "typing" in bot_api.sent(1, "sendChatAction")
+        bot_api.send(1, "/reset")
+        bot_api.send(1, "Fresh start?")
+        bot_api.send(1, "x" * (SERVER_LIMITS["max_message_chars"] + 1))  # over the service's limit
+        replies = bot_api.wait_replies(1, 6)
+        assert replies[3].startswith("Forgotten") and "too long" in replies[5]
+    finally:
+        stop_process_group(proc)
+    turns = logged_turns(server).set_index("message")
+    first, second, fresh = (turns.loc[m] for m in ("Is the rocket ready?", "And the moon?", "Fresh start?"))
+    assert (first.history_turns, second.history_turns, fresh.history_turns) == (0, 2, 0)
+    assert second.conversation_id == first.conversation_id != fresh.conversation_id  # one conversation per chat
+    assert turns.loc["Who are you?"].conversation_id not in (first.conversation_id, fresh.conversation_id)
+    text = log.read_text()
+    assert TOKEN not in text and TOKEN.split(":")[1] not in text, text[-2000:]
+
+
+def test_telegram_bot_says_when_the_service_is_down(bot_api, tmp_path):
+    log = tmp_path / "telegram.log"
+    proc = start_telegram_bot(f"http://127.0.0.1:{free_port()}", bot_api, log)  # nothing listens there
+    try:
+        bot_api.send(7, "Hello?")
+        [reply] = bot_api.wait_replies(7, 1)
+    finally:
+        stop_process_group(proc)
+    assert "service is down" in reply
+    text = log.read_text()
+    assert "ConnectError" in text and TOKEN not in text, text[-2000:]
+
+
+def test_telegram_replies_are_split_at_telegrams_limit():
+    from castbot.telegram import TELEGRAM_LIMIT, split_message
+
+    text = ("word " * 2000).strip()
+    pieces = split_message(text)
+    assert len(pieces) == 3 and all(len(p) <= TELEGRAM_LIMIT for p in pieces)
+    assert " ".join(pieces) == text and split_message("short") == ["short"]
+
+
 # ---- the web page in headless Chromium ---------------------------------------------------------------------
 
 
