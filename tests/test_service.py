@@ -743,26 +743,27 @@ def test_telegram_bot_keeps_each_chats_history_and_resets(server, bot_api, tmp_p
         bot_api.send(1, "/start")
         [hello] = bot_api.wait_replies(1, 1)
         assert f"I'm {CHARACTER}" in hello and "serve-bot" in hello
-        bot_api.send(1, "Is the rocket ready?")
+        bot_api.send(1, "Telegram: is the rocket ready?")
         bot_api.wait_replies(1, 2)
-        bot_api.send(1, "And the moon?")
-        bot_api.send(2, "Who are you?")  # another chat, at the same time
+        bot_api.send(1, "Telegram: and the moon?")
+        bot_api.send(2, "Telegram: who are you?")  # another chat, at the same time
         replies = bot_api.wait_replies(1, 3)
         [other] = bot_api.wait_replies(2, 1)
         assert all(r.strip() for r in replies) and other.strip()
         assert "typing" in bot_api.sent(1, "sendChatAction")
         bot_api.send(1, "/reset")
-        bot_api.send(1, "Fresh start?")
+        bot_api.send(1, "Telegram: fresh start?")
         bot_api.send(1, "x" * (SERVER_LIMITS["max_message_chars"] + 1))  # over the service's limit
         replies = bot_api.wait_replies(1, 6)
         assert replies[3].startswith("Forgotten") and "too long" in replies[5]
     finally:
         stop_process_group(proc)
     turns = logged_turns(server).set_index("message")
-    first, second, fresh = (turns.loc[m] for m in ("Is the rocket ready?", "And the moon?", "Fresh start?"))
+    first, second, fresh = (turns.loc[f"Telegram: {m}"] for m in ("is the rocket ready?", "and the moon?",
+                                                                   "fresh start?"))
     assert (first.history_turns, second.history_turns, fresh.history_turns) == (0, 2, 0)
     assert second.conversation_id == first.conversation_id != fresh.conversation_id  # one conversation per chat
-    assert turns.loc["Who are you?"].conversation_id not in (first.conversation_id, fresh.conversation_id)
+    assert turns.loc["Telegram: who are you?"].conversation_id not in (first.conversation_id, fresh.conversation_id)
     text = log.read_text()
     assert TOKEN not in text and TOKEN.split(":")[1] not in text, text[-2000:]
 
