@@ -781,15 +781,6 @@ def test_telegram_bot_says_when_the_service_is_down(bot_api, tmp_path):
     assert "ConnectError" in text and TOKEN not in text, text[-2000:]
 
 
-def test_telegram_replies_are_split_at_telegrams_limit():
-    from castbot.telegram import TELEGRAM_LIMIT, split_message
-
-    text = ("word " * 2000).strip()
-    pieces = split_message(text)
-    assert len(pieces) == 3 and all(len(p) <= TELEGRAM_LIMIT for p in pieces)
-    assert " ".join(pieces) == text and split_message("short") == ["short"]
-
-
 # ---- the web page in headless Chromium ---------------------------------------------------------------------
 
 

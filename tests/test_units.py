@@ -293,3 +293,40 @@ def test_model_card_round_trips_and_refuses_unknown_or_missing_fields(tmp_path):
     (tmp_path / CARD_FILE).write_text(json.dumps({"format": {}, "max_length": 96}))
     with pytest.raises(pydantic.ValidationError, match="base_model"):
         read_card(tmp_path)
+
+
+def test_published_spec_marks_optional_fields_nullable_and_not_found_as_sent():
+    """BentoML 1.4.40 flattens pydantic's optional fields to `default: null` without `nullable`, and sends an
+    API's NotFound as a one-item list: fix_openapi says both in OpenAPI 3.0."""
+    from castbot.bentoml_compat import fix_openapi
+
+    spec = fix_openapi({"components": {"schemas": {
+        "ChatRequest": {"properties": {"conversation_id": {"type": "string", "default": None},
+                                       "comment": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                                       "message": {"type": "string"}}},
+        "NotFound": {"type": "object", "title": "NotFound", "properties": {"error": {"type": "string"}}}}}})
+    props = spec["components"]["schemas"]["ChatRequest"]["properties"]
+    assert props["conversation_id"]["nullable"] and props["comment"] == {"type": "string", "nullable": True}
+    assert "nullable" not in props["message"]
+    [one, listed] = spec["components"]["schemas"]["NotFound"]["oneOf"]
+    assert one["properties"] == {"error": {"type": "string"}} and listed == {"type": "array", "items": one}
+
+
+def test_openai_stop_strings_are_cut_in_a_stream_without_sending_a_partial_stop():
+    from castbot.openai_api import StopCutter, cut_at_stop
+
+    cutter = StopCutter(["END"])
+    sent = [cutter.feed(piece) for piece in ["hello E", "N", "D and more"]]
+    assert "".join(sent) == "hello " and cutter.stopped and cutter.flush() == ""
+    cutter = StopCutter(["END"])
+    assert "".join([cutter.feed("ab E"), cutter.feed("x")]) + cutter.flush() == "ab Ex"
+    assert cut_at_stop("a. b", [".", "b"]) == ("a", True) and cut_at_stop("ab", ["x"]) == ("ab", False)
+
+
+def test_telegram_replies_are_split_at_telegrams_limit():
+    from castbot.telegram import TELEGRAM_LIMIT, split_message
+
+    text = ("word " * 2000).strip()
+    pieces = split_message(text)
+    assert len(pieces) == 3 and all(len(p) <= TELEGRAM_LIMIT for p in pieces)
+    assert " ".join(pieces) == text and split_message("short") == ["short"]
