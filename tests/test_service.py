@@ -638,6 +638,21 @@ def test_openai_errors_at_the_door_are_in_openais_shape(server):
     assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
 
 
+def test_openai_overload_is_a_503_with_retry_after_in_openais_shape(server):
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+            body = {"model": "serve-bot", "messages": [{"role": "user", "content": "Crowded?"}],
+                    "max_tokens": SERVER_LIMITS["max_new_tokens"]}
+            return await asyncio.gather(*(client.post(f"{server}/v1/chat/completions", json=body)
+                                          for _ in range(8 * SERVER_LIMITS["max_concurrency"])))
+
+    responses = asyncio.run(run())
+    assert {r.status_code for r in responses} == {200, 503}, {r.status_code for r in responses}
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "overloaded" and "over capacity" in refused.json()["error"]["message"]
+
+
 # ---- the Telegram bot against a fake Bot API server -----------------------------------------------------------
 
 TOKEN = "123456:TEST-token-never-logged"
