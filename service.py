@@ -33,7 +33,7 @@ from starlette.routing import Route
 from castbot.bentoml_compat import FixedOpenAPI
 from castbot.bot import Bot, Reply
 from castbot.chatlog import ChatLog, TurnRecord
-from castbot.engines import EngineBusy, make_engine
+from castbot.engines import EngineBusy, EngineError, make_engine
 from castbot import openai_api
 from castbot.serving import (LIMITS, ChatReply, ChatRequest, Feedback, FeedbackSaved, GenerateRequest, Generation,
                              Prompt, as_generation, chat_prompt, conversation)
@@ -309,6 +309,9 @@ class Chat:
             reply = await self._openai_reply(prompt, stops, turn)
         except openai_api.OpenAIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        except EngineError as exc:  # logged by _finished as an "error" turn
+            logger.error("/v1/chat/completions failed: %s", exc)
+            return JSONResponse(openai_api.error_body(500, f"generation failed: {exc}", None, "engine_error"), 500)
         reason = openai_api.finish_reason(reply, False)
         return JSONResponse(openai_api.completion(turn, self.identity["model_name"], created, reply.reply, reason,
                                                   reply))
