@@ -23,8 +23,8 @@ test: setup  ## the test suite (needs ../shared/data for the real-transcript tes
 test-fast: setup  ## the unit tier only (under a minute)
 	$(PY) -m pytest -q -m unit tests
 
-serve: setup  ## serve the newest Bento (built by make demo) on http://127.0.0.1:3000 (web chat at /ui/)
-	BENTOML_HOME=$(CURDIR)/.castbot/bentoml BENTOML_DO_NOT_TRACK=True \
+serve: setup  ## serve the newest Bento (built by make demo) on http://127.0.0.1:3000 (web chat at /ui/), logging turns to .castbot/chatlog.db
+	CASTBOT_HOME=$(CURDIR)/.castbot BENTOML_HOME=$(CURDIR)/.castbot/bentoml BENTOML_DO_NOT_TRACK=True \
 	  $(VENV)/bin/bentoml serve castbot-chat:latest --host 127.0.0.1 --port 3000
 
 clean:  ## forget local state (MLflow registry, Bento store, Prefect DB); keeps the venv

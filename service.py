@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from castbot.bentoml_compat import FixedOpenAPI
+from castbot.bentoml_compat import FixedOpenAPI, UnwrappedErrors
 from castbot.bot import Bot, Reply
 from castbot.chatlog import ChatLog, TurnRecord
 from castbot.engines import EngineBusy, EngineError, make_engine
@@ -278,7 +278,8 @@ class Chat:
             raise NotFound(f"turn {request.turn_id} is not in the conversation log: the log is off "
                            "(CASTBOT_CHATLOG=off) or unavailable")
         try:
-            found = await asyncio.to_thread(self.chatlog.add_feedback, request.turn_id, request.rating, request.comment)
+            found = await asyncio.to_thread(self.chatlog.add_feedback, request.turn_id, request.rating,
+                                            request.comment or None)
         except Exception as exc:
             CHATLOG_ERRORS.inc()
             logger.error("feedback not stored: %s", type(exc).__name__)
@@ -433,3 +434,4 @@ class Chat:
 
 Chat.add_asgi_middleware(Admission, max_concurrency=LIMITS.max_concurrency, max_request_bytes=LIMITS.max_request_bytes)
 Chat.add_asgi_middleware(FixedOpenAPI)
+Chat.add_asgi_middleware(UnwrappedErrors)

@@ -3,6 +3,7 @@ the same Bento unbatched, and each engine alone with no server on the same chats
 
     python -m bench.serve_throughput --model demo-bot            # the champion's Bento (built if missing)
     python -m bench.serve_throughput --bento castbot-chat:TAG --requests 256
+    python -m bench.serve_throughput --model demo-bot --chatlog-overhead    # served with the log on, then off
 
 Phases: served with the continuous engine (clients read /chat/stream, so time to first token is measured), served
 with the adaptive engine's static batches and unbatched (clients call /chat: the first text comes with the whole reply),
@@ -128,17 +129,20 @@ async def drive(url: str, chats: list[dict], requests: int, concurrency: int, st
         return time.monotonic() - start, timing
 
 
-def serve_and_measure(name: str, bento: str, engine: str, batching: bool, chats: list[dict], args) -> dict:
-    """Start `bentoml serve`, warm it up, time args.requests chats from args.concurrency clients, stop it."""
+def serve_and_measure(name: str, bento: str, engine: str, batching: bool, chats: list[dict], args,
+                      chatlog: bool = True) -> dict:
+    """Start `bentoml serve`, warm it up, time args.requests chats from args.concurrency clients, stop it.
+    Its conversation log (on unless chatlog is False) is a fresh SQLite file beside its server log."""
     import httpx
 
     port = free_port()
     stream = engine == "continuous"
+    log = Path(tempfile.mkdtemp(prefix="castbot-bench-")) / "serve.log"
     env = {**os.environ, "CASTBOT_SERVE_ENGINE": engine, "CASTBOT_SERVE_BATCHING": str(batching).lower(),
            "CASTBOT_SERVE_MAX_CONCURRENCY": str(4 * args.concurrency),
            "CASTBOT_SERVE_MAX_BATCH_SIZE": str(args.concurrency), "CASTBOT_SERVE_DTYPE": args.dtype,
-           "CASTBOT_SERVE_TORCH_THREADS": str(args.torch_threads)}
-    log = Path(tempfile.mkdtemp(prefix="castbot-bench-")) / "serve.log"
+           "CASTBOT_SERVE_TORCH_THREADS": str(args.torch_threads),
+           "CASTBOT_CHATLOG": "on" if chatlog else "off", "CASTBOT_CHATLOG_URL": f"sqlite:///{log.parent}/chatlog.db"}
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", bento,
                                  "--host", "127.0.0.1", "--port", str(port)],
@@ -235,6 +239,19 @@ def direct_continuous(bot, chats: list[dict], args) -> dict:
     return timing.summary("engine: continuous", seconds)
 
 
+def chatlog_overhead(bento: str, chats: list[dict], args) -> int:
+    """Served throughput with the conversation log on against off, alternated twice (the machine drifts)."""
+    runs = [serve_and_measure(f"served, log {'on' if on else 'off'}", bento, "continuous", True, chats, args, on)
+            for on in (True, False, True, False)]
+    for r in runs:
+        print(f"{r['name']:18}{r['requests']:>6} requests{r['errors']:>4} errors{r['req_s']:>8.2f} req/s"
+              f"{r['tok_s']:>8.0f} tok/s  p50 {r['p50_ms']:.0f} ms  p99 {r['p99_ms']:.0f} ms")
+    on = sum(r["req_s"] for r in runs[0::2]) / 2
+    off = sum(r["req_s"] for r in runs[1::2]) / 2
+    print(f"summary: log_on/log_off={on / off:.3f} requests/s (goal >= 0.97)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_throughput", description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group(required=True)
@@ -246,6 +263,8 @@ def main(argv: list[str]) -> int:
                         help="torch CPU threads in every phase (0: torch's default; 1 suits a shared machine).")
     parser.add_argument("--dtype", default="fast", help="Weights' dtype in every phase (CASTBOT_SERVE_DTYPE).")
     parser.add_argument("--phase-timeout", type=float, default=180, help="Seconds before a phase stops early.")
+    parser.add_argument("--chatlog-overhead", action="store_true",
+                        help="Only the continuous engine served, conversation log on / off / on / off.")
     args = parser.parse_args(argv)
 
     from castbot.settings import use_project_state
@@ -258,6 +277,8 @@ def main(argv: list[str]) -> int:
     print(f"bento {bento}; {len(chats)} held-out demo chats, {args.concurrency} clients, {args.requests} timed "
           f"requests per phase, default sampling, dtype {args.dtype}, "
           f"torch threads={args.torch_threads or torch.get_num_threads()}", flush=True)
+    if args.chatlog_overhead:
+        return chatlog_overhead(bento, chats, args)
     served = [serve_and_measure("served, continuous", bento, "continuous", True, chats, args),
               serve_and_measure("served, adaptive", bento, "adaptive", True, chats, args)]
     unbatched = serve_and_measure("served, unbatched", bento, "adaptive", False, chats, args)

@@ -121,9 +121,9 @@ class ChatRequest(Decoding):
     history: list[Turn] = Field(default_factory=list, max_length=LIMITS.max_history_turns,
                                 description="Earlier turns, oldest first; empty for a single-turn chat.")
     message: _text(LIMITS.max_message_chars) = Field(..., description="The user's new message.")
-    conversation_id: str | None = Field(None, pattern=ID_PATTERN, max_length=64,
-                                        description="The conversation_id of an earlier reply in this chat; "
-                                        "omitted: a new conversation.")
+    conversation_id: str = Field("", pattern=r"^([A-Za-z0-9_.:-]{1,64})?$", max_length=64,
+                                 description="The conversation_id of an earlier reply in this chat; omitted or "
+                                 "empty: a new conversation.")
 
 
 class Feedback(BaseModel):
@@ -133,7 +133,7 @@ class Feedback(BaseModel):
 
     turn_id: str = Field(..., pattern=ID_PATTERN, max_length=64, description="The turn_id of the rated reply.")
     rating: int = Field(..., description="+1: a good reply, -1: a bad one.", json_schema_extra={"enum": [1, -1]})
-    comment: str | None = Field(None, max_length=LIMITS.max_message_chars, description="Why, in the user's words.")
+    comment: str = Field("", max_length=LIMITS.max_message_chars, description="Why, in the user's words (optional).")
 
 
     @field_validator("rating")

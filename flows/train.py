@@ -27,6 +27,8 @@ from tasks.gate import gate_candidate
 from tasks.ingest import load_transcript
 from tasks.judge import build_judge, publish_replies
 from tasks.lineage import log_data_lineage, report_dir, resume_data_key
+from tasks.freshness import INPUTS_TAG, check_freshness, inputs_key, training_inputs
+from tasks.reference import build_reference, store_reference
 from tasks.registry import (ChampionMoved, download_champion, finish_run, promote_champion, register_model,
                             start_run, tag_run)
 from tasks.samples import sample_replies
@@ -72,10 +74,14 @@ def training_data(config: PipelineConfig, reports: str) -> TrainingData:
 
 
 @flow(name="train-character-bot")
-def train(config: PipelineConfig) -> dict:
-    """Train a character bot from a transcript and promote it if it beats the champion."""
+def train(config: PipelineConfig, skip_if_unchanged: bool = False) -> dict:
+    """Train a character bot from a transcript and promote it if it beats the champion. skip_if_unchanged: end at
+    once when data, config and code equal the champion's (or the latest version's) inputs (deployments: true)."""
     from tasks.tokenize import choose_format, tokenize_dialogues
 
+    inputs = inputs_key(training_inputs(config))
+    if skip_if_unchanged and (skipped := check_freshness(config.model_name, inputs)):
+        return {"model_name": config.model_name, "skipped": skipped, "promoted": False}
     reports = report_dir()
     frame, cleaned, profiles, others, splits = training_data(config, reports)
     data_sha256 = frame.attrs["sha256"]
@@ -101,6 +107,9 @@ def train(config: PipelineConfig) -> dict:
         decision = gate_candidate(scores, config.gate, publish_replies(judge, scores, run_id))
         tag_run(run_id, decision.as_tags())
         version = register_model(run_id, model_path, config, decision.as_tags())
+        store_reference(run_id, config.model_name, version,
+                        build_reference(splits, config.character, config.monitor.reference_size, config.monitor.seed),
+                        {INPUTS_TAG: inputs})
         bento = build_bento(config.model_name, version) if decision.promote and config.registry.build_bento else None
         if decision.promote:  # last: a run that fails anywhere before this leaves the champion where it was
             promote_champion(config.model_name, version, champion["version"] if champion else None, bento)
@@ -115,14 +124,19 @@ def train(config: PipelineConfig) -> dict:
 
 @exits_on_server_timeout
 def main(argv: list[str]) -> int:
+    skip = "--skip-if-unchanged" in argv  # as the scheduled deployments run: nothing new ends the run at once
+    argv = [arg for arg in argv if arg != "--skip-if-unchanged"]
     if len(argv) != 1:
-        print("usage: python -m flows.train PROFILE.yaml", file=sys.stderr)
+        print("usage: python -m flows.train PROFILE.yaml [--skip-if-unchanged]", file=sys.stderr)
         return 2
     try:
-        result = train(load_profile(argv[0]))
+        result = train(load_profile(argv[0]), skip_if_unchanged=skip)
     except (ConfigError, DataError, ModelFetchError, ChampionMoved) as exc:
         print(f"castbot: {exc}", file=sys.stderr)
         return 1
+    if result.get("skipped"):
+        print(f"{result['model_name']}: {result['skipped']}")
+        return 0
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     print(f"{result['model_name']} version {result['version']}: {verdict} "
           f"(test perplexity {result['perplexity']:.3f}). {result['reason']}")

@@ -37,23 +37,28 @@ def feedback_digest(samples: list[dict]) -> str:
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+def read_liked_samples(config: PipelineConfig) -> list[dict]:
+    """The bot's liked turns in the conversation log that data.feedback names, as training samples."""
+    from castbot.chatlog import ChatLog, default_url
+
+    settings = config.data.feedback
+    since = datetime.now(timezone.utc) - timedelta(days=settings.since_days) if settings.since_days else None
+    log = ChatLog(settings.url or default_url())
+    try:
+        return liked_samples(log.turns(model_name=settings.model_name or config.model_name, since=since))
+    finally:
+        log.close()
+
+
 @task(name="add_feedback_samples", cache_policy=NO_CACHE)  # the log changes between runs: always read it
 def add_feedback_samples(splits: dict[str, list[dict]], config: PipelineConfig) -> dict[str, list[dict]]:
     """With data.feedback.enabled, the splits with the bot's liked turns added to training only; else unchanged.
 
     A liked reply that is also a held-out response is left out: training on it would leak the test set."""
-    from castbot.chatlog import ChatLog, default_url
-
-    settings = config.data.feedback
-    if not settings.enabled:
+    if not config.data.feedback.enabled:
         return splits
-    model_name = settings.model_name or config.model_name
-    since = datetime.now(timezone.utc) - timedelta(days=settings.since_days) if settings.since_days else None
-    log = ChatLog(settings.url or default_url())
-    try:
-        samples = liked_samples(log.turns(model_name=model_name, since=since))
-    finally:
-        log.close()
+    model_name = config.data.feedback.model_name or config.model_name
+    samples = read_liked_samples(config)
     held_out = {s["response"].strip() for name in ("validation", "test") for s in splits[name]}
     kept = [s for s in samples if s["response"].strip() not in held_out]
     run_logger("castbot.feedback").info(

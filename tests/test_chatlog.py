@@ -357,3 +357,25 @@ def test_processes_opening_a_new_log_at_once_migrate_it_once(tmp_path):
     with engine.connect() as conn:
         assert conn.execute(sa.text("select version from schema_version")).scalars().all() == [SCHEMA_VERSION]
     engine.dispose()
+
+
+def test_a_newly_liked_turn_is_new_training_input_for_the_schedule(tmp_path, tiny_show):
+    """data.feedback: the scheduled run's freshness key changes when a user likes another reply, not before."""
+    from tasks.freshness import training_inputs
+    from tests.conftest import tiny_config
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    log = ChatLog(url)
+    first, second = turn(), turn(message="And the moon?")
+    log.record(first)
+    log.record(second)
+    log.add_feedback(first.turn_id, 1, None)
+    config = tiny_config(tiny_show, **{"registry.model_name": "ada-bot", "data.feedback": {"enabled": True, "url": url}})
+    before = training_inputs(config)
+    log.add_feedback(second.turn_id, -1, None)  # a dislike is never trained on: nothing new
+    assert training_inputs(config) == before
+    log.add_feedback(second.turn_id, 1, None)
+    assert training_inputs(config)["feedback"] != before["feedback"]
+    assert {k: v for k, v in training_inputs(config).items() if k != "feedback"} == \
+        {k: v for k, v in before.items() if k != "feedback"}
+    log.close()

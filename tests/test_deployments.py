@@ -131,12 +131,19 @@ def test_prefect_yaml_is_rendered_from_the_profiles():
         "deployments/prefect.yaml is out of date with configs/: run python -m deployments.render"
     deployments = yaml.safe_load(render.render())["deployments"]
     profiles = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
-    assert len(deployments) == 2 * len(profiles)
+    assert len(deployments) == 4 * len(profiles)  # train and monitor, each local and Kubernetes
     crons = render.nightly_crons(profiles)
     assert crons["smoke"] is None and crons["demo"] == "0 2 * * *" and len(set(crons.values())) == len(profiles)
     demo = next(d for d in deployments if d["name"] == "demo-nightly")
     assert demo["schedules"] == [{"cron": crons["demo"], "timezone": render.TIMEZONE, "active": True}]
     assert demo["parameters"]["config"]["registry"]["model_name"] == "demo-bot"
+    assert demo["parameters"]["skip_if_unchanged"] is True  # a scheduled run with nothing new ends at once
+    [trigger] = demo["triggers"]
+    assert trigger["match"] == {"prefect.resource.id": "castbot.bot.demo-bot"} and trigger["enabled"]
+    assert trigger["expect"] == render.RETRAIN_EVENTS and trigger["parameters"] == {"skip_if_unchanged": False}
+    monitor = next(d for d in deployments if d["name"] == "demo-monitor")
+    assert monitor["entrypoint"] == render.MONITOR_ENTRYPOINT and monitor["parameters"]["profile"] == "demo"
+    assert monitor["schedules"][0]["cron"] == render.MONITOR_CRON
 
 
 def test_deploy_creates_scheduled_local_and_kubernetes_deployments(prefect):
@@ -192,3 +199,39 @@ def test_triggered_run_trains_promotes_and_links_mlflow(prefect):
     assert "| candidate |" in by_key["gate-decision"] and "**promoted**" in by_key["gate-decision"]
     assert f"/runs/{version.run_id})" in by_key["mlflow-links"]
     assert f"/#/models/smoke-bot/versions/{version.version})" in by_key["mlflow-links"]
+
+
+def emit(prefect: Prefect, event: str, model_name: str) -> None:
+    """Send an event the way the monitor flow does (prefect.events.emit_event), from a process of its own."""
+    code = ("from prefect.events import emit_event; from prefect.events.worker import EventsWorker; "
+            f"emit_event(event={event!r}, resource={{'prefect.resource.id': 'castbot.bot.{model_name}'}}, "
+            "payload={'profile': 'smoke'}); EventsWorker.drain_all()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=prefect.env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def runs_of(prefect: Prefect, deployment: dict) -> list[dict]:
+    response = prefect.http.post("/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}})
+    response.raise_for_status()
+    return response.json()
+
+
+def test_a_drift_event_starts_the_training_deployment_once_per_window(prefect):
+    """Last in this module: the run it starts trains smoke-bot again (skip_if_unchanged=false), after the
+    promotion test above."""
+    smoke = prefect.deployment("smoke")
+    before = {r["id"] for r in runs_of(prefect, smoke)}
+    emit(prefect, "castbot.bot.drifted", "smoke-bot")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (new := [r for r in runs_of(prefect, smoke) if r["id"] not in before]):
+        time.sleep(2)
+    assert new, f"no run of the smoke deployment 90 s after a castbot.bot.drifted event:\n{tail(prefect.worker_log)}"
+    [run] = new
+    assert run["parameters"]["skip_if_unchanged"] is False  # the event is the reason: train on the same inputs
+    assert run["parameters"]["config"]["registry"]["model_name"] == "smoke-bot"
+    # inside the window (render.RETRAIN_WITHIN_S) a second drift or degradation event starts nothing
+    emit(prefect, "castbot.bot.degraded", "smoke-bot")
+    emit(prefect, "castbot.bot.drifted", "other-bot")  # another bot's event is not this deployment's reason
+    time.sleep(20)
+    assert {r["id"] for r in runs_of(prefect, smoke)} - before == {run["id"]}

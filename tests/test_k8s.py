@@ -163,7 +163,7 @@ def test_worker_role_can_launch_jobs_and_nothing_cluster_wide():
 
 @pytest.mark.parametrize("deployment", [d["name"] for d in yaml.safe_load(
     (REPO / "deployments" / "prefect.yaml").read_text())["deployments"] if d["name"].endswith("-k8s")])
-def test_prefect_job_template_renders_a_valid_gpu_job(deployment):
+def test_prefect_job_template_renders_a_valid_job_gpu_for_training(deployment):
     """The Job the Kubernetes worker would submit for this deployment, built by prefect-kubernetes' own code."""
     from prefect.client.schemas.objects import FlowRun
     from prefect.utilities.templating import apply_values
@@ -183,9 +183,16 @@ def test_prefect_job_template_renders_a_valid_gpu_job(deployment):
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["args"] == ["prefect", "flow-run", "execute"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert pod["tolerations"] and pod["nodeSelector"] and pod["serviceAccountName"] == "castbot-train-job"
+    assert pod["serviceAccountName"] == "castbot-train-job"
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.castbot.svc.cluster.local:5000"} in container["env"]
+    # the chat log's URL holds a password: from the Secret, never a literal in prefect.yaml
+    assert container["envFrom"] == [{"secretRef": {"name": "castbot-chatlog", "optional": True}}]
+    assert not any("CHATLOG" in e["name"] for e in container["env"])
+    if deployment.endswith("-monitor-k8s"):  # the monitor reads the log and the registry: no GPU to hold
+        assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+        return
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["tolerations"] and pod["nodeSelector"]
 
 
 def test_multi_gpu_job_runs_the_flow_under_accelerate():

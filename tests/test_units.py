@@ -295,23 +295,6 @@ def test_model_card_round_trips_and_refuses_unknown_or_missing_fields(tmp_path):
         read_card(tmp_path)
 
 
-def test_published_spec_marks_optional_fields_nullable_and_not_found_as_sent():
-    """BentoML 1.4.40 flattens pydantic's optional fields to `default: null` without `nullable`, and sends an
-    API's NotFound as a one-item list: fix_openapi says both in OpenAPI 3.0."""
-    from castbot.bentoml_compat import fix_openapi
-
-    spec = fix_openapi({"components": {"schemas": {
-        "ChatRequest": {"properties": {"conversation_id": {"type": "string", "default": None},
-                                       "comment": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-                                       "message": {"type": "string"}}},
-        "NotFound": {"type": "object", "title": "NotFound", "properties": {"error": {"type": "string"}}}}}})
-    props = spec["components"]["schemas"]["ChatRequest"]["properties"]
-    assert props["conversation_id"]["nullable"] and props["comment"] == {"type": "string", "nullable": True}
-    assert "nullable" not in props["message"]
-    [one, listed] = spec["components"]["schemas"]["NotFound"]["oneOf"]
-    assert one["properties"] == {"error": {"type": "string"}} and listed == {"type": "array", "items": one}
-
-
 def test_openai_stop_strings_are_cut_in_a_stream_without_sending_a_partial_stop():
     from castbot.openai_api import StopCutter, cut_at_stop
 
@@ -330,3 +313,25 @@ def test_telegram_replies_are_split_at_telegrams_limit():
     pieces = split_message(text)
     assert len(pieces) == 3 and all(len(p) <= TELEGRAM_LIMIT for p in pieces)
     assert " ".join(pieces) == text and split_message("short") == ["short"]
+
+
+def test_bentoml_still_wraps_a_4xx_error_body_in_a_list():
+    """When this fails, BentoML fixed its stray trailing comma: castbot.bentoml_compat.UnwrappedErrors can go."""
+    import inspect
+
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    assert 'detail = ({"error": str(exc)},)' in inspect.getsource(ServiceAppFactory.api_endpoint_wrapper)
+
+
+def test_bentoml_cork_dispatcher_still_has_what_the_adaptive_engine_uses():
+    """castbot.bentoml_compat.cork_dispatcher builds BentoML's internal CorkDispatcher by these names and reads its
+    loop task as `_controller`: when this fails, BentoML moved its adaptive batching."""
+    import inspect
+
+    from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+    parameters = inspect.signature(CorkDispatcher.__init__).parameters
+    assert {"max_latency_in_ms", "max_batch_size", "fallback", "get_batch_size"} <= set(parameters)
+    assert "self._controller" in inspect.getsource(CorkDispatcher.__init__)
+    assert "self._controller" in inspect.getsource(CorkDispatcher.__call__)

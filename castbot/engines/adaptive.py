@@ -1,66 +1,50 @@
-"""Static batches: concurrent requests queue up and run together in one left-padded Bot.generate() call.
+"""BentoML's adaptive batching: concurrent requests are corked into static batches, one left-padded Bot.generate()
+call each.
 
-One thread owns the model. While it runs a batch, new requests wait in its queue; when it is free it takes all
-that waited (up to max_batch_size), groups them by decoding settings (one generate() call per group) and answers
-each on its own event loop. So /chat and /generate calls share batches without the service calling itself, and
-no request waits for a batch to fill. A request still queued after max_latency_s is refused with EngineBusy.
-Streams run alone, in a thread of their own, token by token.
+The batching is BentoML's own CorkDispatcher, the algorithm behind `@bentoml.api(batchable=True)`: it learns how
+long a batch of n takes (first requests run alone while it measures), holds requests while waiting for more pays
+off, never beyond max_latency, and refuses a request that would wait longer (EngineBusy, a 503). Used in the
+process (castbot/bentoml_compat.py: cork_dispatcher), so /chat and /generate share batches without the service
+calling itself over HTTP. One batch runs at a time, in a thread of its own; a batch is split by decoding settings
+(one generate() call per group). Streams run alone, in a thread of their own, token by token.
 
     engine = AdaptiveEngine(bot, max_batch_size=32)
     reply = await engine.reply([("Morty", "Rick, where are we going?")], temperature=0)
 """
 
 import asyncio
-import queue
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from castbot.bot import Bot, Reply
 from castbot.dialogue import DECODING_DEFAULTS, Turn
 from castbot.engines import EngineBusy, EngineError, Stream
+
+TIMED_OUT = object()  # the dispatcher's answer for a request it dropped after max_latency
 
 
 @dataclass
 class _Job:
     turns: list[Turn]
     decoding: dict  # DECODING_DEFAULTS filled in
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    queued_at: float = field(default_factory=time.monotonic)
 
     def settings(self) -> tuple:
         """Jobs with equal settings share one generate() call."""
         return tuple(sorted(self.decoding.items()))
 
-    def settle(self, result: Reply | BaseException) -> None:
-        """Answer on the job's own loop (a future already cancelled, by a client that left, is skipped)."""
-        def answer() -> None:
-            if self.future.done():
-                return
-            if isinstance(result, BaseException):
-                self.future.set_exception(result)
-            else:
-                self.future.set_result(result)
-
-        try:
-            self.loop.call_soon_threadsafe(answer)
-        except RuntimeError:  # that loop closed meanwhile
-            pass
-
 
 class AdaptiveEngine:
-    """A Bot answering queued requests in static batches of up to max_batch_size, one batch at a time."""
+    """A Bot answering concurrent requests in adaptive static batches of up to max_batch_size, one at a time."""
 
     def __init__(self, bot: Bot, max_batch_size: int = 32, max_latency_s: float = 30.0,
                  on_batch: Callable[[int], None] = lambda size: None):
         self.bot, self.max_batch_size, self.max_latency_s, self.on_batch = bot, max_batch_size, max_latency_s, on_batch
-        self._jobs: queue.Queue[_Job] = queue.Queue()
         self._running = 0  # prompts in the generate() call now running
-        self._closed = threading.Event()
-        self._worker = threading.Thread(target=self._serve, name="castbot-engine-batches", daemon=True)
-        self._worker.start()
+        self._closed = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="castbot-engine-batches")
+        self._dispatcher, self._loop = None, None  # made on the first request, for the event loop it came on
 
     @classmethod
     def from_limits(cls, bot: Bot, limits, on_batch: Callable[[int], None]) -> "AdaptiveEngine":
@@ -74,56 +58,60 @@ class AdaptiveEngine:
         return 0  # generate() decodes inside transformers: steps are not counted
 
     def ready(self) -> bool:
-        """The batch thread is alive."""
-        return not self._closed.is_set() and self._worker.is_alive()
+        """Not closed, and the dispatcher's loop task (once started) still running."""
+        controller = self._dispatcher and self._dispatcher.controller_task
+        return not self._closed and (controller is None or not controller.done())
 
     def close(self) -> None:
-        self._closed.set()
-        self._worker.join(timeout=30)
+        self._closed = True
+        if self._dispatcher is not None:
+            self._dispatcher.shutdown()
+        self._pool.shutdown(wait=True)
 
     async def reply(self, turns: list[Turn], **decoding) -> Reply:
-        """The reply, from the next batch the worker runs."""
+        """The reply, from the batch the dispatcher puts this request in."""
+        from castbot.bentoml_compat import cork_dispatcher
+
         if not self.ready():
-            raise EngineError("the adaptive engine's batch thread is not running (closed or failed)")
-        loop = asyncio.get_running_loop()
-        job = _Job(turns, {**DECODING_DEFAULTS, **decoding}, loop, loop.create_future())
-        self._jobs.put(job)
-        return await job.future
+            raise EngineError("the adaptive engine is not running (closed or its dispatcher failed)")
+        if self._loop is not asyncio.get_running_loop():  # the service has one loop; tests may run several
+            if self._dispatcher is not None:
+                self._dispatcher.shutdown()
+            self._dispatcher = cork_dispatcher(self._run, self.max_batch_size, self.max_latency_s,
+                                               fallback=lambda: TIMED_OUT)
+            self._loop = asyncio.get_running_loop()
+        result = await self._dispatcher(_Job(turns, {**DECODING_DEFAULTS, **decoding}))
+        if result is TIMED_OUT:
+            if asyncio.current_task().cancelling():  # the caller left: not a refusal
+                raise asyncio.CancelledError
+            raise EngineBusy(f"would wait over {self.max_latency_s:g} s for a batch (CASTBOT_SERVE_MAX_LATENCY_MS); "
+                             "retry shortly")
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    def _serve(self) -> None:
-        """The worker: take what queued up while the last batch ran, run it, repeat until closed."""
-        while not self._closed.is_set():
-            try:
-                jobs = [self._jobs.get(timeout=0.1)]
-            except queue.Empty:
-                continue
-            while len(jobs) < self.max_batch_size:
-                try:
-                    jobs.append(self._jobs.get_nowait())
-                except queue.Empty:
-                    break
-            self._run(jobs)
+    async def _run(self, jobs: Sequence[_Job]) -> list[Reply | Exception]:
+        """The dispatcher's batch callback: the batch in the engine's thread, so the event loop stays free."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._generate, list(jobs))
 
-    def _run(self, jobs: list[_Job]) -> None:
-        """One generate() call per group of equal settings; late jobs refused, failures handed to their callers."""
-        now, groups = time.monotonic(), {}
-        for job in jobs:
-            if now - job.queued_at > self.max_latency_s:
-                job.settle(EngineBusy(f"waited over {self.max_latency_s:g} s for a batch "
-                                      "(CASTBOT_SERVE_MAX_LATENCY_MS); retry shortly"))
-            elif not job.future.done():  # not abandoned while it waited
-                groups.setdefault(job.settings(), []).append(job)
-        for group in groups.values():
-            self.on_batch(len(group))
-            self._running = len(group)
+    def _generate(self, jobs: list[_Job]) -> list[Reply | Exception]:
+        """One generate() call per group of equal settings; a failure is handed to that group's callers."""
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.settings(), []).append(i)
+        results: list[Reply | Exception] = [EngineError("not run")] * len(jobs)
+        for indices in groups.values():
+            self.on_batch(len(indices))
+            self._running = len(indices)
             try:
-                replies = self.bot.generate([job.turns for job in group], **group[0].decoding)
-            except Exception as exc:  # the callers get it; the worker lives on
-                replies = [EngineError(f"generation failed: {exc}")] * len(group)
+                replies = self.bot.generate([jobs[i].turns for i in indices], **jobs[indices[0]].decoding)
+            except Exception as exc:  # the callers get it; the engine lives on
+                replies = [EngineError(f"generation failed: {exc}")] * len(indices)
             finally:
                 self._running = 0
-            for job, reply in zip(group, replies):
-                job.settle(reply)
+            for i, reply in zip(indices, replies):
+                results[i] = reply
+        return results
 
     def stream(self, turns: list[Turn], **decoding) -> Stream:
         """The reply's text piece by piece, from a generate() call of its own; closing the stream stops it at the
