@@ -25,19 +25,22 @@ import bentoml
 import prometheus_client
 from bentoml.exceptions import NotFound, ServiceUnavailable
 from pydantic import BaseModel, Field
+from fastapi import FastAPI, Request
 from starlette.applications import Starlette
-from starlette.responses import FileResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from castbot.bentoml_compat import FixedOpenAPI, UnwrappedErrors
 from castbot.bot import Bot, Reply
 from castbot.chatlog import ChatLog, TurnRecord
-from castbot.engines import EngineBusy, make_engine
+from castbot.engines import EngineBusy, EngineError, make_engine
+from castbot import openai_api
 from castbot.serving import (LIMITS, ChatReply, ChatRequest, Feedback, FeedbackSaved, GenerateRequest, Generation,
                              Prompt, as_generation, chat_prompt, conversation)
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
-API_PATHS = frozenset({"/chat", "/chat/stream", "/generate", "/feedback"})
+OPENAI_PATHS = frozenset({"/v1/chat/completions"})  # answered in OpenAI's error shape
+API_PATHS = frozenset({"/chat", "/chat/stream", "/generate", "/feedback"}) | OPENAI_PATHS
 logger = logging.getLogger("castbot.service")
 
 
@@ -116,6 +119,17 @@ async def _json(scope, send, status: int, body: dict, headers: dict[str, str] | 
     await JSONResponse(body, status_code=status, headers=headers)(scope, None, send)
 
 
+async def _refuse(scope, send, status: int, message: str, field: str | None,
+                  headers: dict[str, str] | None = None) -> None:
+    """A refusal at the door: castbot's {"error", "field"}, or OpenAI's error shape on the /v1 paths."""
+    if scope["path"] in OPENAI_PATHS:
+        body = openai_api.error_body(status, message, field, {413: "request_too_large", 415: "invalid_content_type",
+                                                              503: "overloaded"}.get(status))
+    else:
+        body = {"error": message, **({"field": field} if field else {})}
+    await _json(scope, send, status, body, headers)
+
+
 def _json_body(scope) -> bool:
     """True when the request declares a JSON body (BentoML answers other types with a 500)."""
     content_type = dict(scope["headers"]).get(b"content-type", b"application/json")
@@ -136,16 +150,15 @@ class Admission:
         if scope["type"] != "http" or scope["path"] not in API_PATHS:
             return await self.app(scope, receive, send)
         if scope["method"] == "POST" and not _json_body(scope):
-            return await _json(scope, send, 415, {"error": "send the request as JSON (Content-Type: application/json)",
-                                                  "field": "Content-Type"})
+            return await _refuse(scope, send, 415, "send the request as JSON (Content-Type: application/json)",
+                                 "Content-Type")
         if self.in_flight >= self.capacity:
-            return await _json(scope, send, 503, {"error": f"over capacity: {self.capacity} requests in flight "
-                                                    "(CASTBOT_SERVE_MAX_CONCURRENCY); retry shortly"},
-                               {"Retry-After": "1"})
+            return await _refuse(scope, send, 503, f"over capacity: {self.capacity} requests in flight "
+                                 "(CASTBOT_SERVE_MAX_CONCURRENCY); retry shortly", None, {"Retry-After": "1"})
         body = await self._read_body(scope, receive)
         if body is None:
-            return await _json(scope, send, 413, {"error": f"request body over {self.max_bytes} bytes "
-                                                    "(CASTBOT_SERVE_MAX_REQUEST_BYTES)", "field": "body"})
+            return await _refuse(scope, send, 413, f"request body over {self.max_bytes} bytes "
+                                 "(CASTBOT_SERVE_MAX_REQUEST_BYTES)", "body")
         replayed = False
 
         async def replay():
@@ -185,8 +198,13 @@ async def _web_page(_request) -> FileResponse:
 
 
 web = Starlette(routes=[Route("/", _web_page)])
+# OpenAI's chat-completions protocol (castbot/openai_api.py); its routes are Chat's methods below. Left out of
+# /docs.json: OpenAI's own spec describes them, and OpenAPI 3.0 cannot say which valid-looking requests castbot
+# refuses (the last message not the user's, a seed while sampling)
+openai_app = FastAPI(title="castbot OpenAI-compatible API", openapi_url=None, docs_url=None, redoc_url=None)
 
 
+@bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(web, path="/ui")
 @bentoml.service(
     name="castbot",
@@ -270,6 +288,91 @@ class Chat:
             raise NotFound(f"turn {request.turn_id} is not in the conversation log")
         return FeedbackSaved(turn_id=request.turn_id, rating=request.rating)
 
+    @openai_app.get("/models", include_in_schema=False)
+    async def openai_models(self) -> JSONResponse:
+        """OpenAI's model list: the one served model, with its version and character."""
+        return JSONResponse(openai_api.models_list(self.identity))
+
+    @openai_app.post("/chat/completions", include_in_schema=False)
+    async def openai_chat(self, request: Request) -> Response:
+        """OpenAI's chat completions on the same engine, limits and conversation log as /chat."""
+        created = int(time.time())
+        try:
+            try:
+                parsed = openai_api.parse_request(json.loads(await request.body()))
+            except ValueError as exc:  # not JSON
+                raise openai_api.OpenAIError(400, f"the body is not valid JSON: {exc}") from None
+            prompt, stops = openai_api.to_prompt(parsed, self.identity["model_name"])
+            turn = new_turn(parsed.conversation_id)
+            if parsed.stream:
+                return StreamingResponse(self._openai_stream(prompt, stops, turn, created, parsed),
+                                         media_type="text/event-stream")
+            reply = await self._openai_reply(prompt, stops, turn)
+        except openai_api.OpenAIError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        except EngineError as exc:  # logged by _finished as an "error" turn
+            logger.error("/v1/chat/completions failed: %s", exc)
+            return JSONResponse(openai_api.error_body(500, f"generation failed: {exc}", None, "engine_error"), 500)
+        reason = openai_api.finish_reason(reply, False)
+        return JSONResponse(openai_api.completion(turn, self.identity["model_name"], created, reply.reply, reason,
+                                                  reply))
+
+    async def _openai_reply(self, prompt: Prompt, stops: list[str], turn: dict[str, str]) -> Reply:
+        """One reply through the engine, cut at the first stop string (the log records the cut reply)."""
+        started = time.perf_counter()
+        reply = Reply("", 0, 0, "error")
+        try:
+            reply = await self.engine.reply(conversation(prompt, self.bot.format.character), **prompt.decoding())
+            text, stopped = openai_api.cut_at_stop(reply.reply, stops)
+            if stopped:
+                reply = dataclasses.replace(reply, reply=text, finish_reason="stop")
+        except asyncio.CancelledError:
+            reply = Reply("", 0, 0, "cancelled")
+            raise
+        except EngineBusy as exc:
+            raise openai_api.OpenAIError(503, str(exc), None, "overloaded", {"Retry-After": "1"}) from exc
+        finally:
+            await self._finished("/v1/chat/completions", prompt, reply, started, None, turn)
+        return reply
+
+    async def _openai_stream(self, prompt: Prompt, stops: list[str], turn: dict[str, str], created: int,
+                             request) -> AsyncGenerator[str, None]:
+        """The reply as chat.completion.chunk events, then a finish chunk (and usage if asked), then [DONE]."""
+        def event(body: dict) -> str:
+            return f"data: {json.dumps(body)}\n\n"
+
+        model, started, first_piece_at = self.identity["model_name"], time.perf_counter(), None
+        stream = self.engine.stream(conversation(prompt, self.bot.format.character), **prompt.decoding())
+        cutter, failed = openai_api.StopCutter(stops), True
+        try:
+            yield event(openai_api.chunk(turn, model, created, {"role": "assistant", "content": ""}))
+            async with contextlib.aclosing(stream):  # leaving it early (a stop string, a client gone) cancels
+                async for piece in stream:
+                    first_piece_at = first_piece_at or time.perf_counter()
+                    if text := cutter.feed(piece if cutter.text else piece.lstrip()):
+                        yield event(openai_api.chunk(turn, model, created, {"content": text}))
+                    if cutter.stopped:
+                        break
+            if rest := cutter.flush().rstrip():
+                yield event(openai_api.chunk(turn, model, created, {"content": rest}))
+            failed = False
+        except (GeneratorExit, asyncio.CancelledError):
+            failed = False
+            raise
+        finally:
+            reply = stream.reply
+            if cutter.stopped:
+                reply = dataclasses.replace(reply, reply=openai_api.cut_at_stop(reply.reply or cutter.text, stops)[0],
+                                            finish_reason="stop")
+            elif failed:
+                reply = dataclasses.replace(reply, finish_reason="error")
+            await self._finished("/v1/chat/completions", prompt, reply, started, first_piece_at, turn)
+        reason = openai_api.finish_reason(reply, cutter.stopped)
+        yield event(openai_api.chunk(turn, model, created, {}, reason))
+        if request.stream_options and request.stream_options.include_usage:
+            yield event(openai_api.chunk(turn, model, created, {}, usage_counts=openai_api.usage(reply)))
+        yield "data: [DONE]\n\n"
+
     async def _reply(self, endpoint: str, prompt: Prompt, turn: dict[str, str]) -> Generation:
         """One reply from the engine, passed through _finished whatever its end; EngineBusy becomes a 503."""
         started = time.perf_counter()
@@ -287,7 +390,7 @@ class Chat:
 
     async def _finished(self, endpoint: str, prompt: Prompt, reply: Reply, started: float,
                         first_piece_at: float | None, turn: dict[str, str]) -> None:
-        """Every finished turn of /chat, /chat/stream and /generate passes here once, whatever its finish_reason;
+        """Every finished turn of /chat, /chat/stream, /generate and /v1/chat/completions passes here once, whatever its finish_reason;
         started and first_piece_at are time.perf_counter() readings. The turn is committed to the conversation
         log before the reply goes out (so an acknowledged reply survives a crash), in a worker thread; a turn the
         client abandoned is logged without waiting. Metrics are updated here, not read on scrape (BentoML's

@@ -522,6 +522,280 @@ def test_terminal_chat_keeps_the_history(server):
     assert sizes[1] > sizes[0]  # the second prompt carries the first exchange
 
 
+# ---- the OpenAI-compatible API, through the official openai client -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="any", max_retries=0, timeout=60)
+
+
+def test_openai_models_lists_the_served_model(openai_client, trained):
+    [model] = openai_client.models.list().data
+    assert model.id == "serve-bot" and model.owned_by == "castbot"
+    assert (model.model_extra["version"], model.model_extra["character"]) == (trained["version"], CHARACTER)
+
+
+def test_openai_chat_completion_is_the_chat_reply_and_is_logged(server, openai_client):
+    message = "Is the rocket ready for the openai client?"
+    completion = openai_client.chat.completions.create(
+        model="serve-bot", messages=[{"role": "user", "content": message}], temperature=0, max_tokens=8, seed=7,
+        user="someone", presence_penalty=0)
+    [choice] = completion.choices
+    assert choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length") and completion.model == "serve-bot"
+    direct = chat(server, message=message, temperature=0, max_new_tokens=8).json()
+    assert choice.message.content == direct["reply"]  # the same engine and prompt as /chat
+    usage = completion.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (direct["prompt_tokens"], direct["new_tokens"])
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    row = logged_turns(server).set_index("turn_id").loc[completion.id.removeprefix("chatcmpl-")]
+    assert (row.endpoint, row.message, row.reply) == ("v1/chat/completions", message, choice.message.content)
+
+
+def test_openai_stream_joins_to_the_greedy_reply(server, openai_client):
+    body = {"model": "serve-bot", "messages": [{"role": "user", "content": "Is the rocket ready?"}],
+            "temperature": 0, "max_tokens": 12}
+    whole = openai_client.chat.completions.create(**body).choices[0]
+    chunks = list(openai_client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2 and "".join(pieces) == whole.message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+    assert chunks[-1].usage.completion_tokens >= 1 and not chunks[-1].choices
+    # on the wire: text/event-stream, chat.completion.chunk events, ended by [DONE]
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert {json.loads(line.removeprefix("data: "))["object"] for line in lines[:-1]} == {"chat.completion.chunk"}
+    turn_id = json.loads(lines[0].removeprefix("data: "))["id"].removeprefix("chatcmpl-")
+    assert logged_turns(server).set_index("turn_id").loc[turn_id].endpoint == "v1/chat/completions"
+
+
+def test_openai_conversation_sees_system_history_and_stop(server, openai_client):
+    messages = [{"role": "system", "content": "Science is never simple."},
+                {"role": "user", "content": "The rocket needs fuel."},
+                {"role": "assistant", "content": "Science is simple."},
+                {"role": "user", "content": "Is the rocket ready?"}]
+    answer = openai_client.chat.completions.create(model="serve-bot", messages=messages, temperature=0, max_tokens=8)
+    direct = chat(server, history=[{"speaker": "system", "text": "Science is never simple."},
+                                   {"speaker": "user", "text": "The rocket needs fuel."},
+                                   {"speaker": "bot", "text": "Science is simple."}],
+                  message="Is the rocket ready?", temperature=0, max_new_tokens=8).json()
+    assert answer.choices[0].message.content == direct["reply"]  # the turns /chat would see, system first
+    assert answer.usage.prompt_tokens == direct["prompt_tokens"]
+    alone = openai_client.chat.completions.create(model="serve-bot", messages=messages[-1:], temperature=0,
+                                                  max_tokens=8)
+    assert alone.usage.prompt_tokens < answer.usage.prompt_tokens
+    row = logged_turns(server).set_index("turn_id").loc[answer.id.removeprefix("chatcmpl-")]
+    assert (row.message, row.history_turns) == ("Is the rocket ready?", 3)
+    # a stop string cuts the reply before it, streamed or not, and the log keeps the cut reply
+    reply = direct["reply"]
+    stop = reply.split()[1] if len(reply.split()) > 1 else reply[1:]
+    cut = openai_client.chat.completions.create(model="serve-bot", messages=messages, temperature=0, max_tokens=8,
+                                                stop=[stop])
+    assert cut.choices[0].message.content == reply[: reply.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = openai_client.chat.completions.create(model="serve-bot", messages=messages, temperature=0,
+                                                     max_tokens=8, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply[: reply.index(stop)]
+
+
+@pytest.mark.parametrize("extra, status, param", [
+    ({"n": 2}, 400, "n"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
+    ({"logprobs": True}, 400, "logprobs"),
+    ({"temperature": 2.5}, 400, "temperature"),
+    ({"seed": 1, "temperature": 0.8}, 400, "seed"),
+    ({"frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"mood": "happy"}, 400, "mood"),
+    ({"model": "gpt-4o"}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "messages[1].role"),
+    ({"messages": [{"role": "user", "content": BIG}]}, 400, "messages[0].content"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+])
+def test_openai_refusals_name_the_parameter(openai_client, extra, status, param):
+    import openai
+
+    with pytest.raises(openai.APIStatusError) as refused:  # extra_body: sent as is, past the client's own checks
+        openai_client.chat.completions.create(model="serve-bot", messages=[{"role": "user", "content": "hi"}],
+                                              extra_body=extra)
+    error = refused.value
+    assert error.status_code == status and error.body["param"] == param, error.body
+    assert error.body["type"] == "invalid_request_error" and param.split("[")[0] in error.body["message"]
+
+
+def test_openai_errors_at_the_door_are_in_openais_shape(server):
+    big = json.dumps({"model": "serve-bot", "messages": [{"role": "user", "content": "y" * 9000}]})
+    resp = httpx.post(f"{server}/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large", resp.text
+    resp = httpx.post(f"{server}/v1/chat/completions", content=b"hi", headers={"content-type": "text/plain"})
+    assert resp.status_code == 415 and resp.json()["error"]["param"] == "Content-Type"
+    resp = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
+
+
+def test_openai_overload_is_a_503_with_retry_after_in_openais_shape(server):
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+            body = {"model": "serve-bot", "messages": [{"role": "user", "content": "Crowded?"}],
+                    "max_tokens": SERVER_LIMITS["max_new_tokens"]}
+            return await asyncio.gather(*(client.post(f"{server}/v1/chat/completions", json=body)
+                                          for _ in range(8 * SERVER_LIMITS["max_concurrency"])))
+
+    responses = asyncio.run(run())
+    assert {r.status_code for r in responses} == {200, 503}, {r.status_code for r in responses}
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "overloaded" and "over capacity" in refused.json()["error"]["message"]
+
+
+# ---- the Telegram bot against a fake Bot API server -----------------------------------------------------------
+
+TOKEN = "123456:TEST-token-never-logged"
+
+
+class FakeBotAPI:
+    """A Bot API server on 127.0.0.1 (starlette under uvicorn, in a thread): getUpdates hands out the updates
+    queued by send(), sendMessage and sendChatAction are recorded per chat; other methods answer true."""
+
+    def __init__(self):
+        import threading
+
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        self.updates: list[dict] = []
+        self.calls: list[tuple[str, dict]] = []
+        self.lock, self.next_update, self.next_message = threading.Lock(), 1, 1
+
+        async def method(request):
+            if request.path_params["token"] != f"bot{TOKEN}":
+                return JSONResponse({"ok": False, "error_code": 401, "description": "Unauthorized"}, 401)
+            name, params = request.path_params["method"], dict(await request.form())
+            return JSONResponse({"ok": True, "result": await self.answer(name, params)})
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = Starlette(routes=[Route("/{token}/{method}", method, methods=["GET", "POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    async def answer(self, name: str, params: dict):
+        if name == "getMe":
+            return {"id": 42, "is_bot": True, "first_name": "Ada", "username": "ada_castbot"}
+        if name == "getUpdates":
+            offset = int(params.get("offset", 0))
+            for _ in range(20):  # a short long-poll
+                with self.lock:
+                    ready = [u for u in self.updates if u["update_id"] >= offset]
+                if ready:
+                    return ready
+                await asyncio.sleep(0.1)
+            return []
+        with self.lock:
+            self.calls.append((name, params))
+            self.next_message += 1
+            message_id = self.next_message
+        if name == "sendMessage":
+            return {"message_id": message_id, "date": int(time.time()), "text": params["text"],
+                    "chat": {"id": int(params["chat_id"]), "type": "private"}}
+        return True
+
+    def send(self, chat_id: int, text: str) -> None:
+        """A user in chat chat_id writes text (a /command gets its bot_command entity, as Telegram sends it)."""
+        entities = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}] if text.startswith("/") else []
+        with self.lock:
+            self.next_message += 1
+            self.updates.append({"update_id": self.next_update, "message": {
+                "message_id": self.next_message, "date": int(time.time()), "text": text, "entities": entities,
+                "chat": {"id": chat_id, "type": "private"}, "from": {"id": chat_id, "is_bot": False, "first_name": "U"}}})
+            self.next_update += 1
+
+    def sent(self, chat_id: int, name: str = "sendMessage") -> list[str]:
+        with self.lock:
+            return [p.get("text", p.get("action")) for n, p in self.calls if n == name and int(p["chat_id"]) == chat_id]
+
+    def wait_replies(self, chat_id: int, count: int, seconds: float = 90) -> list[str]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if len(replies := self.sent(chat_id)) >= count:
+                return replies
+            time.sleep(0.1)
+        raise AssertionError(f"chat {chat_id}: {count} replies expected, got {self.sent(chat_id)}")
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def bot_api():
+    api = FakeBotAPI()
+    yield api
+    api.close()
+
+
+def start_telegram_bot(url: str, api: FakeBotAPI, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_API_URL": api.url}
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "castbot.telegram", "--url", url, "--max-new-tokens", "8"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_telegram_bot_keeps_each_chats_history_and_resets(server, bot_api, tmp_path):
+    log = tmp_path / "telegram.log"
+    proc = start_telegram_bot(server, bot_api, log)
+    try:
+        bot_api.send(1, "/start")
+        [hello] = bot_api.wait_replies(1, 1)
+        assert f"I'm {CHARACTER}" in hello and "serve-bot" in hello
+        bot_api.send(1, "Telegram: is the rocket ready?")
+        bot_api.wait_replies(1, 2)
+        bot_api.send(1, "Telegram: and the moon?")
+        bot_api.send(2, "Telegram: who are you?")  # another chat, at the same time
+        replies = bot_api.wait_replies(1, 3)
+        [other] = bot_api.wait_replies(2, 1)
+        assert all(r.strip() for r in replies) and other.strip()
+        assert "typing" in bot_api.sent(1, "sendChatAction")
+        bot_api.send(1, "/reset")
+        bot_api.send(1, "Telegram: fresh start?")
+        bot_api.send(1, "x" * (SERVER_LIMITS["max_message_chars"] + 1))  # over the service's limit
+        replies = bot_api.wait_replies(1, 6)
+        assert replies[3].startswith("Forgotten") and "too long" in replies[5]
+    finally:
+        stop_process_group(proc)
+    turns = logged_turns(server).set_index("message")
+    first, second, fresh = (turns.loc[f"Telegram: {m}"] for m in ("is the rocket ready?", "and the moon?",
+                                                                   "fresh start?"))
+    assert (first.history_turns, second.history_turns, fresh.history_turns) == (0, 2, 0)
+    assert second.conversation_id == first.conversation_id != fresh.conversation_id  # one conversation per chat
+    assert turns.loc["Telegram: who are you?"].conversation_id not in (first.conversation_id, fresh.conversation_id)
+    text = log.read_text()
+    assert TOKEN not in text and TOKEN.split(":")[1] not in text, text[-2000:]
+
+
+def test_telegram_bot_says_when_the_service_is_down(bot_api, tmp_path):
+    log = tmp_path / "telegram.log"
+    proc = start_telegram_bot(f"http://127.0.0.1:{free_port()}", bot_api, log)  # nothing listens there
+    try:
+        bot_api.send(7, "Hello?")
+        [reply] = bot_api.wait_replies(7, 1)
+    finally:
+        stop_process_group(proc)
+    assert "service is down" in reply
+    text = log.read_text()
+    assert "ConnectError" in text and TOKEN not in text, text[-2000:]
+
+
 # ---- the web page in headless Chromium ---------------------------------------------------------------------
 
 

@@ -295,6 +295,26 @@ def test_model_card_round_trips_and_refuses_unknown_or_missing_fields(tmp_path):
         read_card(tmp_path)
 
 
+def test_openai_stop_strings_are_cut_in_a_stream_without_sending_a_partial_stop():
+    from castbot.openai_api import StopCutter, cut_at_stop
+
+    cutter = StopCutter(["END"])
+    sent = [cutter.feed(piece) for piece in ["hello E", "N", "D and more"]]
+    assert "".join(sent) == "hello " and cutter.stopped and cutter.flush() == ""
+    cutter = StopCutter(["END"])
+    assert "".join([cutter.feed("ab E"), cutter.feed("x")]) + cutter.flush() == "ab Ex"
+    assert cut_at_stop("a. b", [".", "b"]) == ("a", True) and cut_at_stop("ab", ["x"]) == ("ab", False)
+
+
+def test_telegram_replies_are_split_at_telegrams_limit():
+    from castbot.telegram import TELEGRAM_LIMIT, split_message
+
+    text = ("word " * 2000).strip()
+    pieces = split_message(text)
+    assert len(pieces) == 3 and all(len(p) <= TELEGRAM_LIMIT for p in pieces)
+    assert " ".join(pieces) == text and split_message("short") == ["short"]
+
+
 def test_bentoml_still_wraps_a_4xx_error_body_in_a_list():
     """When this fails, BentoML fixed its stray trailing comma: castbot.bentoml_compat.UnwrappedErrors can go."""
     import inspect
