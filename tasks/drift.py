@@ -67,10 +67,12 @@ def domain_classifier_drift(reference: list[str], production: list[str], cap: in
                             quantile: float, min_auc: float, seed: int) -> dict:
     """Can a classifier tell production messages from reference contexts? Cross-validated ROC AUC (0.5: no),
     against a threshold: the `quantile` of the AUCs with shuffled labels (what this many texts give by chance),
-    and at least min_auc. Each side is a seeded sample of at most `cap` texts."""
+    and at least min_auc. Each side is a seeded sample of at most `cap` distinct texts: a message sent many times
+    ("hi") would otherwise land in every fold and be learnt by heart, and repeats alone would read as drift."""
     rng = random.Random(seed)
-    ref = rng.sample(reference, min(cap, len(reference)))
-    prod = rng.sample(production, min(cap, len(production)))
+    distinct_ref, distinct_prod = sorted(set(reference)), sorted(set(production))
+    ref = rng.sample(distinct_ref, min(cap, len(distinct_ref)))
+    prod = rng.sample(distinct_prod, min(cap, len(distinct_prod)))
     labels = np.array([0] * len(ref) + [1] * len(prod))
     started = time.perf_counter()
     matrix = domain_features().fit_transform(ref + prod)  # (texts, n-grams), sparse; no labels used
@@ -79,7 +81,7 @@ def domain_classifier_drift(reference: list[str], production: list[str], cap: in
     null = [cross_validated_auc(matrix, shuffled.permutation(labels), seed) for _ in range(permutations)]
     threshold = max(float(np.quantile(null, quantile)), min_auc)
     return {"auc": auc, "threshold": threshold, "permutation_threshold": float(np.quantile(null, quantile)),
-            "reference_texts": len(ref), "production_texts": len(prod), "sampled": len(production) > cap,
+            "reference_texts": len(ref), "production_texts": len(prod), "sampled": len(distinct_prod) > cap,
             "seconds": time.perf_counter() - started, "drift": auc > threshold}
 
 
@@ -91,7 +93,8 @@ def drift_checks(reference: dict, messages: list[str], monitor: MonitorConfig) -
     drift = Check("drift", "yes" if result["drift"] else "no",
                   f"AUC {result['auc']:.2f} {'>' if result['drift'] else '<='} threshold {result['threshold']:.2f} "
                   f"[permutation {monitor.permutation_quantile:.0%} {result['permutation_threshold']:.2f}, "
-                  f"floor {monitor.min_drift_auc:.2f}], {len(messages)} turns{sampled}",
+                  f"floor {monitor.min_drift_auc:.2f}], {len(messages)} turns, {len(set(messages))} distinct"
+                  f"{sampled}",
                   {"drift_auc": result["auc"], "drift_threshold": result["threshold"],
                    "drift_permutation_threshold": result["permutation_threshold"]}, result["drift"])
     oov = oov_rate(messages, set(reference["vocabulary"]))
