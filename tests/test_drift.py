@@ -85,9 +85,17 @@ def test_a_few_turns_give_not_enough_data(rick):
 
 def test_the_classifier_sees_a_capped_sample_and_says_so(rick):
     reference, held_out = rick
-    many = held_out * 40  # 3k messages
+    many = [f"{message} ({i})" for i in range(40) for message in held_out]  # 3k distinct messages
     [drift, *_] = window_checks(reference, turns_frame(many), MonitorConfig(classifier_cap=300, permutations=3))
-    assert f"{len(many)} turns, classifier on a sample of 300" in drift.line()
+    assert f"{len(many)} turns, {len(set(many))} distinct, classifier on a sample of 300" in drift.line()
+
+
+def test_a_message_repeated_many_times_is_not_drift(rick):
+    """The same held-out lines replayed 10 times over: repeats must not let the classifier learn them by heart."""
+    reference, held_out = rick
+    [drift, *_] = window_checks(reference, turns_frame(held_out * 10), MonitorConfig())
+    assert drift.verdict == "no", drift.line()
+    assert f"{len(held_out) * 10} turns, {len(set(held_out))} distinct" in drift.line()
 
 
 def test_looping_replies_and_errors_degrade_the_bot(rick):
