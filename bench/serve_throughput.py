@@ -4,6 +4,7 @@ the same Bento unbatched, and each engine alone with no server on the same chats
     python -m bench.serve_throughput --model demo-bot            # the champion's Bento (built if missing)
     python -m bench.serve_throughput --bento castbot-chat:TAG --requests 256
     python -m bench.serve_throughput --model demo-bot --chatlog-overhead    # served with the log on, then off
+    python -m bench.serve_throughput --model demo-bot --openai-route        # /chat against /v1/chat/completions
 
 Phases: served with the continuous engine (clients read /chat/stream, so time to first token is measured), served
 with the adaptive engine's static batches and unbatched (clients call /chat: the first text comes with the whole reply),
@@ -80,8 +81,29 @@ class Timing:
                 "ttft_ms": 1000 * statistics.median(self.first_tokens or latencies)}
 
 
+def openai_body(body: dict, model: str) -> dict:
+    """A /chat request as the same chat through /v1/chat/completions (history speakers as message names)."""
+    history = [{"role": "user", "content": turn["text"], **({"name": turn["speaker"]} if turn["speaker"] else {})}
+               for turn in body["history"]]
+    return {"model": model, "messages": [*history, {"role": "user", "content": body["message"]}]}
+
+
+async def openai_once(http, body: dict, timing: Timing) -> None:
+    """One non-streamed /v1/chat/completions request, timed as the client sees it."""
+    start = time.monotonic()
+    resp = await http.post("/v1/chat/completions", json=body)
+    if resp.status_code != 200:
+        timing.errors[resp.status_code] += 1
+        return
+    timing.latencies.append(time.monotonic() - start)
+    timing.tokens += resp.json()["usage"]["completion_tokens"]
+
+
 async def chat_once(http, body: dict, stream: bool, timing: Timing) -> None:
-    """One /chat (or /chat/stream) request, timed as the client sees it."""
+    """One /chat (or /chat/stream) request, timed as the client sees it; a body with messages goes to
+    /v1/chat/completions."""
+    if "messages" in body:
+        return await openai_once(http, body, timing)
     start = time.monotonic()
     if not stream:
         resp = await http.post("/chat", json=body)
@@ -130,13 +152,13 @@ async def drive(url: str, chats: list[dict], requests: int, concurrency: int, st
 
 
 def serve_and_measure(name: str, bento: str, engine: str, batching: bool, chats: list[dict], args,
-                      chatlog: bool = True) -> dict:
+                      chatlog: bool = True, stream: bool | None = None) -> dict:
     """Start `bentoml serve`, warm it up, time args.requests chats from args.concurrency clients, stop it.
     Its conversation log (on unless chatlog is False) is a fresh SQLite file beside its server log."""
     import httpx
 
     port = free_port()
-    stream = engine == "continuous"
+    stream = engine == "continuous" if stream is None else stream
     log = Path(tempfile.mkdtemp(prefix="castbot-bench-")) / "serve.log"
     env = {**os.environ, "CASTBOT_SERVE_ENGINE": engine, "CASTBOT_SERVE_BATCHING": str(batching).lower(),
            "CASTBOT_SERVE_MAX_CONCURRENCY": str(4 * args.concurrency),
@@ -252,6 +274,24 @@ def chatlog_overhead(bento: str, chats: list[dict], args) -> int:
     return 0
 
 
+def openai_route(bento: str, chats: list[dict], args) -> int:
+    """Served throughput through /v1/chat/completions against /chat on the same chats, alternated twice."""
+    import bentoml
+
+    [model_tag] = [m.tag for m in bentoml.get(bento).info.all_models]
+    model = bentoml.models.get(model_tag).info.labels.get("mlflow_model", model_tag.name)
+    routes = {"/chat": chats, "/v1/chat/completions": [openai_body(chat, model) for chat in chats]}
+    runs = [serve_and_measure(f"served, {route}", bento, "continuous", True, routes[route], args, stream=False)
+            for route in ("/chat", "/v1/chat/completions") * 2]
+    for r in runs:
+        print(f"{r['name']:32}{r['requests']:>6} requests{r['errors']:>4} errors{r['req_s']:>8.2f} req/s"
+              f"{r['tok_s']:>8.0f} tok/s  p50 {r['p50_ms']:.0f} ms  p99 {r['p99_ms']:.0f} ms")
+    chat = sum(r["req_s"] for r in runs[0::2]) / 2
+    openai = sum(r["req_s"] for r in runs[1::2]) / 2
+    print(f"summary: openai/chat={openai / chat:.3f} requests/s (goal >= 0.95)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_throughput", description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group(required=True)
@@ -263,6 +303,8 @@ def main(argv: list[str]) -> int:
                         help="torch CPU threads in every phase (0: torch's default; 1 suits a shared machine).")
     parser.add_argument("--dtype", default="fast", help="Weights' dtype in every phase (CASTBOT_SERVE_DTYPE).")
     parser.add_argument("--phase-timeout", type=float, default=180, help="Seconds before a phase stops early.")
+    parser.add_argument("--openai-route", action="store_true",
+                        help="Only the continuous engine served, /chat then /v1/chat/completions, twice (no streams).")
     parser.add_argument("--chatlog-overhead", action="store_true",
                         help="Only the continuous engine served, conversation log on / off / on / off.")
     args = parser.parse_args(argv)
@@ -279,6 +321,8 @@ def main(argv: list[str]) -> int:
           f"torch threads={args.torch_threads or torch.get_num_threads()}", flush=True)
     if args.chatlog_overhead:
         return chatlog_overhead(bento, chats, args)
+    if args.openai_route:
+        return openai_route(bento, chats, args)
     served = [serve_and_measure("served, continuous", bento, "continuous", True, chats, args),
               serve_and_measure("served, adaptive", bento, "adaptive", True, chats, args)]
     unbatched = serve_and_measure("served, unbatched", bento, "adaptive", False, chats, args)

@@ -867,10 +867,14 @@ def test_web_page_chat_in_headless_chromium(server, browser):
                        " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
     for kind in ("mousePressed", "mouseReleased"):
         browser.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
-    answer = browser.wait_for("(() => { const b = document.querySelector('.turn.bot, .turn.error');"
-                              " return b && [b.className, b.textContent]; })()")
+    # the bot's turn appears on the stream's "start" event and fills in; its thumbs come with "done"
+    answer = browser.wait_for("(() => { const e = document.querySelector('.turn.error');"
+                              " if (e) return [e.className, e.textContent];"
+                              " const b = document.querySelector('.turn.bot');"
+                              " return b && b.querySelector('.rate') && [b.className, b.childNodes[0].textContent,"
+                              " b.childNodes[1].textContent]; })()")
     assert answer[0] == "turn bot", answer  # the page shows refused requests as "turn error"
-    assert answer[1].startswith(f"{CHARACTER}:") and len(answer[1]) > len(CHARACTER) + 1
+    assert answer[1] == f"{CHARACTER}:" and answer[2].strip(), answer
     assert browser.eval("document.querySelector('.turn.user').textContent") == "You:Is the rocket ready?"
     assert "serve-bot" in browser.eval("document.getElementById('who').textContent")
     assert int(browser.eval("document.querySelector('.turn.bot').dataset.pieces || 0")) >= 1, "the reply streamed"
