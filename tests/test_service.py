@@ -489,10 +489,16 @@ def test_feedback_rates_a_served_turn(server):
 def test_64_concurrent_turns_are_each_logged_once_and_survive_a_kill_9(trained, tmp_path):
     import signal
 
+    import psutil
+
     url, proc = start_server(trained["bento"], tmp_path, "continuous", max_concurrency=64)
     try:
         answers = mixed_burst(url, 64)
-        os.killpg(proc.pid, signal.SIGKILL)  # right after the replies: no shutdown, only what was committed survives
+        # right after the replies, the server and its workers (bentoml starts each in a session of its own): no
+        # shutdown, no late write, only what was committed before the replies went out survives
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         stop_process_group(proc)
