@@ -49,6 +49,22 @@ def test_shipped_profiles_load_and_each_registers_under_its_own_name():
     assert profiles["demo.yaml"].gate.max_perplexity < 1000
 
 
+def test_defaults_follow_the_method_and_a_short_run_still_validates(tmp_path):
+    """A profile that sets only the method and a short run: LoRA gets LoRA's learning rate, full fine-tuning 10x
+    less, and 24 steps validate every 6 (with a checkpoint each time), so the best checkpoint is the one kept."""
+    lora = write(tmp_path / "lora.yaml", "data: {path: s.csv}\ncharacter: Rick\ntraining: {method: lora, max_steps: 24}\n")
+    full = write(tmp_path / "full.yaml", "data: {path: s.csv}\ncharacter: Rick\ntraining: {method: full}\n")
+    assert load_profile(lora).training.learning_rate == 1e-3
+    assert load_profile(full).training.learning_rate == 1e-4
+    short = load_profile(lora).training
+    assert (short.eval_steps, short.save_steps) == (6, 6)
+    assert (load_profile(full).training.eval_steps, load_profile(full).training.save_steps) == (50, 50)
+    set_by_hand = write(tmp_path / "hand.yaml", "data: {path: s.csv}\ncharacter: Rick\n"
+                        "training: {method: lora, max_steps: 24, eval_steps: 8, learning_rate: 0.002}\n")
+    assert load_profile(set_by_hand).training.model_dump(include={"eval_steps", "save_steps", "learning_rate"}) == {
+        "eval_steps": 8, "save_steps": 8, "learning_rate": 0.002}
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     from castbot.config import OfflineModelConfig
