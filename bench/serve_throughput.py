@@ -265,13 +265,18 @@ def chatlog_overhead(bento: str, chats: list[dict], args) -> int:
     """Served throughput with the conversation log on against off, alternated twice (the machine drifts)."""
     runs = [serve_and_measure(f"served, log {'on' if on else 'off'}", bento, "continuous", True, chats, args, on)
             for on in (True, False, True, False)]
-    for r in runs:
-        print(f"{r['name']:18}{r['requests']:>6} requests{r['errors']:>4} errors{r['req_s']:>8.2f} req/s"
-              f"{r['tok_s']:>8.0f} tok/s  p50 {r['p50_ms']:.0f} ms  p99 {r['p99_ms']:.0f} ms")
-    on = sum(r["req_s"] for r in runs[0::2]) / 2
-    off = sum(r["req_s"] for r in runs[1::2]) / 2
-    print(f"summary: log_on/log_off={on / off:.3f} requests/s (goal >= 0.97)")
+    print_ratio(runs, "log_on/log_off", 0.97)
     return 0
+
+
+def print_ratio(runs: list[dict], ratio: str, goal: float) -> None:
+    """Print alternated runs (A, B, A, B) and the summary line: mean requests/s of the A runs over the B runs."""
+    for r in runs:
+        print(f"{r['name']:32}{r['requests']:>6} requests{r['errors']:>4} errors{r['req_s']:>8.2f} req/s"
+              f"{r['tok_s']:>8.0f} tok/s  p50 {r['p50_ms']:.0f} ms  p99 {r['p99_ms']:.0f} ms")
+    first = sum(r["req_s"] for r in runs[0::2]) / 2
+    second = sum(r["req_s"] for r in runs[1::2]) / 2
+    print(f"summary: {ratio}={first / second:.3f} requests/s (goal >= {goal})")
 
 
 def openai_route(bento: str, chats: list[dict], args) -> int:
@@ -282,13 +287,8 @@ def openai_route(bento: str, chats: list[dict], args) -> int:
     model = bentoml.models.get(model_tag).info.labels.get("mlflow_model", model_tag.name)
     routes = {"/chat": chats, "/v1/chat/completions": [openai_body(chat, model) for chat in chats]}
     runs = [serve_and_measure(f"served, {route}", bento, "continuous", True, routes[route], args, stream=False)
-            for route in ("/chat", "/v1/chat/completions") * 2]
-    for r in runs:
-        print(f"{r['name']:32}{r['requests']:>6} requests{r['errors']:>4} errors{r['req_s']:>8.2f} req/s"
-              f"{r['tok_s']:>8.0f} tok/s  p50 {r['p50_ms']:.0f} ms  p99 {r['p99_ms']:.0f} ms")
-    chat = sum(r["req_s"] for r in runs[0::2]) / 2
-    openai = sum(r["req_s"] for r in runs[1::2]) / 2
-    print(f"summary: openai/chat={openai / chat:.3f} requests/s (goal >= 0.95)")
+            for route in ("/v1/chat/completions", "/chat") * 2]
+    print_ratio(runs, "openai/chat", 0.95)
     return 0
 
 

@@ -442,8 +442,8 @@ class MonitorConfig(Strict):
     window_hours: float = Field(24.0, gt=0, le=24 * 90, description="Hours of the chat log each monitor run reads.")
     min_turns: int = Field(100, ge=2, le=100000, description="Fewest turns of the champion in the window for any "
                            "verdict; below: 'not enough data'. Measured (bench/monitor.py, Rick reference, 8 draws): "
-                           "at 100 turns every draw of LOTR, Friends and Spanish read as drift and none of held-out "
-                           "Rick; at 30, only 3 of 8 Friends draws did.")
+                           "at 100 turns every draw of LOTR and Friends read as drift and none of held-out Rick; at "
+                           "30, 5 of 8 Friends draws did.")
     reference_size: int = Field(2000, ge=50, le=50000, description="Training contexts and character lines sampled "
                                 "(seeded) into the reference stored with each registered version.")
     classifier_cap: int = Field(2000, ge=50, le=50000, description="Most user messages (a seeded sample) the "
@@ -455,7 +455,7 @@ class MonitorConfig(Strict):
     min_drift_auc: float = Field(0.65, ge=0.5, le=1, description="Smallest ROC AUC that counts as drift whatever the "
                                  "permutations say: held-out episodes of the same show are told from the training "
                                  "ones a little (other guests, topics). Measured, Rick reference, 100 turns, 8 "
-                                 "draws: held-out Rick 0.53-0.60, Friends 0.68-0.79, LOTR 0.82-0.87, Spanish 1.00.")
+                                 "draws: held-out Rick 0.54-0.60, Friends 0.69-0.80, LOTR 0.82-0.88; Spanish 1.00.")
     max_oov_increase: float = Field(0.15, ge=0, le=1, description="Largest rise of the out-of-vocabulary word "
                                     "share over the reference's own (held-out episodes), before 'vocabulary: shifted'.")
     max_length_shift: float = Field(1.0, ge=0, le=100, description="Largest change of the mean message length, in "
