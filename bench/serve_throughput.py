@@ -304,7 +304,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", default="fast", help="Weights' dtype in every phase (CASTBOT_SERVE_DTYPE).")
     parser.add_argument("--phase-timeout", type=float, default=180, help="Seconds before a phase stops early.")
     parser.add_argument("--openai-route", action="store_true",
-                        help="Only the continuous engine served, /chat then /v1/chat/completions, twice (no streams).")
+                        help="Only the continuous engine served, /v1/chat/completions then /chat, twice (no streams).")
     parser.add_argument("--chatlog-overhead", action="store_true",
                         help="Only the continuous engine served, conversation log on / off / on / off.")
     args = parser.parse_args(argv)

@@ -52,7 +52,8 @@ def test_shipped_profiles_load_and_each_registers_under_its_own_name():
 def test_defaults_follow_the_method_and_a_short_run_still_validates(tmp_path):
     """A profile that sets only the method and a short run: LoRA gets LoRA's learning rate, full fine-tuning 10x
     less, and 24 steps validate every 6 (with a checkpoint each time), so the best checkpoint is the one kept."""
-    lora = write(tmp_path / "lora.yaml", "data: {path: s.csv}\ncharacter: Rick\ntraining: {method: lora, max_steps: 24}\n")
+    lora = write(tmp_path / "lora.yaml",
+                 "data: {path: s.csv}\ncharacter: Rick\ntraining: {method: lora, max_steps: 24}\n")
     full = write(tmp_path / "full.yaml", "data: {path: s.csv}\ncharacter: Rick\ntraining: {method: full}\n")
     assert load_profile(lora).training.learning_rate == 1e-3
     assert load_profile(full).training.learning_rate == 1e-4
