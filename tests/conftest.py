@@ -106,6 +106,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_9_once(proc, ready, waiting_for: str, seconds: float = 300) -> None:
+    """SIGKILL the process group of proc (started with start_new_session=True, stdout piped) as soon as ready()
+    is true; fail saying what never came if proc ends first or `seconds` pass."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert proc.poll() is None, f"it ended before {waiting_for}:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"no {waiting_for} after {seconds:.0f} s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def stop_process_group(proc, timeout: float = 20) -> None:
     """SIGTERM a process started with start_new_session=True and all its children; SIGKILL if they linger."""
     import signal

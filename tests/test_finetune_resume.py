@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import REPO, tiny_config, write_tiny_show
+from tests.conftest import REPO, kill_9_once, tiny_config, write_tiny_show
 
 from tasks.checkpoints import checkpoint_problem
 
@@ -47,14 +45,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_only_the_finished_run
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
 
     first = run_flow(profile, env)
-    deadline = time.monotonic() + 300
-    while not complete_steps(state):
-        assert first.poll() is None, f"the run ended before its first checkpoint:\n{first.stdout.read()}"
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert first.returncode == -signal.SIGKILL
+    kill_9_once(first, lambda: complete_steps(state), "first checkpoint")
     saved = complete_steps(state)[-1]
     assert saved < MAX_STEPS, "the kill came after training had finished"
     with pytest.raises(MlflowException):
