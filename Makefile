@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench serve clean
+.PHONY: setup demo test test-fast bench serve clean cpu-engines
 
 setup: $(STAMP)  ## venv + editable install (quick when nothing changed)
 
@@ -26,6 +26,13 @@ test-fast: setup  ## the unit tier only (under a minute)
 serve: setup  ## serve the newest Bento (built by make demo) on http://127.0.0.1:3000 (web chat at /ui/), logging turns to .castbot/chatlog.db
 	CASTBOT_HOME=$(CURDIR)/.castbot BENTOML_HOME=$(CURDIR)/.castbot/bentoml BENTOML_DO_NOT_TRACK=True \
 	  $(VENV)/bin/bentoml serve castbot-chat:latest --host 127.0.0.1 --port 3000
+
+cpu-engines: setup  ## the candidate CPU engines for bench/cpu_engines.py, and .venv-openvino for OpenVINO's export
+	$(PY) -m pip install -q -e '.[dev,cpu-engines]'
+	test -x .venv-openvino/bin/python || $(PYTHON) -m venv .venv-openvino
+	# optimum-intel 2.2 needs transformers < 5.6; torchvision's PyPI wheel breaks the CPU torch build: left out
+	.venv-openvino/bin/python -m pip install -q torch==2.13.0 'transformers==5.5.4' 'optimum-intel[openvino]==2.2.0'
+	.venv-openvino/bin/python -m pip uninstall -q -y torchvision
 
 clean:  ## forget local state (MLflow registry, Bento store, Prefect DB); keeps the venv
 	rm -rf .castbot

@@ -5,6 +5,7 @@ the same Bento unbatched, and each engine alone with no server on the same chats
     python -m bench.serve_throughput --bento castbot-chat:TAG --requests 256
     python -m bench.serve_throughput --model demo-bot --chatlog-overhead    # served with the log on, then off
     python -m bench.serve_throughput --model demo-bot --openai-route        # /chat against /v1/chat/completions
+    python -m bench.serve_throughput --model demo-bot --engines             # CPU engines alone (bench/cpu_engines.py)
 
 Phases: served with the continuous engine (clients read /chat/stream, so time to first token is measured), served
 with the adaptive engine's static batches and unbatched (clients call /chat: the first text comes with the whole reply),
@@ -292,6 +293,32 @@ def openai_route(bento: str, chats: list[dict], args) -> int:
     return 0
 
 
+def engines_alone(bento: str, chats: list[dict], args) -> int:
+    """The Bento served with today's default engine, then each candidate CPU engine alone on the same chats."""
+    import bentoml
+
+    from bench.cpu_engines import candidates, measure, print_engines, reference_texts
+    from castbot.bot import Bot
+    from castbot.serving import conversation
+
+    served = serve_and_measure("served, continuous", bento, "continuous", True, chats, args)
+    [model_tag] = [m.tag for m in bentoml.get(bento).info.all_models]
+    source = Path(bentoml.models.get(model_tag).path)
+    bot = Bot.load(str(source), torch_threads=args.torch_threads, dtype=args.dtype)
+    conversations = [conversation(p, bot.format.character) for p in prompts_of(chats, args.requests)]
+    fp32 = Bot.load(str(source), torch_threads=args.torch_threads, dtype="float32")
+    reference = reference_texts(fp32, conversations[:8])
+    del fp32
+    results = [measure(make, conversations, reference, args) for make in candidates(source, bot, args)]
+    print_engines([served, *results])
+    fastest = max(results, key=lambda r: r["tok_s"])
+    default = results[0]  # the Bento's default engine, transformers' continuous batching, alone
+    print(f"summary: served/fastest_engine={served['tok_s'] / fastest['tok_s']:.2f} served/continuous=1.00 "
+          f"one_stream_tok_s={default['one_stream_tok_s']:.1f} (generated tokens/s; fastest alone: {fastest['name']}; "
+          "served is the default engine, continuous)")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_throughput", description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group(required=True)
@@ -305,6 +332,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--phase-timeout", type=float, default=180, help="Seconds before a phase stops early.")
     parser.add_argument("--openai-route", action="store_true",
                         help="Only the continuous engine served, /v1/chat/completions then /chat, twice (no streams).")
+    parser.add_argument("--engines", action="store_true",
+                        help="The continuous engine served, then each candidate CPU engine alone (bench/cpu_engines.py).")
+    parser.add_argument("--openvino-python", default=".venv-openvino/bin/python",
+                        help="Python with optimum-intel, for OpenVINO's export (make cpu-engines builds it).")
     parser.add_argument("--chatlog-overhead", action="store_true",
                         help="Only the continuous engine served, conversation log on / off / on / off.")
     args = parser.parse_args(argv)
@@ -323,6 +354,8 @@ def main(argv: list[str]) -> int:
         return chatlog_overhead(bento, chats, args)
     if args.openai_route:
         return openai_route(bento, chats, args)
+    if args.engines:
+        return engines_alone(bento, chats, args)
     served = [serve_and_measure("served, continuous", bento, "continuous", True, chats, args),
               serve_and_measure("served, adaptive", bento, "adaptive", True, chats, args)]
     unbatched = serve_and_measure("served, unbatched", bento, "adaptive", False, chats, args)
