@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+OV_VENV  := .venv-openvino
+OV_STAMP := $(OV_VENV)/.installed
 
 .PHONY: setup demo test test-fast bench serve clean cpu-engines
 
@@ -17,22 +19,25 @@ $(STAMP): pyproject.toml
 demo: setup  ## the whole pipeline on the offline demo profile (a few minutes on CPU)
 	$(PY) -m flows.train configs/demo.yaml
 
-test: setup  ## the test suite (needs ../shared/data for the real-transcript tests)
+test: setup $(OV_STAMP)  ## the test suite (needs ../shared/data for the real-transcript tests)
 	$(PY) -m pytest -q tests
 
-test-fast: setup  ## the unit tier only (under a minute)
+test-fast: setup $(OV_STAMP)  ## the unit tier only (under a minute)
 	$(PY) -m pytest -q -m unit tests
 
 serve: setup  ## serve the newest Bento (built by make demo) on http://127.0.0.1:3000 (web chat at /ui/), logging turns to .castbot/chatlog.db
 	CASTBOT_HOME=$(CURDIR)/.castbot BENTOML_HOME=$(CURDIR)/.castbot/bentoml BENTOML_DO_NOT_TRACK=True \
 	  $(VENV)/bin/bentoml serve castbot-chat:latest --host 127.0.0.1 --port 3000
 
-cpu-engines: setup  ## the candidate CPU engines for bench/cpu_engines.py, and .venv-openvino for OpenVINO's export
+$(OV_STAMP):  ## OpenVINO's exporter in a venv of its own: optimum-intel 2.2 needs transformers < 5.6
+	test -x $(OV_VENV)/bin/python || $(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install -q torch==2.13.0 'transformers==5.5.4' 'optimum-intel[openvino]==2.2.0'
+	# torchvision (pulled in by optimum-intel) is built for CUDA torch and breaks the CPU build's imports: unused here
+	$(OV_VENV)/bin/python -m pip uninstall -q -y torchvision
+	touch $(OV_STAMP)
+
+cpu-engines: setup $(OV_STAMP)  ## the candidate CPU engines bench/cpu_engines.py measures (CTranslate2 besides OpenVINO)
 	$(PY) -m pip install -q -e '.[dev,cpu-engines]'
-	test -x .venv-openvino/bin/python || $(PYTHON) -m venv .venv-openvino
-	# optimum-intel 2.2 needs transformers < 5.6; torchvision's PyPI wheel breaks the CPU torch build: left out
-	.venv-openvino/bin/python -m pip install -q torch==2.13.0 'transformers==5.5.4' 'optimum-intel[openvino]==2.2.0'
-	.venv-openvino/bin/python -m pip uninstall -q -y torchvision
 
 clean:  ## forget local state (MLflow registry, Bento store, Prefect DB); keeps the venv
 	rm -rf .castbot

@@ -5,8 +5,9 @@
     bentoml serve service:Chat --arg model=demo-bot:v3
 
 Limits, capacity and the engine come from CASTBOT_SERVE_* variables (castbot/serving.py: ServeLimits):
-CASTBOT_SERVE_ENGINE=continuous (default: transformers' continuous batching, castbot/engines/continuous.py) or
-adaptive (queued requests in static batches, castbot/engines/adaptive.py). The service reads the same for both.
+CASTBOT_SERVE_ENGINE=continuous (default: transformers' continuous batching, castbot/engines/continuous.py),
+adaptive (queued requests in static batches, castbot/engines/adaptive.py) or openvino (OpenVINO GenAI's continuous
+batching on CPU, castbot/engines/openvino.py). The service reads the same for all.
 """
 
 import asyncio

@@ -2,17 +2,15 @@
 int8 weights (static batches) and OpenVINO GenAI's continuous batching (int8 and fp32 weights), beside
 transformers' continuous batching, which the Bento serves today.
 
-    make cpu-engines                                    # the engines, and .venv-openvino for OpenVINO's export
+    make cpu-engines                                    # CTranslate2, and .venv-openvino for OpenVINO's export
     python -m bench.serve_throughput --model demo-bot --engines
 
-Each engine starts from the Bento's merged model folder: conversion (timed: part of its start-up), load, a warm-up,
-then the timed requests with args.concurrency in flight, then one stream (one request at a time, greedy). Its
-replies are compared with transformers' fp32 greedy replies on the same prompts (quantised weights change text).
-OpenVINO's exporter (optimum-intel) needs transformers < 5.6, so it runs in its own virtual environment
-(--openvino-python); the pipeline itself needs only the `openvino-genai` wheel.
+Each engine starts from the Bento's merged model folder: conversion (timed: part of its start-up, cached per model
+afterwards), load, a warm-up, then the timed requests with args.concurrency in flight, then one stream (one request
+at a time, greedy). Its greedy replies are compared with transformers' fp32 ones on the same prompts (quantised
+weights change text). The OpenVINO rows run castbot's own engine (castbot/engines/openvino.py), as served.
 """
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -55,31 +53,31 @@ def sampling(greedy: bool) -> dict:
     return None if greedy else sampling_settings()
 
 
-class Transformers:
-    """transformers' continuous batching as the Bento serves it (castbot.engines.continuous), callers awaiting
-    their replies with args.concurrency in flight."""
+class Served:
+    """An engine of castbot.engines as the Bento runs it (transformers' continuous batching, OpenVINO GenAI's),
+    callers awaiting their replies with args.concurrency in flight."""
 
-    def __init__(self, bot, concurrency: int):
-        from castbot.engines.continuous import ContinuousEngine
-
-        self.name, self.convert_s = "transformers continuous", 0.0
-        self.engine = ContinuousEngine(bot, concurrency)
+    def __init__(self, name: str, engine, convert_s: float = 0.0):
+        self.name, self.engine, self.convert_s = name, engine, convert_s
 
     def generate(self, conversations: list, greedy: bool, max_new_tokens: int) -> list:
         settings = {"temperature": 0} if greedy else {}
-        return self.engine.replies(conversations, max_new_tokens=max_new_tokens, **settings)
+        return self.engine.replies(conversations, max_new_tokens=max_new_tokens, no_repeat_ngram_size=0, **settings)
 
     def run(self, conversations: list, concurrency: int, max_new_tokens: int) -> Timing:
         import asyncio
 
         counter, timing = iter(conversations), Timing()
 
-        async def caller() -> None:
+        async def caller() -> None:  # streams, as /chat/stream does, so the first piece's time is known
             for turns in counter:
-                start = time.monotonic()
-                reply = await self.engine.reply(turns, max_new_tokens=max_new_tokens)
+                start, first = time.monotonic(), None
+                stream = self.engine.stream(turns, max_new_tokens=max_new_tokens, no_repeat_ngram_size=0)
+                async for _ in stream:
+                    first = first or time.monotonic() - start
                 timing.latencies.append(time.monotonic() - start)
-                timing.tokens += reply.new_tokens
+                timing.first_tokens.append(first or timing.latencies[-1])
+                timing.tokens += stream.reply.new_tokens
 
         async def callers() -> None:
             await asyncio.gather(*(caller() for _ in range(concurrency)))
@@ -89,6 +87,22 @@ class Transformers:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def transformers_continuous(bot, concurrency: int) -> Served:
+    from castbot.engines.continuous import ContinuousEngine
+
+    return Served("transformers continuous", ContinuousEngine(bot, concurrency))
+
+
+def openvino(bot, weights: str, concurrency: int, threads: int) -> Served:
+    """castbot's OpenVINO engine; the export (timed) is cached per model content and weights."""
+    from castbot.engines.openvino import OpenVINOEngine, export_openvino
+
+    start = time.monotonic()
+    folder = export_openvino(bot.folder, weights)
+    convert_s = time.monotonic() - start
+    return Served(f"OpenVINO GenAI {weights}", OpenVINOEngine(bot, folder, concurrency, threads), convert_s)
 
 
 class CTranslate2:
@@ -133,84 +147,6 @@ class CTranslate2:
         del self.generator
 
 
-class OpenVINO:
-    """OpenVINO GenAI's ContinuousBatchingPipeline (paged attention): requests join and leave the running batch
-    at every step; this loop keeps args.concurrency in flight, as a server's engine thread would."""
-
-    def __init__(self, source: Path, bot, threads: int, weights: str, exporter: Path, concurrency: int):
-        import openvino_genai
-
-        def export(target: Path) -> None:
-            done = subprocess.run([str(exporter), "-m", "optimum.commands.optimum_cli", "export", "openvino",
-                                   "--model", str(source), "--task", "text-generation-with-past",
-                                   "--weight-format", weights, str(target)], capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"OpenVINO export failed:\n{done.stderr[-2000:]}")
-
-        self.folder, self.convert_s = converted(f"openvino-{weights}", source, export)
-        self.name, self.bot, self.genai = f"OpenVINO GenAI {weights}", bot, openvino_genai
-        scheduler = openvino_genai.SchedulerConfig()
-        scheduler.max_num_seqs, scheduler.cache_size = concurrency, 1  # GB of KV cache
-        properties = {"INFERENCE_NUM_THREADS": threads} if threads else {}
-        self.pipe = openvino_genai.ContinuousBatchingPipeline(str(self.folder), scheduler, "CPU", properties)
-        self.next_id = 0
-
-    def config(self, greedy: bool, max_new_tokens: int):
-        config = self.genai.GenerationConfig()
-        config.max_new_tokens, config.min_new_tokens = max_new_tokens, 1
-        config.stop_token_ids = {self.bot.tokenizer.eos_token_id}
-        config.apply_chat_template = False
-        sampled = sampling(greedy)
-        if sampled is not None:
-            config.do_sample = True
-            config.temperature, config.top_p, config.top_k = sampled["temperature"], sampled["top_p"], sampled["top_k"]
-        return config
-
-    def add(self, ids: list[int], config):
-        import numpy as np
-        import openvino
-
-        self.next_id += 1
-        return self.pipe.add_request(self.next_id, openvino.Tensor(np.array([ids], dtype=np.int64)), config)
-
-    def drive(self, conversations: list, concurrency: int, config, max_new_tokens: int, timing: Timing) -> list:
-        """Run every conversation, `concurrency` at a time; their Replies, in order."""
-        from castbot.bot import assemble_reply
-
-        running_status = self.genai.py_openvino_genai.GenerationStatus.RUNNING
-        prompts = [self.bot.prompt(turns, max_new_tokens) for turns in conversations]
-        waiting, running, rows = list(range(len(prompts))), {}, [[] for _ in prompts]
-        while waiting or running:
-            while waiting and len(running) < concurrency:
-                index = waiting.pop(0)
-                running[index] = [self.add(prompts[index], config), time.monotonic(), None]
-            self.pipe.step()
-            for index, entry in list(running.items()):
-                handle, start, first = entry
-                if handle.can_read():
-                    for output in handle.read().values():
-                        rows[index] += output.generated_ids
-                    entry[2] = first or time.monotonic() - start
-                if handle.get_status() != running_status and not handle.can_read():
-                    timing.latencies.append(time.monotonic() - start)
-                    timing.first_tokens.append(entry[2] or timing.latencies[-1])
-                    timing.tokens += len(rows[index])
-                    del running[index]
-        return [assemble_reply(self.bot.tokenizer, len(ids), row) for ids, row in zip(prompts, rows)]
-
-    def generate(self, conversations: list, greedy: bool, max_new_tokens: int) -> list:
-        config = self.config(greedy, max_new_tokens)
-        return self.drive(conversations, len(conversations), config, max_new_tokens, Timing())
-
-    def run(self, conversations: list, concurrency: int, max_new_tokens: int) -> Timing:
-        timing = Timing()
-        self.drive(conversations, concurrency, self.config(False, max_new_tokens), max_new_tokens, timing)
-        return timing
-
-    def close(self) -> None:
-        del self.pipe
-
-
 def one_stream_tok_s(engine, conversations: list) -> float:
     """Tokens a second for one request at a time (greedy, ONE_STREAM_TOKENS at most each)."""
     tokens, start = 0, time.monotonic()
@@ -247,23 +183,14 @@ def candidates(source: Path, bot, args) -> list:
     """Constructors of the engines to measure: transformers' continuous batching, and those installed here (a
     missing one is named with how to install it)."""
     threads, concurrency = args.torch_threads, args.concurrency
-    found = [lambda: Transformers(bot, concurrency)]
+    found = [lambda: transformers_continuous(bot, concurrency)]
     try:
         import ctranslate2  # noqa: F401
 
         found += [lambda w=w: CTranslate2(source, bot, threads, w) for w in ("int8", "float32")]
     except ImportError:
         print("CTranslate2 not measured (not installed): make cpu-engines", flush=True)
-    exporter = Path(args.openvino_python)
-    try:
-        import openvino_genai  # noqa: F401
-    except ImportError:
-        print("OpenVINO GenAI not measured (not installed): make cpu-engines", flush=True)
-        return found
-    if not exporter.exists():
-        print(f"OpenVINO GenAI not measured: no exporter at {exporter} (make cpu-engines)", flush=True)
-        return found
-    return found + [lambda w=w: OpenVINO(source, bot, threads, w, exporter, concurrency) for w in ("int8", "fp32")]
+    return found + [lambda w=w: openvino(bot, w, concurrency, threads) for w in ("int8", "fp32")]
 
 
 def print_engines(results: list[dict]) -> None:

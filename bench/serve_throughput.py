@@ -299,8 +299,10 @@ def engines_alone(bento: str, chats: list[dict], args) -> int:
 
     from bench.cpu_engines import candidates, measure, print_engines, reference_texts
     from castbot.bot import Bot
+    from castbot.engines.openvino import EXPORTER_ENV
     from castbot.serving import conversation
 
+    os.environ.setdefault(EXPORTER_ENV, str(Path(args.openvino_python).absolute()))
     served = serve_and_measure("served, continuous", bento, "continuous", True, chats, args)
     [model_tag] = [m.tag for m in bentoml.get(bento).info.all_models]
     source = Path(bentoml.models.get(model_tag).path)
@@ -314,7 +316,7 @@ def engines_alone(bento: str, chats: list[dict], args) -> int:
     fastest = max(results, key=lambda r: r["tok_s"])
     default = results[0]  # the Bento's default engine, transformers' continuous batching, alone
     print(f"summary: served/fastest_engine={served['tok_s'] / fastest['tok_s']:.2f} served/continuous=1.00 "
-          f"one_stream_tok_s={default['one_stream_tok_s']:.1f} (generated tokens/s; fastest alone: {fastest['name']}; "
+          f"one_stream_tok_s={default['one_stream_tok_s']:.1f} (generated tokens/s; fastest {fastest['name']}; "
           "served is the default engine, continuous)")
     return 0
 
@@ -335,7 +337,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--engines", action="store_true",
                         help="The continuous engine served, then each candidate CPU engine alone (bench/cpu_engines.py).")
     parser.add_argument("--openvino-python", default=".venv-openvino/bin/python",
-                        help="Python with optimum-intel, for OpenVINO's export (make cpu-engines builds it).")
+                        help="Python with optimum-intel, for OpenVINO's export (make cpu-engines builds it; "
+                        "CASTBOT_OPENVINO_EXPORTER wins).")
     parser.add_argument("--chatlog-overhead", action="store_true",
                         help="Only the continuous engine served, conversation log on / off / on / off.")
     args = parser.parse_args(argv)

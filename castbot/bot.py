@@ -67,8 +67,10 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[
 class Bot:
     """A loaded model with its tokenizer and dialogue format: replies to conversations and scores samples."""
 
-    def __init__(self, tokenizer, model, fmt: DialogueFormat, max_length: int | None = None):
+    def __init__(self, tokenizer, model, fmt: DialogueFormat, max_length: int | None = None,
+                 folder: str | None = None):
         self.tokenizer, self.model, self.format = tokenizer, model, fmt
+        self.folder = folder  # where it was loaded from (engines that convert the model read it)
         self.positions = position_limit(model.config)
         # the prompt budget is the length the model was trained on, not its position table (8k for SmolLM2)
         self.max_length = min(max_length or self.positions, self.positions)
@@ -86,7 +88,7 @@ class Bot:
         fmt = fmt or (card.format if card else DialogueFormat())
         device, torch_dtype = pick_device(device, dtype)
         model = load_weights(folder, torch_dtype).to(device).eval()
-        return cls(load_tokenizer(folder), model, fmt, max_length or (card.max_length if card else None))
+        return cls(load_tokenizer(folder), model, fmt, max_length or (card.max_length if card else None), folder)
 
     @property
     def device(self):

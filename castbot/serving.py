@@ -34,7 +34,8 @@ class ServeLimits(Strict):
     engine: Literal[tuple(ENGINES)] = Field(
         "continuous", description="continuous: transformers' continuous batching, requests join and leave the "
         "running batch at every decoding step; adaptive: requests that queue up while a batch runs form the next "
-        "static batch (castbot/engines/).")
+        "static batch; openvino: OpenVINO GenAI's continuous batching on CPU, the model exported at start-up "
+        "(castbot/engines/).")
     batching: bool = Field(True, description="Adaptive engine only: batch queued requests (false: one at a time).")
     max_batch_size: int = Field(32, ge=2, description="Most prompts the model runs in one batch.")
     max_latency_ms: int = Field(30000, ge=10, description="Adaptive engine: longest a request may wait in the queue "

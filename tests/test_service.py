@@ -22,6 +22,7 @@ SERVER_LIMITS = {"max_message_chars": 200, "max_turn_chars": 200, "max_history_t
                  "torch_threads": 1,
                  "dtype": "float32"}  # both engines in the same exact arithmetic, so greedy replies can be compared
 BOT_CHAT = {"max_new_tokens": 8}
+OPENVINO_EXPORTER = REPO / ".venv-openvino" / "bin" / "python"  # make cpu-engines
 CHATLOGS: dict[str, str] = {}  # served URL -> its conversation log's SQLAlchemy URL
 
 
@@ -58,6 +59,7 @@ def start_server(bento: str, workdir: Path, engine: str, **limits) -> tuple[str,
     CHATLOGS[url] = f"sqlite:///{workdir / 'chatlog.db'}"
     env = {**os.environ, **{f"CASTBOT_SERVE_{k.upper()}": str(v) for k, v in {**SERVER_LIMITS, **limits}.items()},
            "CASTBOT_SERVE_ENGINE": engine, "CASTBOT_CHATLOG_URL": CHATLOGS[url]}
+    env.setdefault("CASTBOT_OPENVINO_EXPORTER", str(OPENVINO_EXPORTER))  # the Bento's own folder has no venv
     log = workdir / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", bento,
@@ -97,6 +99,12 @@ def server(trained, tmp_path_factory) -> str:
 def adaptive_server(trained, tmp_path_factory) -> str:
     """The same Bento served with BentoML's adaptive batching."""
     yield from serve(trained["bento"], tmp_path_factory.mktemp("serve-adaptive"), "adaptive")
+
+
+@pytest.fixture(scope="session")
+def openvino_server(trained, tmp_path_factory) -> str:
+    """The same Bento served with the OpenVINO engine (its model exported to OpenVINO fp32 at start-up)."""
+    yield from serve(trained["bento"], tmp_path_factory.mktemp("serve-openvino"), "openvino")
 
 
 @pytest.fixture(scope="session")
@@ -323,6 +331,23 @@ def test_both_engines_give_the_same_greedy_reply(server, adaptive_server):
     ids = {"turn_id", "conversation_id"}
     assert name == "done" and streamed["turn_id"] != adaptive["turn_id"]  # each answer is a turn of its own
     assert {k: v for k, v in streamed.items() if k not in ids} == {k: v for k, v in adaptive.items() if k not in ids}
+
+
+def test_the_openvino_engine_serves_the_same_greedy_reply_streamed_batched_and_logged(server, openvino_server):
+    body = {"message": "Is the rocket ready?", "temperature": 0, "no_repeat_ngram_size": 0, "max_new_tokens": 12}
+    continuous, openvino = chat(server, **body).json(), chat(openvino_server, **body).json()
+    assert openvino["reply"] == continuous["reply"] and openvino["new_tokens"] == continuous["new_tokens"]
+    events = stream_events(openvino_server, body)
+    name, streamed = events[-1]
+    assert name == "done" and "".join(data["text"] for event, data in events if event == "message").strip() == \
+        openvino["reply"]
+    before = metric(openvino_server, "castbot_decoding_steps_total")
+    results = burst(openvino_server, 16, **BOT_CHAT)
+    assert [status for status, _, _ in results] == [200] * 16
+    assert metric(openvino_server, "castbot_decoding_steps_total") > before  # decoding steps counted
+    logged = logged_turns(openvino_server).set_index("turn_id")
+    assert logged.loc[openvino["turn_id"], "engine"] == "openvino"
+    assert logged.loc[streamed["turn_id"], "reply"] == openvino["reply"]
 
 
 def test_concurrent_chats_run_in_batches_with_adaptive_batching(adaptive_server):

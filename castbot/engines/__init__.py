@@ -18,6 +18,7 @@ from castbot.dialogue import Turn, decode_reply
 ENGINES = {
     "continuous": "castbot.engines.continuous:ContinuousEngine",  # transformers' continuous batching
     "adaptive": "castbot.engines.adaptive:AdaptiveEngine",  # static left-padded batches of queued requests
+    "openvino": "castbot.engines.openvino:OpenVINOEngine",  # OpenVINO GenAI's continuous batching (make cpu-engines)
 }
 
 
