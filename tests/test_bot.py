@@ -234,20 +234,26 @@ def test_a_failed_generation_ends_the_stream_with_an_error(adaptive):
         asyncio.run(collect(adaptive.stream(CHATS[0], max_new_tokens=0)))  # generate() refuses max_new_tokens=0
 
 
-@pytest.fixture
-def engine(bot):
+@pytest.fixture(params=["continuous", "openvino"])
+def engine(request, bot):
+    """The continuous-batching engines: transformers' and OpenVINO GenAI's (the tiny model exported in fp32 by
+    .venv-openvino's optimum-intel, once per model)."""
     from castbot.engines.continuous import ContinuousEngine
+    from castbot.engines.openvino import OpenVINOEngine, export_openvino
 
-    engine = ContinuousEngine(bot, max_batch_size=4, max_new_tokens=16)
+    if request.param == "continuous":
+        engine = ContinuousEngine(bot, max_batch_size=4, max_new_tokens=16)
+    else:
+        engine = OpenVINOEngine(bot, export_openvino(bot.folder, "fp32"), max_batch_size=4)
     yield engine
-    engine.close()  # gives the model back its own attention implementation for the tests after
+    engine.close()  # the continuous engine gives the model back its own attention implementation
 
 
 def continuous_greedy(bot: Bot, chat, max_new: int) -> list[int]:
     return argmax_reply(bot, bot.prompt(chat, max_new), max_new)
 
 
-def test_continuous_greedy_replies_are_the_argmax_continuations_of_their_prompts(bot, engine):
+def test_batched_greedy_replies_are_the_argmax_continuations_of_their_prompts(bot, engine):
     replies = engine.replies(CHATS, **GREEDY)  # decoded together, prompts of different lengths
     for chat, reply in zip(CHATS, replies):
         expected = continuous_greedy(bot, chat, GREEDY["max_new_tokens"])
@@ -256,10 +262,13 @@ def test_continuous_greedy_replies_are_the_argmax_continuations_of_their_prompts
         text_ids = expected[:-1] if expected[-1] == bot.tokenizer.eos_token_id else expected
         assert reply.reply == bot.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
         assert reply.finish_reason == ("stop" if expected[-1] == bot.tokenizer.eos_token_id else "length")
-    assert engine.steps() >= max(r.new_tokens for r in replies)  # decoding steps, counted by the manager
+    assert engine.steps() >= max(r.new_tokens for r in replies)  # decoding steps, counted by the engine
+    before = engine.steps()
+    replies = engine.replies(CHATS * 4, **GREEDY)  # 8 requests at once share the decoding steps
+    assert engine.steps() - before < sum(r.new_tokens for r in replies) / 2
 
 
-def test_continuous_requests_keep_their_own_decoding_settings(bot, engine):
+def test_batched_requests_keep_their_own_decoding_settings(bot, engine):
     import asyncio
 
     async def together():
@@ -275,7 +284,7 @@ def test_continuous_requests_keep_their_own_decoding_settings(bot, engine):
     assert sampled.new_tokens <= 16 and sampled.prompt_tokens == greedy.prompt_tokens
 
 
-def test_a_continuous_stream_joins_to_its_reply_and_leaving_early_cancels_it(bot, engine):
+def test_a_batched_stream_joins_to_its_reply_and_leaving_early_cancels_it(bot, engine):
     import asyncio
 
     needs_text(bot)
@@ -400,59 +409,6 @@ def test_evaluated_perplexity_is_token_weighted_over_a_padded_batch(bot):
     assert result["sample_tokens"][0] > 3 * result["sample_tokens"][1], "lengths differ, so the batch is padded"
     assert result["tokens"] == expected_tokens
     assert result["perplexity"] == pytest.approx(math.exp(expected_loss / expected_tokens), rel=1e-4)
-
-
-@pytest.fixture(scope="module")
-def openvino(bot):
-    """The tiny model exported to OpenVINO (fp32, by .venv-openvino's optimum-intel) behind the OpenVINO engine."""
-    from castbot.engines.openvino import OpenVINOEngine, export_openvino
-
-    engine = OpenVINOEngine(bot, export_openvino(bot.folder, "fp32"), max_batch_size=4)
-    yield engine
-    engine.close()
-
-
-def test_openvino_greedy_replies_are_the_argmax_continuations_of_their_prompts(bot, openvino):
-    replies = openvino.replies(CHATS, **GREEDY)  # decoded together, prompts of different lengths
-    for chat, reply in zip(CHATS, replies):
-        expected = continuous_greedy(bot, chat, GREEDY["max_new_tokens"])
-        assert reply.new_tokens == len(expected)
-        assert reply.prompt_tokens == len(bot.prompt(chat, GREEDY["max_new_tokens"]))
-        text_ids = expected[:-1] if expected[-1] == bot.tokenizer.eos_token_id else expected
-        assert reply.reply == bot.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
-    assert openvino.steps() >= max(r.new_tokens for r in replies)
-    before = openvino.steps()
-    replies = openvino.replies(CHATS * 4, **GREEDY)  # 8 requests at once share the decoding steps
-    assert openvino.steps() - before < sum(r.new_tokens for r in replies) / 2
-
-
-def test_openvino_requests_keep_their_own_decoding_settings(bot, openvino):
-    import asyncio
-
-    async def together():
-        return await asyncio.gather(openvino.reply(CHATS[0], **{**GREEDY, "max_new_tokens": 3}),
-                                    openvino.reply(CHATS[1], temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=16),
-                                    openvino.reply(CHATS[1], **GREEDY))
-
-    short, sampled, greedy = asyncio.run(together())
-    assert short.new_tokens == len(continuous_greedy(bot, CHATS[0], 12)[:3])
-    assert greedy.new_tokens == len(continuous_greedy(bot, CHATS[1], GREEDY["max_new_tokens"]))
-    assert sampled.new_tokens <= 16 and sampled.prompt_tokens == greedy.prompt_tokens
-
-
-def test_an_openvino_stream_joins_to_its_reply_and_leaving_early_cancels_it(bot, openvino):
-    import asyncio
-
-    needs_text(bot)
-    stream = openvino.stream(CHATS[1], **{**GREEDY, "max_new_tokens": 16})
-    pieces = asyncio.run(collect(stream))
-    assert "".join(pieces).strip() == stream.reply.reply and stream.reply.finish_reason in ("stop", "length")
-    left = openvino.stream(CHATS[1], **{**GREEDY, "max_new_tokens": 16})
-    asyncio.run(collect(left, keep=1))  # a client that leaves after the first piece
-    assert left.reply.finish_reason == "cancelled" and left.reply.new_tokens >= 1
-    [after] = openvino.replies([CHATS[1]], **GREEDY)  # the engine goes on serving
-    assert after.new_tokens == len(continuous_greedy(bot, CHATS[1], GREEDY["max_new_tokens"]))
-    assert openvino.running() == 0  # the cancelled request left the batch
 
 
 def test_a_model_the_exporter_cannot_read_is_a_clear_error_before_any_request(tmp_path):
