@@ -333,23 +333,6 @@ def test_both_engines_give_the_same_greedy_reply(server, adaptive_server):
     assert {k: v for k, v in streamed.items() if k not in ids} == {k: v for k, v in adaptive.items() if k not in ids}
 
 
-def test_the_openvino_engine_serves_the_same_greedy_reply_streamed_batched_and_logged(server, openvino_server):
-    body = {"message": "Is the rocket ready?", "temperature": 0, "no_repeat_ngram_size": 0, "max_new_tokens": 12}
-    continuous, openvino = chat(server, **body).json(), chat(openvino_server, **body).json()
-    assert openvino["reply"] == continuous["reply"] and openvino["new_tokens"] == continuous["new_tokens"]
-    events = stream_events(openvino_server, body)
-    name, streamed = events[-1]
-    assert name == "done" and "".join(data["text"] for event, data in events if event == "message").strip() == \
-        openvino["reply"]
-    before = metric(openvino_server, "castbot_decoding_steps_total")
-    results = burst(openvino_server, 16, **BOT_CHAT)
-    assert [status for status, _, _ in results] == [200] * 16
-    assert metric(openvino_server, "castbot_decoding_steps_total") > before  # decoding steps counted
-    logged = logged_turns(openvino_server).set_index("turn_id")
-    assert logged.loc[openvino["turn_id"], "engine"] == "openvino"
-    assert logged.loc[streamed["turn_id"], "reply"] == openvino["reply"]
-
-
 def test_concurrent_chats_run_in_batches_with_adaptive_batching(adaptive_server):
     server = adaptive_server
     for _ in range(3):  # the dispatcher spends its first ~20 calls measuring latency with small batches
@@ -931,3 +914,22 @@ def test_the_published_spec_holds_for_every_response_schemathesis(server, tmp_pa
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its caches stay out of the repo
     assert done.returncode == 0, done.stdout[-6000:]
     assert "No issues found" in done.stdout
+
+
+# Last in this file: starting another `bentoml serve` wipes BentoML's shared Prometheus folder
+# (BENTOML_HOME/prometheus_multiproc_dir), so the servers started earlier report empty metrics afterwards.
+def test_the_openvino_engine_serves_the_same_greedy_reply_streamed_batched_and_logged(server, openvino_server):
+    body = {"message": "Is the rocket ready?", "temperature": 0, "no_repeat_ngram_size": 0, "max_new_tokens": 12}
+    continuous, openvino = chat(server, **body).json(), chat(openvino_server, **body).json()
+    assert openvino["reply"] == continuous["reply"] and openvino["new_tokens"] == continuous["new_tokens"]
+    events = stream_events(openvino_server, body)
+    name, streamed = events[-1]
+    assert name == "done" and "".join(data["text"] for event, data in events if event == "message").strip() == \
+        openvino["reply"]
+    before = metric(openvino_server, "castbot_decoding_steps_total")
+    results = burst(openvino_server, 16, **BOT_CHAT)
+    assert [status for status, _, _ in results] == [200] * 16
+    assert metric(openvino_server, "castbot_decoding_steps_total") > before  # decoding steps counted
+    logged = logged_turns(openvino_server).set_index("turn_id")
+    assert logged.loc[openvino["turn_id"], "engine"] == "openvino"
+    assert logged.loc[streamed["turn_id"], "reply"] == openvino["reply"]
