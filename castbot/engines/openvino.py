@@ -6,9 +6,9 @@
 The model folder is exported to OpenVINO IR once per content (its weights' sha256) into the state folder, by
 optimum-intel's exporter. optimum-intel 2.2 needs transformers < 5.6, so the exporter runs in a Python of its own
 (CASTBOT_OPENVINO_EXPORTER, default .venv-openvino/bin/python in the working folder: `make cpu-engines` builds
-it); the pipeline needs only the openvino-genai wheel. One thread owns the pipeline: it admits new requests, runs its decoding steps and
-hands each request its new tokens. Per request: temperature, top_p, top_k, max_new_tokens and no_repeat_ngram_size
-(the adaptive engine's settings, which transformers' continuous batching lacks the last of).
+it); the pipeline needs only the openvino-genai wheel. One thread owns the pipeline: it admits new requests, runs
+its decoding steps and hands each request its new tokens. Per request: temperature, top_p, top_k, max_new_tokens
+and no_repeat_ngram_size (the adaptive engine's settings; transformers' continuous batching lacks the last).
 """
 
 import asyncio
@@ -25,6 +25,7 @@ from pathlib import Path
 from castbot.bot import Bot, Reply, assemble_reply, sampling_settings
 from castbot.dialogue import DECODING_DEFAULTS, Turn
 from castbot.engines import EngineError, Stream
+from castbot.pretrained import sha256_file
 from castbot.settings import STATE_DIR
 
 EXPORTER_ENV = "CASTBOT_OPENVINO_EXPORTER"
@@ -37,10 +38,7 @@ def folder_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*")):
         if path.suffix in (".safetensors", ".json"):
-            digest.update(path.name.encode())
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            digest.update(f"{path.name} {sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -141,14 +139,16 @@ class OpenVINOEngine:
                 request.handle.cancel()
                 del self._active[request_id]
                 continue
-            if request.handle.can_read():
+            new = request.handle.can_read()
+            if new:
                 for output in request.handle.read().values():
                     request.generated += output.generated_ids
             finished = request.handle.get_status() != running and not request.handle.can_read()
             if finished:
                 del self._active[request_id]
-            with contextlib.suppress(RuntimeError):  # the waiting loop closed meanwhile
-                request.loop.call_soon_threadsafe(request.outputs.put_nowait, (list(request.generated), finished))
+            if new or finished:  # a step that gave this request nothing wakes nobody
+                with contextlib.suppress(RuntimeError):  # the waiting loop closed meanwhile
+                    request.loop.call_soon_threadsafe(request.outputs.put_nowait, (list(request.generated), finished))
 
     def _run(self) -> None:
         try:
