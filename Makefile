@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: setup  ## the whole pipeline on the offline demo profile (a few minutes on CPU)
+demo: setup $(OV_STAMP)  ## the whole pipeline on the offline demo profile (a few minutes on CPU)
 	$(PY) -m flows.train configs/demo.yaml
 
 test: setup $(OV_STAMP)  ## the test suite (needs ../shared/data for the real-transcript tests)

@@ -5,9 +5,10 @@
     bentoml serve service:Chat --arg model=demo-bot:v3
 
 Limits, capacity and the engine come from CASTBOT_SERVE_* variables (castbot/serving.py: ServeLimits):
-CASTBOT_SERVE_ENGINE=continuous (default: transformers' continuous batching, castbot/engines/continuous.py),
-adaptive (queued requests in static batches, castbot/engines/adaptive.py) or openvino (OpenVINO GenAI's continuous
-batching on CPU, castbot/engines/openvino.py). The service reads the same for all.
+CASTBOT_SERVE_ENGINE=auto (default: openvino on CPU when the Bento holds its OpenVINO export, else continuous),
+continuous (transformers' continuous batching, castbot/engines/continuous.py), adaptive (queued requests in static
+batches, castbot/engines/adaptive.py) or openvino (OpenVINO GenAI's continuous batching on CPU,
+castbot/engines/openvino.py). The service reads the same for all.
 """
 
 import asyncio
@@ -34,7 +35,7 @@ from starlette.routing import Route
 from castbot.bentoml_compat import FixedOpenAPI, UnwrappedErrors
 from castbot.bot import Bot, Reply
 from castbot.chatlog import ChatLog, TurnRecord
-from castbot.engines import EngineBusy, EngineError, make_engine
+from castbot.engines import EngineBusy, EngineError, make_engine, resolve_engine
 from castbot import openai_api
 from castbot.serving import (LIMITS, ChatReply, ChatRequest, Feedback, FeedbackSaved, GenerateRequest, Generation,
                              Prompt, as_generation, chat_prompt, conversation)
@@ -225,7 +226,10 @@ class Chat:
         if LIMITS.max_new_tokens >= self.bot.positions:  # else long requests would fail inside generate
             raise RuntimeError(f"CASTBOT_SERVE_MAX_NEW_TOKENS={LIMITS.max_new_tokens} leaves no room for a prompt: "
                                f"the model holds {self.bot.positions} positions")
-        self.engine = make_engine(LIMITS.engine, self.bot, LIMITS, on_batch=_batch_started)
+        self.engine_name = resolve_engine(LIMITS.engine, self.bot)
+        logging.getLogger("castbot.service").info("engine %s (CASTBOT_SERVE_ENGINE=%s)", self.engine_name,
+                                                  LIMITS.engine)
+        self.engine = make_engine(self.engine_name, self.bot, LIMITS, on_batch=_batch_started)
         self.chatlog = open_chatlog()
         self.steps_counted = 0
         labels = stored.info.labels
@@ -417,7 +421,7 @@ class Chat:
         return TurnRecord(
             **turn, time=datetime.now(timezone.utc) - timedelta(seconds=now - started), endpoint=endpoint.lstrip("/"),
             message=prompt.named_turns()[-1][1], reply=reply.reply, history_turns=len(prompt.turns) - 1,
-            **self.identity, engine=LIMITS.engine, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens,
+            **self.identity, engine=self.engine_name, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens,
             latency_s=now - started, ttft_s=None if first_piece_at is None else first_piece_at - started,
             finish_reason=reply.finish_reason)
 

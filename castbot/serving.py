@@ -31,11 +31,11 @@ class ServeLimits(Strict):
     max_request_bytes: int = Field(65536, ge=1024, description="Largest request body, in bytes (413 beyond).")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight beyond which the service answers 503.")
     timeout_s: int = Field(60, ge=1, description="A request still running after this many seconds gets a 504.")
-    engine: Literal[tuple(ENGINES)] = Field(
-        "continuous", description="continuous: transformers' continuous batching, requests join and leave the "
-        "running batch at every decoding step; adaptive: requests that queue up while a batch runs form the next "
-        "static batch; openvino: OpenVINO GenAI's continuous batching on CPU, the model exported at start-up "
-        "(castbot/engines/).")
+    engine: Literal[("auto", *ENGINES)] = Field(
+        "auto", description="auto: openvino on CPU when the Bento holds its OpenVINO export, else continuous; "
+        "continuous: transformers' continuous batching, requests join and leave the running batch at every decoding "
+        "step; adaptive: requests that queue up while a batch runs form the next static batch; openvino: OpenVINO "
+        "GenAI's continuous batching on CPU, the Bento's export (or one made at start-up) (castbot/engines/).")
     batching: bool = Field(True, description="Adaptive engine only: batch queued requests (false: one at a time).")
     max_batch_size: int = Field(32, ge=2, description="Most prompts the model runs in one batch.")
     max_latency_ms: int = Field(30000, ge=10, description="Adaptive engine: longest a request may wait in the queue "

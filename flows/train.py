@@ -14,7 +14,7 @@ from castbot.config import ConfigError, PipelineConfig, also_train_on_profiles, 
 from castbot.prefect_setup import exits_on_server_timeout
 from castbot.pretrained import ModelFetchError
 from tasks.base_model import base_reference, prepare_base_model
-from tasks.bento import build_bento
+from tasks.bento import TestSplit, build_bento
 from tasks.clean import clean_transcript, publish_cleaning_report
 from tasks.dialogues import build_dialogues
 from tasks.errors import DataError
@@ -115,7 +115,10 @@ def train(config: PipelineConfig, skip_if_unchanged: bool = False) -> dict:
         store_reference(run_id, config.model_name, version,
                         build_reference(splits, config.character, config.monitor.reference_size, config.monitor.seed),
                         {INPUTS_TAG: inputs})
-        bento = build_bento(config.model_name, version) if decision.promote and config.registry.build_bento else None
+        test = TestSplit(splits["test"], config.dialogue.max_length, scores["candidate"]["perplexity"])
+        bento = build_bento(config.model_name, version, openvino=config.registry.openvino, test=test,
+                            max_increase=config.registry.openvino_max_increase) \
+            if decision.promote and config.registry.build_bento else None
         if decision.promote:  # last: a run that fails anywhere before this leaves the champion where it was
             promote_champion(config.model_name, version, champion["version"] if champion else None, bento)
         clear_work_folder(workdir)

@@ -1,5 +1,6 @@
 """Engines: how the service turns conversations into replies. Each engine is one object behind one interface
-(Engine below), chosen once by name (CASTBOT_SERVE_ENGINE); a new engine is one module plus a line in ENGINES.
+(Engine below), chosen once by name (CASTBOT_SERVE_ENGINE, "auto" by default: resolve_engine); a new engine is
+one module plus a line in ENGINES.
 
     engine = make_engine("continuous", bot, limits)
     reply = await engine.reply([("Morty", "Rick, where are we going?")], temperature=0)
@@ -8,6 +9,7 @@
 """
 
 import importlib
+import importlib.util
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -80,6 +82,18 @@ class Engine(Protocol):
         """True while the engine accepts and runs requests (its threads alive)."""
 
     def close(self) -> None: ...
+
+
+def resolve_engine(name: str, bot) -> str:
+    """The engine "auto" means for this Bot: OpenVINO's on CPU when the Bento was built with its export (the
+    fastest measured on CPU, bench/serve_throughput.py --engines), else transformers' continuous batching."""
+    if name != "auto":
+        return name
+    from castbot.engines.openvino import built_export
+
+    on_cpu = bot.device.type == "cpu"
+    return "openvino" if on_cpu and built_export(bot.folder) and importlib.util.find_spec("openvino_genai") \
+        else "continuous"
 
 
 def make_engine(name: str, bot, limits, on_batch: Callable[[int], None] = lambda size: None) -> Engine:
