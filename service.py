@@ -35,6 +35,7 @@ from starlette.routing import Route
 from castbot.bentoml_compat import FixedOpenAPI, UnwrappedErrors
 from castbot.bot import Bot, Reply
 from castbot.chatlog import ChatLog, TurnRecord
+from castbot.model_folder import pick_device
 from castbot.engines import EngineBusy, EngineError, make_engine, resolve_engine
 from castbot import openai_api
 from castbot.serving import (LIMITS, ChatReply, ChatRequest, Feedback, FeedbackSaved, GenerateRequest, Generation,
@@ -222,11 +223,13 @@ class Chat:
 
     def __init__(self) -> None:
         stored = self.bento_model
-        self.bot = Bot.load(stored.path, torch_threads=LIMITS.torch_threads, dtype=LIMITS.dtype)
+        self.engine_name = resolve_engine(LIMITS.engine, stored.path, pick_device(None, LIMITS.dtype)[0])
+        # OpenVINO's engine runs the exported model: torch's copy of the weights would only take memory
+        self.bot = Bot.load(stored.path, torch_threads=LIMITS.torch_threads, dtype=LIMITS.dtype,
+                            weights=self.engine_name != "openvino")
         if LIMITS.max_new_tokens >= self.bot.positions:  # else long requests would fail inside generate
             raise RuntimeError(f"CASTBOT_SERVE_MAX_NEW_TOKENS={LIMITS.max_new_tokens} leaves no room for a prompt: "
                                f"the model holds {self.bot.positions} positions")
-        self.engine_name = resolve_engine(LIMITS.engine, self.bot)
         logging.getLogger("castbot.service").info("engine %s (CASTBOT_SERVE_ENGINE=%s)", self.engine_name,
                                                   LIMITS.engine)
         self.engine = make_engine(self.engine_name, self.bot, LIMITS, on_batch=_batch_started)

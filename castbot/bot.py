@@ -68,31 +68,37 @@ class Bot:
     """A loaded model with its tokenizer and dialogue format: replies to conversations and scores samples."""
 
     def __init__(self, tokenizer, model, fmt: DialogueFormat, max_length: int | None = None,
-                 folder: str | None = None):
-        self.tokenizer, self.model, self.format = tokenizer, model, fmt
+                 folder: str | None = None, config=None):
+        self.tokenizer, self.model, self.format = tokenizer, model, fmt  # model None: prompts only (load's weights)
         self.folder = folder  # where it was loaded from (engines that convert the model read it)
-        self.positions = position_limit(model.config)
+        self.positions = position_limit(config or model.config)
         # the prompt budget is the length the model was trained on, not its position table (8k for SmolLM2)
         self.max_length = min(max_length or self.positions, self.positions)
 
     @classmethod
     def load(cls, folder: str, fmt: DialogueFormat | None = None, device: str | None = None,
-             torch_threads: int = 0, max_length: int | None = None, dtype: str = "auto") -> "Bot":
+             torch_threads: int = 0, max_length: int | None = None, dtype: str = "auto",
+             weights: bool = True) -> "Bot":
         """Load a model folder; its castbot.json gives the format and trained length unless fmt is given.
-        dtype as castbot.model_folder.pick_device's."""
+        dtype as castbot.model_folder.pick_device's. weights=False: tokenizer, format and config only, for an
+        engine that runs the model itself (OpenVINO's)."""
         import torch
+        from transformers import AutoConfig
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         card = read_card(folder)  # None for a plain base model: eos format, its position table as the budget
         fmt = fmt or (card.format if card else DialogueFormat())
         device, torch_dtype = pick_device(device, dtype)
-        model = load_weights(folder, torch_dtype).to(device).eval()
-        return cls(load_tokenizer(folder), model, fmt, max_length or (card.max_length if card else None), folder)
+        model = load_weights(folder, torch_dtype).to(device).eval() if weights else None
+        return cls(load_tokenizer(folder), model, fmt, max_length or (card.max_length if card else None), folder,
+                   None if weights else AutoConfig.from_pretrained(folder))
 
     @property
     def device(self):
-        return self.model.device
+        import torch
+
+        return self.model.device if self.model is not None else torch.device("cpu")
 
     def prompt_budget(self, max_new_tokens: int) -> int:
         """Prompt tokens allowed: at most the trained length, and prompt + reply within the position table."""

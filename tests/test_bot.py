@@ -480,3 +480,12 @@ def test_a_build_without_the_exporter_fails_when_openvino_is_asked_for_and_goes_
         export_for_cpu(eos_bot.folder, "int8", None, 0.01)
     assert export_for_cpu(eos_bot.folder, "auto", None, 0.01) is None  # the Bento serves with the continuous engine
     assert "no OpenVINO exporter" in caplog.text and built_export(eos_bot.folder) is None
+
+
+def test_a_bot_loaded_without_weights_builds_the_same_prompts(bot):
+    """What the service loads when OpenVINO's engine runs the model: tokenizer, format and budget, no torch copy."""
+    light = Bot.load(bot.folder, fmt=bot.format, max_length=96, weights=False)
+    assert light.model is None and light.device.type == "cpu"
+    assert (light.positions, light.max_length) == (bot.positions, bot.max_length)
+    chat = [("Bram", "The rocket needs fuel."), ("Cleo", " ".join(WORDS[:40]))]
+    assert light.prompt(chat, 16) == bot.prompt(chat, 16)

@@ -151,6 +151,26 @@ def metric(url: str, name: str) -> float:
 # ---- the build --------------------------------------------------------------------------------------------
 
 
+def castbot_imports(src: Path) -> set[str]:
+    """Every castbot module the Bento's own code imports (at the top or inside a function)."""
+    import ast
+
+    names = set()
+    for path in [src / "service.py", *(src / "castbot").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "castbot":
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names
+                                          if module_file(src, f"{node.module}.{a.name}")}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names if a.name.split(".")[0] == "castbot"}
+    return names
+
+
+def module_file(src: Path, name: str) -> bool:
+    path = src.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def test_flow_builds_a_bento_and_tags_the_model_version(trained):
     import bentoml
     from mlflow import MlflowClient
@@ -173,6 +193,8 @@ def test_flow_builds_a_bento_and_tags_the_model_version(trained):
     assert card["fp32_test_perplexity"] == pytest.approx(trained["perplexity"], rel=0.01)
     assert version.tags["castbot.openvino"].startswith("fp32: test perplexity")
     assert not (src / "tasks").exists() and not (src / "flows").exists()
+    missing = [name for name in castbot_imports(src) if not module_file(src, name)]
+    assert not missing, f"the Bento's code imports castbot modules its bentofile leaves out: {missing}"
 
 
 def test_standalone_command_builds_for_a_given_version(trained):

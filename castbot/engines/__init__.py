@@ -84,15 +84,16 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def resolve_engine(name: str, bot) -> str:
-    """The engine "auto" means for this Bot: OpenVINO's on CPU when the Bento was built with its export (the
-    fastest measured on CPU, bench/serve_throughput.py --engines), else transformers' continuous batching."""
+def resolve_engine(name: str, folder: str, device: str) -> str:
+    """The engine "auto" means for a model folder on a device: OpenVINO's on CPU when the Bento was built with
+    its export (the fastest measured on CPU, bench/serve_throughput.py --engines), else transformers' continuous
+    batching."""
     if name != "auto":
         return name
     from castbot.engines.openvino import built_export
 
-    on_cpu = bot.device.type == "cpu"
-    return "openvino" if on_cpu and built_export(bot.folder) and importlib.util.find_spec("openvino_genai") \
+    on_cpu = device == "cpu"
+    return "openvino" if on_cpu and built_export(folder) and importlib.util.find_spec("openvino_genai") \
         else "continuous"
 
 
