@@ -346,7 +346,7 @@ def default_alone(results: list[dict], bento: str, engine: str) -> dict:
     [model_tag] = [m.tag for m in bentoml.get(bento).info.all_models]
     folder = bentoml.models.get(model_tag).path
     weights = read_built_card(folder)["weights"] if built_export(folder) else "fp32"
-    return next(r for r in results if r["name"] == f"OpenVINO GenAI {weights}")
+    return next(r for r in results if r["name"].endswith(f"OpenVINO GenAI {weights}"))
 
 
 def main(argv: list[str]) -> int:
