@@ -78,7 +78,8 @@ class Decoding(BaseModel):
     top_k: int = Field(DECODING_DEFAULTS["top_k"], ge=0, le=1000, description="Sample from the k likeliest; 0: all.")
     no_repeat_ngram_size: int = Field(DECODING_DEFAULTS["no_repeat_ngram_size"], ge=0, le=10,
                                       description="Never repeat an n-gram of this size; 0: off. Applied by the "
-                                      "adaptive engine only: transformers' continuous batching has no such processor.")
+                                      "adaptive engine only: transformers' continuous batching has no such "
+                                      "processor, and OpenVINO GenAI applies it in beam search only.")
 
     def decoding(self) -> dict:
         return self.model_dump(include=set(Decoding.model_fields))

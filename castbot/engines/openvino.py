@@ -9,8 +9,10 @@ naming other weights, is exported at start-up, once per content (its weights' sh
 optimum-intel 2.2 needs transformers < 5.6, so the exporter runs in a Python of its own (CASTBOT_OPENVINO_EXPORTER,
 default .venv-openvino/bin/python in the working folder: `make cpu-engines` builds it); serving needs only the
 openvino-genai wheel. The pipeline runs in a process of its own (GenAI's step() holds the GIL throughout): it
-admits new requests, runs the decoding steps and sends each step's new tokens back. Per request: temperature, top_p, top_k, max_new_tokens
-and no_repeat_ngram_size (the adaptive engine's settings; transformers' continuous batching lacks the last).
+admits new requests, runs the decoding steps and sends each step's new tokens back. Per request: temperature,
+top_p, top_k and max_new_tokens hold. no_repeat_ngram_size does not: GenAI applies it in beam search only (greedy
+and sampled decoding ignore it, measured on 2026.4.1), so it is not passed, as with transformers' continuous
+batching.
 """
 
 import asyncio
@@ -121,8 +123,7 @@ def generation_settings(eos_token_id: int, max_new_tokens: int, **decoding) -> d
     """A request's GenerationConfig fields, as plain values (they cross to the pipeline's process)."""
     settings = {**DECODING_DEFAULTS, **decoding, "max_new_tokens": max_new_tokens}
     fields = {"max_new_tokens": settings["max_new_tokens"], "min_new_tokens": 1,  # never an empty reply
-              "stop_token_ids": {eos_token_id}, "apply_chat_template": False,  # the prompt is castbot's token ids
-              "no_repeat_ngram_size": settings["no_repeat_ngram_size"] or 0}
+              "stop_token_ids": {eos_token_id}, "apply_chat_template": False}  # the prompt is castbot's token ids
     sampled = sampling_settings(**settings)
     if sampled is not None:
         fields.update(do_sample=True, temperature=sampled["temperature"], top_p=sampled["top_p"])
