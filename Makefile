@@ -29,9 +29,9 @@ serve: setup  ## serve the newest Bento (built by make demo) on http://127.0.0.1
 	CASTBOT_HOME=$(CURDIR)/.castbot BENTOML_HOME=$(CURDIR)/.castbot/bentoml BENTOML_DO_NOT_TRACK=True \
 	  $(VENV)/bin/bentoml serve castbot-chat:latest --host 127.0.0.1 --port 3000
 
-$(OV_STAMP):  ## OpenVINO's exporter in a venv of its own: optimum-intel 2.2 needs transformers < 5.6
+$(OV_STAMP): requirements-openvino-exporter.txt  ## OpenVINO's exporter in a venv of its own (the Bento build runs it)
 	test -x $(OV_VENV)/bin/python || $(PYTHON) -m venv $(OV_VENV)
-	$(OV_VENV)/bin/python -m pip install -q torch==2.13.0 'transformers==5.5.4' 'optimum-intel[openvino]==2.2.0'
+	$(OV_VENV)/bin/python -m pip install -q -r requirements-openvino-exporter.txt
 	# torchvision (pulled in by optimum-intel) is built for CUDA torch and breaks the CPU build's imports: unused here
 	$(OV_VENV)/bin/python -m pip uninstall -q -y torchvision
 	touch $(OV_STAMP)
