@@ -471,15 +471,20 @@ def test_a_build_keeps_int8_weights_only_within_the_perplexity_limit(eos_bot, tm
 
 def test_a_build_without_the_exporter_fails_when_openvino_is_asked_for_and_goes_on_under_auto(eos_bot, tmp_path,
                                                                                            monkeypatch, caplog):
+    import shutil
+
     from castbot.engines import EngineError
     from castbot.engines.openvino import built_export
     from tasks.bento import export_for_cpu
 
+    folder = tmp_path / "model"
+    shutil.copytree(eos_bot.folder, folder)
+    (folder / "generation_config.json").write_text('{"max_new_tokens": 7}')  # content no export is cached for
     monkeypatch.setenv("CASTBOT_OPENVINO_EXPORTER", str(tmp_path / "no-such-python"))
     with pytest.raises(EngineError, match="no OpenVINO exporter at .*no-such-python"):
-        export_for_cpu(eos_bot.folder, "int8", None, 0.01)
-    assert export_for_cpu(eos_bot.folder, "auto", None, 0.01) is None  # the Bento serves with the continuous engine
-    assert "no OpenVINO exporter" in caplog.text and built_export(eos_bot.folder) is None
+        export_for_cpu(folder, "int8", None, 0.01)
+    assert export_for_cpu(folder, "auto", None, 0.01) is None  # the Bento serves with the continuous engine
+    assert "no OpenVINO exporter" in caplog.text and built_export(folder) is None
 
 
 def test_a_bot_loaded_without_weights_builds_the_same_prompts(bot):

@@ -22,7 +22,7 @@ def test_concurrent_runs_leave_the_latest_bento_on_the_champion(tmp_path):
     procs = []
     for seed in (1, 2):
         config = tiny_config(data, **{"registry.model_name": "race-bot", "registry.build_bento": True,
-                                      "training.seed": seed})
+                                      "registry.openvino": "off", "training.seed": seed})  # the race, not exports
         profile = tmp_path / f"seed{seed}.yaml"
         profile.write_text(yaml.safe_dump(config.model_dump(mode="json")))
         procs.append(subprocess.Popen([sys.executable, "-m", "flows.train", str(profile)], cwd=REPO,

@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import multiprocessing
+import os
+import shutil
 import subprocess
 import threading
 from collections.abc import AsyncIterator
@@ -55,25 +56,34 @@ def exporter() -> Path:
 
 def export_openvino(folder: str | Path, weights: str | None = None, target: Path | None = None) -> Path:
     """The model folder as OpenVINO IR with its tokenizer (weights int8 or fp32), exported once per content into
-    the state folder (or into target)."""
+    the state folder; with target, also placed there (hard links where the filesystem allows)."""
     folder, weights = Path(folder), weights or os.environ.get(WEIGHTS_ENV, "fp32")
     if weights not in ("int8", "fp32"):
         raise EngineError(f"{WEIGHTS_ENV}={weights}: choose int8 or fp32")
-    target = target or STATE_DIR / "engines" / f"openvino-{weights}-{folder_digest(folder)[:16]}"
-    if (target / ".complete").exists():
-        return target
-    python = exporter()
-    if not python.exists():
-        raise EngineError(f"no OpenVINO exporter at {python}: run `make cpu-engines` or set {EXPORTER_ENV} to a "
-                          "Python with optimum-intel[openvino]")
-    done = subprocess.run([str(python), "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model",
-                           str(folder), "--task", "text-generation-with-past", "--weight-format", weights,
-                           str(target)], capture_output=True, text=True)
-    if done.returncode:
-        last = done.stderr.strip().splitlines()[-5:]
-        raise EngineError(f"the OpenVINO export of {folder} failed: " + " / ".join(last))
-    (target / ".complete").touch()
+    cached = STATE_DIR / "engines" / f"openvino-{weights}-{folder_digest(folder)[:16]}"
+    if not (cached / ".complete").exists():
+        python = exporter()
+        if not python.exists():
+            raise EngineError(f"no OpenVINO exporter at {python}: run `make cpu-engines` or set {EXPORTER_ENV} to "
+                              "a Python with optimum-intel[openvino]")
+        done = subprocess.run([str(python), "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model",
+                               str(folder), "--task", "text-generation-with-past", "--weight-format", weights,
+                               str(cached)], capture_output=True, text=True)
+        if done.returncode:
+            last = done.stderr.strip().splitlines()[-5:]
+            raise EngineError(f"the OpenVINO export of {folder} failed: " + " / ".join(last))
+        (cached / ".complete").touch()
+    if target is None:
+        return cached
+    shutil.copytree(cached, target, copy_function=link_or_copy)
     return target
+
+
+def link_or_copy(source: str, dest: str) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:  # another filesystem
+        shutil.copy2(source, dest)
 
 
 def built_export(folder: str | Path) -> Path | None:
