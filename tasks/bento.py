@@ -121,22 +121,23 @@ def export_for_cpu(folder: Path, mode: str, test: TestSplit | None, max_increase
     target = folder / BUILT_FOLDER
     weights = "fp32" if mode == "fp32" or mode == "auto" and test is None else "int8"
     export_openvino(folder, weights, target)
-    card = {"weights": weights, "setting": mode, "reference_perplexity": test and test.perplexity,
-            "test_samples": test and len(test.samples), f"{weights}_test_perplexity": None}
+    card = {"weights": weights, "setting": mode, "reason": "not measured (the build was given no test split)"}
     if test is not None:
-        card[f"{weights}_test_perplexity"] = exported_perplexity(target, folder, test)
-    rise = card["int8_test_perplexity"] / test.perplexity - 1 if weights == "int8" and test else None
-    if mode == "auto" and rise is not None and rise > max_increase:  # quantised weights cost too much: keep fp32
-        shutil.rmtree(target)
-        weights = card["weights"] = "fp32"
-        export_openvino(folder, weights, target)
-        card["fp32_test_perplexity"] = exported_perplexity(target, folder, test)
-    card["reason"] = (f"test perplexity {card[f'{weights}_test_perplexity']:.3f} against the model's "
-                      f"{test.perplexity:.3f}" + (f"; int8 {card['int8_test_perplexity']:.3f} ({rise:+.2%}) exceeds "
-                                                  f"the {max_increase:.1%} limit" if weights == "fp32" and rise else "")
-                      if test else "not measured (no test split given to the build): fp32 weights")
+        measured = exported_perplexity(target, folder, test)
+        card.update({"reference_perplexity": test.perplexity, "test_samples": len(test.samples),
+                     f"{weights}_test_perplexity": measured,
+                     "reason": f"test perplexity {measured:.3f} against the model's {test.perplexity:.3f}"})
+        rise = measured / test.perplexity - 1
+        if mode == "auto" and rise > max_increase:  # quantised weights cost too much: serve fp32
+            shutil.rmtree(target)
+            export_openvino(folder, "fp32", target)
+            fp32 = exported_perplexity(target, folder, test)
+            card.update({"weights": "fp32", "fp32_test_perplexity": fp32,
+                         "reason": f"test perplexity {fp32:.3f} against the model's {test.perplexity:.3f}; int8 "
+                                   f"{measured:.3f} ({rise:+.2%}) exceeds the {max_increase:.1%} limit"})
     (target / BUILT_CARD).write_text(json.dumps(card, indent=2))
-    run_logger("castbot.bento").info("OpenVINO export for CPU serving: %s weights, %s", weights, card["reason"])
+    run_logger("castbot.bento").info("OpenVINO export for CPU serving: %s weights, %s", card["weights"],
+                                     card["reason"])
     return card
 
 
