@@ -327,7 +327,7 @@ def engines_alone(bento: str, chats: list[dict], args) -> int:
     results = [measure(make, conversations, reference, args) for make in candidates(source, bot, args)]
     print_engines([served, continuous, *results])
     fastest = max(results, key=lambda r: r["tok_s"])
-    default = default_alone(results, bento, served["engine"])
+    default = default_alone(results, source, served["engine"])
     print(f"summary: served/fastest_engine={served['tok_s'] / fastest['tok_s']:.2f} "
           f"served/continuous={served['tok_s'] / continuous['tok_s']:.2f} "
           f"one_stream_tok_s={default['one_stream_tok_s']:.1f} (generated tokens/s; served: the Bento's default "
@@ -335,16 +335,12 @@ def engines_alone(bento: str, chats: list[dict], args) -> int:
     return 0
 
 
-def default_alone(results: list[dict], bento: str, engine: str) -> dict:
+def default_alone(results: list[dict], folder: Path, engine: str) -> dict:
     """The row of the engine the Bento serves by default, measured alone (OpenVINO: with the Bento's weights)."""
-    import bentoml
-
     from castbot.engines.openvino import built_export, read_built_card
 
     if engine != "openvino":
         return results[0]  # transformers' continuous batching
-    [model_tag] = [m.tag for m in bentoml.get(bento).info.all_models]
-    folder = bentoml.models.get(model_tag).path
     weights = read_built_card(folder)["weights"] if built_export(folder) else "fp32"
     return next(r for r in results if r["name"].endswith(f"OpenVINO GenAI {weights}"))
 

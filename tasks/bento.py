@@ -143,14 +143,13 @@ def export_for_cpu(folder: Path, mode: str, test: TestSplit | None, max_increase
 
 def exported_perplexity(target: Path, folder: Path, test: TestSplit) -> float:
     """Test perplexity of the exported IR, on the samples encoded by the model folder's own tokenizer and format."""
-    from castbot.dialogue import DialogueFormat, sample_turns
+    from castbot.bot import Bot
     from castbot.engines.openvino import exported_losses
-    from castbot.model_folder import load_tokenizer, read_card
+    from tasks.evaluate import encode_samples
     from tasks.quality import pooled_perplexity
 
-    card = read_card(folder)  # None for a plain base model: eos format, as Bot.load reads it
-    tokenizer, fmt = load_tokenizer(folder), card.format if card else DialogueFormat()
-    encoded = [fmt.encode_sample(tokenizer, sample_turns(s), s["response"], test.max_length) for s in test.samples]
+    bot = Bot.load(str(folder), max_length=test.max_length, weights=False)  # tokenizer and format: no torch weights
+    encoded = encode_samples(bot, test.samples, test.max_length)
     return pooled_perplexity(exported_losses(target, encoded))
 
 
