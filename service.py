@@ -35,8 +35,8 @@ from starlette.routing import Route
 from castbot.bentoml_compat import FixedOpenAPI, UnwrappedErrors
 from castbot.bot import Bot, Reply
 from castbot.chatlog import ChatLog, TurnRecord
-from castbot.model_folder import pick_device
 from castbot.engines import EngineBusy, EngineError, make_engine, resolve_engine
+from castbot.model_folder import pick_device
 from castbot import openai_api
 from castbot.serving import (LIMITS, ChatReply, ChatRequest, Feedback, FeedbackSaved, GenerateRequest, Generation,
                              Prompt, as_generation, chat_prompt, conversation)
