@@ -20,7 +20,7 @@ demo: setup $(OV_STAMP)  ## the whole pipeline on the offline demo profile (a fe
 	$(PY) -m flows.train configs/demo.yaml
 
 test: setup $(OV_STAMP)  ## the test suite (needs ../shared/data for the real-transcript tests)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: setup $(OV_STAMP)  ## the unit tier only (under a minute)
 	$(PY) -m pytest -q -m unit tests
