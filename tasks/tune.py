@@ -33,9 +33,14 @@ def study_folder(name: str) -> Path:
     return STATE_DIR / "tune" / name
 
 
+# sections a trial's validation loss does not depend on: changing them continues the study
+NOT_IN_TRIALS = {"evaluation", "gate", "registry", "monitor"}
+
+
 def study_name(config: PipelineConfig) -> str:
-    """Same profile settings and search space -> same study, whatever tune.trials or tune.budget_minutes say."""
-    settings = config.model_dump(mode="json")
+    """Same data, training settings and search space -> same study, whatever tune.trials, tune.budget_minutes or
+    the sections a trial never uses (gate, registry, evaluation, monitor) say."""
+    settings = config.model_dump(mode="json", exclude=NOT_IN_TRIALS)
     settings["tune"] = {"space": {k: v.model_dump() for k, v in config.search_space().items()},
                         "enqueue": config.tune.enqueue, "pruner": config.tune.pruner.model_dump()}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]

@@ -69,3 +69,15 @@ def test_a_trials_settings_apply_as_a_validated_profile(tmp_path):
     tuned = apply_settings(config, {"training.learning_rate": 2e-3, "dialogue.context_turns": 5})
     assert tuned.training.learning_rate == 2e-3 and tuned.dialogue.context_turns == 5
     assert tuned.training.max_steps == config.training.max_steps  # everything else kept
+
+
+def test_a_study_continues_across_changes_its_trials_never_use(tmp_path):
+    """A new gate or registry setting keeps the study's stored trials; a new training setting starts another."""
+    from tasks.tune import study_name
+
+    config = load_profile(profile_with(tmp_path, {"space": {"training.learning_rate": LR}}))
+    same = config.model_copy(update={"gate": config.gate.model_copy(update={"min_improvement": 0.05}),
+                                     "registry": config.registry.model_copy(update={"openvino": "off"})})
+    other = config.model_copy(update={"training": config.training.model_copy(update={"batch_size": 4})})
+    assert study_name(same) == study_name(config)
+    assert study_name(other) != study_name(config)
