@@ -130,7 +130,7 @@ def test_prefect_yaml_is_rendered_from_the_profiles():
     assert (REPO / "deployments" / "prefect.yaml").read_text() == render.render(), \
         "deployments/prefect.yaml is out of date with configs/: run python -m deployments.render"
     deployments = yaml.safe_load(render.render())["deployments"]
-    profiles = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    profiles = [p.stem for p in render.deployed_profiles()]
     assert len(deployments) == 5 * len(profiles)  # train and monitor, each local and Kubernetes; the study
     crons = render.nightly_crons(profiles)
     assert crons["smoke"] is None and crons["demo"] == "0 2 * * *" and len(set(crons.values())) == len(profiles)
@@ -149,8 +149,15 @@ def test_prefect_yaml_is_rendered_from_the_profiles():
     assert study["schedules"] == [{"cron": "0 2 * * 6", "timezone": render.TIMEZONE, "active": False}]  # paused
 
 
+def test_a_studys_tuned_profile_beside_its_own_gets_no_deployment(tmp_path):
+    """flows.tune writes NAME.tuned.yaml into configs/: it must not become a second nightly run of the same bot."""
+    for name in ("rick.yaml", "rick.tuned.yaml", "lotr.yaml"):
+        (tmp_path / name).write_text("character: X\n")
+    assert [p.name for p in render.deployed_profiles(tmp_path)] == ["lotr.yaml", "rick.yaml"]
+
+
 def test_deploy_creates_scheduled_local_and_kubernetes_deployments(prefect):
-    crons = render.nightly_crons([p.stem for p in (REPO / "configs").glob("*.yaml")])
+    crons = render.nightly_crons([p.stem for p in render.deployed_profiles()])
     for profile in ("demo", "rick-and-morty"):
         local, k8s = prefect.deployment(f"{profile}-nightly"), prefect.deployment(f"{profile}-nightly-k8s")
         assert local["work_pool_name"] == render.LOCAL_POOL and k8s["work_pool_name"] == render.K8S_POOL

@@ -39,10 +39,10 @@ def test_relative_data_path_resolves_against_profile_folder(tmp_path):
 
 
 def test_shipped_profiles_load_and_each_registers_under_its_own_name():
-    """Every profile in configs/ loads; two sharing a registry name would replace each other's champion."""
-    from tests.conftest import REPO
+    """Every deployed profile in configs/ loads; two sharing a registry name would replace each other's champion."""
+    from deployments.render import deployed_profiles
 
-    profiles = {path.name: load_profile(path) for path in sorted((REPO / "configs").glob("*.yaml"))}
+    profiles = {path.name: load_profile(path) for path in deployed_profiles()}
     names = [config.model_name for config in profiles.values()]
     assert len(set(names)) == len(names), names
     assert profiles["rick-dialogpt-small.yaml"].base_model == "microsoft/DialoGPT-small"
