@@ -1,14 +1,14 @@
 """The chat service: a castbot model from the BentoML store behind /chat, /generate and a web page.
 
-    bentoml serve castbot-chat:latest                 # a Bento built by `python -m tasks.bento`
+    bentoml serve castbot-chat:latest                 # a Bento built by `python -m tasks.release.bento`
     bentoml serve service:Chat                        # from the checkout: the newest imported model
     bentoml serve service:Chat --arg model=demo-bot:v3
 
-Limits, capacity and the engine come from CASTBOT_SERVE_* variables (castbot/serving.py: ServeLimits):
+Limits, capacity and the engine come from CASTBOT_SERVE_* variables (castbot/serve/schemas.py: ServeLimits):
 CASTBOT_SERVE_ENGINE=auto (default: openvino on CPU when the Bento holds its OpenVINO export, else continuous),
-continuous (transformers' continuous batching, castbot/engines/continuous.py), adaptive (queued requests in static
-batches, castbot/engines/adaptive.py) or openvino (OpenVINO GenAI's continuous batching on CPU,
-castbot/engines/openvino.py). The service reads the same for all.
+continuous (transformers' continuous batching, castbot/serve/engines/continuous.py), adaptive (queued requests in static
+batches, castbot/serve/engines/adaptive.py) or openvino (OpenVINO GenAI's continuous batching on CPU,
+castbot/serve/engines/openvino.py). The service reads the same for all.
 """
 
 import asyncio
@@ -32,13 +32,13 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from castbot.bentoml_compat import FixedOpenAPI, UnwrappedErrors
-from castbot.bot import Bot, Reply
-from castbot.chatlog import ChatLog, TurnRecord
-from castbot.engines import EngineBusy, EngineError, make_engine, resolve_engine
-from castbot.model_folder import pick_device
-from castbot import openai_api
-from castbot.serving import (LIMITS, ChatReply, ChatRequest, Feedback, FeedbackSaved, GenerateRequest, Generation,
+from castbot.compat.bentoml_fixes import FixedOpenAPI, UnwrappedErrors
+from castbot.model.bot import Bot, Reply
+from castbot.chatlog.store import ChatLog, TurnRecord
+from castbot.serve.engines import EngineBusy, EngineError, make_engine, resolve_engine
+from castbot.model.folder import pick_device
+from castbot.serve import openai_protocol as openai_api
+from castbot.serve.schemas import (LIMITS, ChatReply, ChatRequest, Feedback, FeedbackSaved, GenerateRequest, Generation,
                              Prompt, as_generation, chat_prompt, conversation)
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
@@ -61,7 +61,7 @@ def model_tag(args: BentoArgs) -> str:
         return tag
     imported = [m for m in bentoml.models.list() if "mlflow_model" in m.info.labels]
     if not imported:
-        raise RuntimeError("no castbot model in the BentoML store: run `python -m tasks.bento --model NAME` first")
+        raise RuntimeError("no castbot model in the BentoML store: run `python -m tasks.release.bento --model NAME` first")
     return str(max(imported, key=lambda m: m.info.creation_time).tag)
 
 
@@ -201,7 +201,7 @@ async def _web_page(_request) -> FileResponse:
 
 
 web = Starlette(routes=[Route("/", _web_page)])
-# OpenAI's chat-completions protocol (castbot/openai_api.py); its routes are Chat's methods below. Left out of
+# OpenAI's chat-completions protocol (castbot/serve/openai_protocol.py); its routes are Chat's methods below. Left out of
 # /docs.json: OpenAI's own spec describes them, and OpenAPI 3.0 cannot say which valid-looking requests castbot
 # refuses (the last message not the user's, a seed while sampling)
 openai_app = FastAPI(title="castbot OpenAI-compatible API", openapi_url=None, docs_url=None, redoc_url=None)

@@ -3,7 +3,7 @@
     python -m bench.cpu_dtypes                      # matmuls only
     python -m bench.cpu_dtypes --model demo-bot     # and the champion's held-out perplexity in both dtypes
 
-Why: the service loads weights in bf16 where oneDNN multiplies bf16 natively (castbot.model_folder.native_cpu_bf16);
+Why: the service loads weights in bf16 where oneDNN multiplies bf16 natively (castbot.model.folder.native_cpu_bf16);
 this shows what that buys and what it costs.
 """
 
@@ -34,10 +34,10 @@ def held_out_perplexity(model_name: str) -> dict[str, float]:
     from mlflow import MlflowClient
 
     from bench.serve_throughput import DEMO_PROFILE, held_out_samples
-    from castbot.bot import Bot
+    from castbot.model.bot import Bot
     from castbot.config import load_profile
-    from tasks.evaluate import measure_perplexity
-    from tasks.registry import download_champion
+    from tasks.evaluate.perplexity import measure_perplexity
+    from tasks.release.registry import download_champion
 
     config = load_profile(str(DEMO_PROFILE))
     test = held_out_samples(DEMO_PROFILE)
@@ -57,8 +57,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from castbot.model_folder import native_cpu_bf16
-    from castbot.settings import use_project_state
+    from castbot.model.folder import native_cpu_bf16
+    from castbot.common.settings import use_project_state
 
     use_project_state()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

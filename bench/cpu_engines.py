@@ -8,7 +8,7 @@ transformers' continuous batching, which the Bento serves today.
 Each engine starts from the Bento's merged model folder: conversion (timed: part of its start-up, cached per model
 afterwards), load, a warm-up, then the timed requests with args.concurrency in flight, then one stream (one request
 at a time, greedy). Its greedy replies are compared with transformers' fp32 ones on the same prompts (quantised
-weights change text). The OpenVINO rows run castbot's own engine (castbot/engines/openvino.py), as served.
+weights change text). The OpenVINO rows run castbot's own engine (castbot/serve/engines/openvino.py), as served.
 """
 
 import time
@@ -31,7 +31,7 @@ def rss_mb() -> float:
 def converted(kind: str, source: Path, convert) -> tuple[Path, float]:
     """The engine's copy of the model folder, made once per model version (cached beside the source's copies
     in the state folder, keyed by the folder's name); (folder, seconds spent converting now)."""
-    from castbot.settings import STATE_DIR
+    from castbot.common.settings import STATE_DIR
 
     target = STATE_DIR / "engines" / f"{source.name}-{kind}"
     if (target / ".complete").exists():
@@ -50,13 +50,13 @@ def reference_texts(bot, conversations: list) -> list[str]:
 
 def sampling(greedy: bool) -> dict:
     """temperature, top_p, top_k: the service's defaults, or None for greedy."""
-    from castbot.bot import sampling_settings
+    from castbot.model.bot import sampling_settings
 
     return None if greedy else sampling_settings()
 
 
 class Served:
-    """An engine of castbot.engines as the Bento runs it (transformers' continuous batching, OpenVINO GenAI's),
+    """An engine of castbot.serve.engines as the Bento runs it (transformers' continuous batching, OpenVINO GenAI's),
     callers awaiting their replies with args.concurrency in flight."""
 
     def __init__(self, name: str, engine, convert_s: float = 0.0):
@@ -92,14 +92,14 @@ class Served:
 
 
 def transformers_continuous(bot, concurrency: int) -> Served:
-    from castbot.engines.continuous import ContinuousEngine
+    from castbot.serve.engines.continuous import ContinuousEngine
 
     return Served("transformers continuous", ContinuousEngine(bot, concurrency))
 
 
 def openvino(bot, weights: str, concurrency: int, threads: int) -> Served:
     """castbot's OpenVINO engine; the export (timed) is cached per model content and weights."""
-    from castbot.engines.openvino import OpenVINOEngine, export_openvino
+    from castbot.serve.engines.openvino import OpenVINOEngine, export_openvino
 
     start = time.monotonic()
     folder = export_openvino(bot.folder, weights)
@@ -124,7 +124,7 @@ class CTranslate2:
                                                intra_threads=threads)
 
     def generate(self, conversations: list, greedy: bool, max_new_tokens: int) -> list:
-        from castbot.bot import assemble_reply
+        from castbot.model.bot import assemble_reply
 
         sampled = sampling(greedy)
         options = {} if sampled is None else {"sampling_temperature": sampled["temperature"],
@@ -159,7 +159,7 @@ def one_stream_tok_s(engine, conversations: list) -> float:
 
 def measure(make, conversations: list, reference: list[str], args) -> dict:
     """Start one engine (conversion, load), warm it up, time it on the conversations, then one stream."""
-    from castbot.dialogue import DECODING_DEFAULTS
+    from castbot.model.dialogue import DECODING_DEFAULTS
 
     before, start = rss_mb(), time.monotonic()
     engine = make()

@@ -11,14 +11,14 @@ replies answer the first --replies test contexts with the service's decoding def
 import argparse
 
 from castbot.config import load_profile
-from castbot.dialogue import DialogueFormat
+from castbot.model.dialogue import DialogueFormat
 
 
 def test_split(profile: str):
     """The profile's config, base model folder and test samples, built as the flow builds them."""
     from flows.train import training_data
-    from tasks.base_model import prepare_base_model
-    from tasks.lineage import report_dir
+    from tasks.train.base_model import prepare_base_model
+    from tasks.data.lineage import report_dir
 
     config = load_profile(profile)
     splits = training_data(config, report_dir()).splits
@@ -28,8 +28,8 @@ def test_split(profile: str):
 
 def measure(bot, samples: list[dict], max_length: int, replies: int) -> dict:
     """Per-token and per-word test perplexity, and seeded replies to the first contexts."""
-    from tasks.evaluate import measure_perplexity
-    from tasks.judge import generate_replies
+    from tasks.evaluate.perplexity import measure_perplexity
+    from tasks.evaluate.judge import generate_replies
 
     figures = measure_perplexity(bot, samples, max_length)
     said = [r.reply for r in generate_replies(bot, samples[:replies], seed=0)]
@@ -37,7 +37,7 @@ def measure(bot, samples: list[dict], max_length: int, replies: int) -> dict:
 
 
 def main() -> None:
-    from castbot.bot import Bot
+    from castbot.model.bot import Bot
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("profile")

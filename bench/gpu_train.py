@@ -2,7 +2,7 @@
 
     python -m bench.gpu_train --steps 60 --batch-size 32 --seq-len 256 --precisions auto,fp16,fp32
 
-Runs the fine-tune step's own code (tasks.finetune.train_model) on a GPT-2 of DialoGPT-small's shape
+Runs the fine-tune step's own code (tasks.train.finetune.train_model) on a GPT-2 of DialoGPT-small's shape
 (12 layers, 768 wide, 50,257-token vocabulary, ~124M parameters), randomly initialised so that no hub
 access is needed, on random token sequences of one length (no padding). MFU = achieved model FLOP/s
 / --peak-tflops, with 6·N FLOPs per token for the weights plus 12·layers·width·seq_len for attention
@@ -21,7 +21,7 @@ def build_model(folder: Path) -> int:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from castbot.config import OfflineModelConfig
-    from tasks.base_model import build_offline_model
+    from tasks.train.base_model import build_offline_model
 
     texts = [f"line {i} of a made-up dialogue about rockets and numbers" for i in range(200)]
     build_offline_model(texts, OfflineModelConfig(vocab_size=300, n_layer=1, n_embd=32, n_head=2), 0, folder)
@@ -43,7 +43,7 @@ def random_dataset(rows: int, seq_len: int, seed: int):
 
 def main() -> None:
     from castbot.config import TrainingConfig
-    from tasks.finetune import train_model
+    from tasks.train.finetune import train_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)

@@ -26,9 +26,9 @@ from castbot.config import MonitorConfig, load_profile
 
 
 def splits_of(profile: str):
-    from tasks.clean import clean_transcript
-    from tasks.dialogues import build_dialogues
-    from tasks.ingest import load_transcript
+    from tasks.data.clean import clean_transcript
+    from tasks.data.dialogues import build_dialogues
+    from tasks.data.ingest import load_transcript
 
     config = load_profile(profile)
     cleaned, _ = clean_transcript.fn(load_transcript.fn(config.data), config.cleaning)
@@ -54,7 +54,7 @@ def synthetic_turns(n: int, messages: list[str], replies: list[str], seed: int) 
 def write_log(turns: pd.DataFrame, url: str) -> float:
     """Seconds to bulk-insert the turns and their ratings into a new chat log, in one transaction through the
     log's own tables (ChatLog.record commits each turn: 100k of them would time the log, not the monitor)."""
-    from castbot.chatlog import TURN_FIELDS, ChatLog, feedback_table, turns_table
+    from castbot.chatlog.store import TURN_FIELDS, ChatLog, feedback_table, turns_table
 
     log, started = ChatLog(url), time.perf_counter()
     rows = turns[TURN_FIELDS].assign(time=turns["time"].dt.tz_convert(None)).to_dict("records")
@@ -68,9 +68,9 @@ def write_log(turns: pd.DataFrame, url: str) -> float:
 
 
 def time_monitor(reference: dict, turns: pd.DataFrame) -> None:
-    from tasks.drift import window_checks
+    from castbot.scores.drift import window_checks
 
-    from castbot.chatlog import ChatLog
+    from castbot.chatlog.store import ChatLog
 
     url = f"sqlite:///{tempfile.mkdtemp(prefix='castbot-bench-')}/chatlog.db"
     print(f"writing {len(turns)} turns to {url}: {write_log(turns, url):.1f} s (not part of the monitor)")
@@ -87,7 +87,7 @@ def time_monitor(reference: dict, turns: pd.DataFrame) -> None:
 
 
 def decisions(reference: dict, pools: dict[str, list[str]], draws: int) -> None:
-    from tasks.drift import domain_classifier_drift
+    from castbot.scores.drift import domain_classifier_drift
 
     monitor = MonitorConfig()
     print(f"\ndrift decisions (threshold = max(permutation {monitor.permutation_quantile:.0%} of "
@@ -105,8 +105,8 @@ def decisions(reference: dict, pools: dict[str, list[str]], draws: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.ingest import read_chatterbot
-    from tasks.reference import build_reference, user_side
+    from tasks.data.ingest import read_chatterbot
+    from tasks.release.trained_on import build_reference, user_side
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=100000)

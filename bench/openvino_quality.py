@@ -3,7 +3,7 @@ and fp32 exports on the profile's test split, and greedy replies side by side.
 
     python -m bench.openvino_quality configs/lotr.yaml          # the profile's champion (models:/NAME@champion)
 
-The servable folder is the champion's, merged as the Bento build merges it (tasks/bento.py: save_servable); the
+The servable folder is the champion's, merged as the Bento build merges it (tasks/release/bento.py: save_servable); the
 exports are the ones castbot's OpenVINO engine serves, cached per content in the state folder. The Bento build
 makes the same measurement (registry.openvino: auto) against the candidate's own figure.
 """
@@ -21,19 +21,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("profile", help="The profile whose champion and test split to measure, e.g. configs/lotr.yaml.")
     args = parser.parse_args(argv)
 
-    from castbot.settings import use_project_state
+    from castbot.common.settings import use_project_state
 
     use_project_state()
-    from castbot.bot import Bot
+    from castbot.model.bot import Bot
     from castbot.config import load_profile
-    from castbot.dialogue import sample_turns
-    from castbot.engines.openvino import OpenVINOEngine, export_openvino, exported_losses
+    from castbot.model.dialogue import sample_turns
+    from castbot.serve.engines.openvino import OpenVINOEngine, export_openvino, exported_losses
     from flows.train import training_data
-    from tasks.bento import save_servable
-    from tasks.evaluate import encode_samples, measure_perplexity
-    from tasks.lineage import report_dir
-    from tasks.quality import pooled_perplexity
-    from tasks.registry import download_champion
+    from tasks.release.bento import save_servable
+    from tasks.evaluate.perplexity import encode_samples, measure_perplexity
+    from tasks.data.lineage import report_dir
+    from castbot.scores.quality import pooled_perplexity
+    from tasks.release.registry import download_champion
 
     config = load_profile(args.profile)
     samples = training_data(config, report_dir()).splits["test"]

@@ -35,7 +35,7 @@ def held_out_samples(profile: Path = DEMO_PROFILE) -> list[dict]:
     """The profile's test split, built by the flow's own data steps (also_train_on included)."""
     from castbot.config import load_profile
     from flows.train import training_data
-    from tasks.lineage import report_dir
+    from tasks.data.lineage import report_dir
 
     return training_data(load_profile(str(profile)), report_dir()).splits["test"]
 
@@ -57,7 +57,7 @@ def champion_bento(model_name: str) -> str:
     """The Bento tag recorded on the champion version; built now if it has none."""
     from mlflow import MlflowClient
 
-    from tasks.bento import BENTO_TAG_KEY, build_bento
+    from tasks.release.bento import BENTO_TAG_KEY, build_bento
 
     version = MlflowClient().get_model_version_by_alias(model_name, "champion")
     return version.tags.get(BENTO_TAG_KEY) or build_bento.fn(model_name, version.version)
@@ -198,7 +198,7 @@ def serve_and_measure(name: str, bento: str, engine: str, batching: bool, chats:
 
 def served_engine(chatlog: Path) -> str:
     """The engine that answered, as the conversation log recorded it (auto resolves when the service starts)."""
-    from castbot.chatlog import ChatLog
+    from castbot.chatlog.store import ChatLog
 
     log = ChatLog(f"sqlite:///{chatlog}")
     try:
@@ -210,7 +210,7 @@ def served_engine(chatlog: Path) -> str:
 def load_bot(bento: str, args):
     import bentoml
 
-    from castbot.bot import Bot
+    from castbot.model.bot import Bot
 
     [model_tag] = [m.tag for m in bentoml.get(bento).info.all_models]
     return Bot.load(bentoml.models.get(model_tag).path, torch_threads=args.torch_threads, dtype=args.dtype)
@@ -218,14 +218,14 @@ def load_bot(bento: str, args):
 
 def prompts_of(chats: list[dict], count: int):
     """The chats as the service's prompts, default decoding."""
-    from castbot.serving import ChatRequest, chat_prompt
+    from castbot.serve.schemas import ChatRequest, chat_prompt
 
     return [chat_prompt(ChatRequest(**chats[i % len(chats)])) for i in range(count)]
 
 
 def direct_static(bot, chats: list[dict], args) -> dict:
     """Batched Bot.generate() in this process on the same chats, in batches of args.concurrency."""
-    from castbot.serving import conversation
+    from castbot.serve.schemas import conversation
 
     prompts = prompts_of(chats, args.requests)
 
@@ -245,8 +245,8 @@ def direct_static(bot, chats: list[dict], args) -> dict:
 
 def direct_continuous(bot, chats: list[dict], args) -> dict:
     """The continuous engine in this process: args.concurrency callers, each sending its next chat at once."""
-    from castbot.engines.continuous import ContinuousEngine
-    from castbot.serving import conversation
+    from castbot.serve.engines.continuous import ContinuousEngine
+    from castbot.serve.schemas import conversation
 
     engine = ContinuousEngine(bot, args.concurrency)
     conversations = [conversation(p, bot.format.character) for p in prompts_of(chats, args.requests)]
@@ -309,9 +309,9 @@ def engines_alone(bento: str, chats: list[dict], args) -> int:
     import bentoml
 
     from bench.cpu_engines import candidates, measure, print_engines, reference_texts
-    from castbot.bot import Bot
-    from castbot.engines.openvino import EXPORTER_ENV
-    from castbot.serving import conversation
+    from castbot.model.bot import Bot
+    from castbot.serve.engines.openvino import EXPORTER_ENV
+    from castbot.serve.schemas import conversation
 
     os.environ.setdefault(EXPORTER_ENV, str(Path(args.openvino_python).absolute()))
     served = serve_and_measure("served, default", bento, "auto", True, chats, args)
@@ -337,7 +337,7 @@ def engines_alone(bento: str, chats: list[dict], args) -> int:
 
 def default_alone(results: list[dict], folder: Path, engine: str) -> dict:
     """The row of the engine the Bento serves by default, measured alone (OpenVINO: with the Bento's weights)."""
-    from castbot.engines.openvino import built_export, read_built_card
+    from castbot.serve.engines.openvino import built_export, read_built_card
 
     if engine != "openvino":
         return results[0]  # transformers' continuous batching
@@ -367,7 +367,7 @@ def main(argv: list[str]) -> int:
                         help="Only the continuous engine served, conversation log on / off / on / off.")
     args = parser.parse_args(argv)
 
-    from castbot.settings import use_project_state
+    from castbot.common.settings import use_project_state
 
     use_project_state()
     import torch

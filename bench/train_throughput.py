@@ -5,7 +5,7 @@
     python -m bench.train_throughput --models 4x --steps 6 --repeats 2 --no-quality --threads 1
     python -m bench.train_throughput --models smollm2 --methods full,lora --steps 6 --repeats 1 --no-quality
 
-"flow" is tasks.finetune.train_model, the body of the fine-tune task (Trainer, callbacks, checkpoint at the
+"flow" is tasks.train.finetune.train_model, the body of the fine-tune task (Trainer, callbacks, checkpoint at the
 end); its tokens/s excludes evaluation and checkpoint time. "bare" is a plain torch loop over the same
 batches with the same optimiser, schedule, clipping and autocast. tokens/s counts real tokens only
 (padding excluded); padding = padded positions / all positions in the training batches. Each figure is the
@@ -30,9 +30,9 @@ SHAPES = {
 def prepare(profile: str, shape_name: str):
     """Splits, base model folder and tokenised datasets for the profile with the named model shape."""
     from flows.train import training_data, training_texts
-    from tasks.base_model import OFFLINE, prepare_base_model
-    from tasks.lineage import report_dir
-    from tasks.tokenize import choose_format, tokenize_dialogues
+    from tasks.train.base_model import OFFLINE, prepare_base_model
+    from tasks.data.lineage import report_dir
+    from tasks.data.tokenize import choose_format, tokenize_dialogues
 
     config = load_profile(profile)
     named = isinstance(SHAPES[shape_name], str)
@@ -53,8 +53,8 @@ def bench_config(config: TrainingConfig, steps: int, precision: str, batching: s
 
 
 def flow_step(base: str, datasets, config: TrainingConfig) -> dict:
-    """The fine-tune task's code path (tasks.finetune.train_model) in a fresh folder."""
-    from tasks.finetune import train_model
+    """The fine-tune task's code path (tasks.train.finetune.train_model) in a fresh folder."""
+    from tasks.train.finetune import train_model
 
     with tempfile.TemporaryDirectory() as tmp:
         result = train_model(base, datasets, config, tmp)
@@ -69,10 +69,10 @@ def bare_loop(base: str, datasets, config: TrainingConfig) -> dict:
     from torch.utils.data import DataLoader, RandomSampler
     from transformers import DataCollatorForSeq2Seq, get_scheduler
 
-    from castbot.dialogue import IGNORE_INDEX
-    from tasks.finetune import load_model
-    from tasks.sampler import LengthBucketSampler
-    from castbot.model_folder import load_tokenizer
+    from castbot.model.dialogue import IGNORE_INDEX
+    from tasks.train.finetune import load_model
+    from tasks.train.batches import LengthBucketSampler
+    from castbot.model.folder import load_tokenizer
 
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(base)
@@ -112,10 +112,10 @@ def bare_loop(base: str, datasets, config: TrainingConfig) -> dict:
 
 def quality(base: str, datasets, config: TrainingConfig) -> dict:
     """Test perplexity after the profile's full schedule in fp32 and in bf16 (evaluated in fp32)."""
-    from castbot.bot import Bot
-    from castbot.dialogue import DialogueFormat
-    from tasks.finetune import train_model
-    from tasks.quality import pooled_perplexity
+    from castbot.model.bot import Bot
+    from castbot.model.dialogue import DialogueFormat
+    from tasks.train.finetune import train_model
+    from castbot.scores.quality import pooled_perplexity
 
     scores = {}
     for precision in ("fp32", "bf16"):

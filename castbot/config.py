@@ -26,7 +26,7 @@ class ColumnMap(Strict):
 
 
 class FeedbackConfig(Strict):
-    """Served turns that users liked, from the conversation log (castbot/chatlog.py), as extra training samples."""
+    """Served turns that users liked, from the conversation log (castbot/chatlog/store.py), as extra training samples."""
 
     enabled: bool = Field(False, description="Add the log's liked turns (thumbs up; never thumbs down or unrated) of "
                           "this bot to the training split as message -> reply samples. Validation and test stay the "
@@ -128,7 +128,7 @@ class DialogueConfig(Strict):
     max_length: int = Field(128, ge=16, le=1024, description="Longest tokenised sample; context is cut from the left.")
     loss_on: Literal["response", "all"] = Field("response", description="Train on the response tokens only, or on all.")
     format: Literal["auto", "eos", "chat"] = Field(
-        "auto", description="How turns become tokens (castbot/dialogue.py): chat = the model's chat template with a "
+        "auto", description="How turns become tokens (castbot/model/dialogue.py): chat = the model's chat template with a "
         "system line naming the character; eos = DialoGPT's turns joined by <eos>; auto = chat when the "
         "tokenizer has a chat template.",
     )
@@ -390,7 +390,7 @@ class TuneConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    """How candidates are judged on what they say (tasks/judge.py), beside perplexity."""
+    """How candidates are judged on what they say (tasks/evaluate/judge.py), beside perplexity."""
 
     replies: int = Field(32, ge=0, le=2000, description="Held-out test contexts each model answers (seeded choice; "
                          "0: judge perplexity only). Decoded with the service's defaults, in batches.")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from castbot.chatlog import ChatLogError
+from castbot.chatlog.store import ChatLogError
 from castbot.config import ConfigError, PipelineConfig, load_profile
-from tasks.drift import Check, window_checks
-from tasks.lineage import publish_markdown
-from tasks.monitoring import chat_log_url, emit_events, log_monitoring_run, read_window, report_markdown
-from tasks.reference import MonitorError, load_reference
+from castbot.scores.drift import Check, window_checks
+from tasks.data.lineage import publish_markdown
+from tasks.monitor.steps import chat_log_url, emit_events, log_monitoring_run, read_window, report_markdown
+from tasks.release.trained_on import MonitorError, load_reference
 
 
 @task(name="load_champion_reference")  # no retries: a missing champion or reference is an answer, not a hiccup
@@ -31,7 +31,7 @@ def load_champion_reference(model_name: str) -> tuple[str, dict]:
 
 @task(name="check_window")
 def check_window(reference: dict, turns, config: PipelineConfig) -> list[Check]:
-    """Drift, reply and health checks of the window (tasks/drift.py)."""
+    """Drift, reply and health checks of the window (castbot/scores/drift.py)."""
     return window_checks(reference, turns, config.monitor)
 
 

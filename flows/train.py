@@ -11,28 +11,28 @@ import pandas as pd
 from prefect import flow
 
 from castbot.config import ConfigError, PipelineConfig, also_train_on_profiles, load_profile
-from castbot.prefect_setup import exits_on_server_timeout
-from castbot.pretrained import ModelFetchError
-from tasks.base_model import base_reference, prepare_base_model
-from tasks.bento import TestSplit, build_bento
-from tasks.clean import clean_transcript, publish_cleaning_report
-from tasks.dialogues import build_dialogues
-from tasks.errors import DataError
-from tasks.feedback import add_feedback_samples
-from tasks.evaluate import evaluate_model, log_scores
-from castbot.model_folder import ModelCard
-from tasks.checkpoints import clear_work_folder, work_folder
-from tasks.finetune import fine_tune
-from tasks.gate import gate_candidate
-from tasks.ingest import load_transcript
-from tasks.judge import build_judge, publish_replies
-from tasks.lineage import log_data_lineage, report_dir, resume_data_key
-from tasks.freshness import INPUTS_TAG, check_freshness, inputs_key, training_inputs
-from tasks.reference import build_reference, store_reference
-from tasks.registry import (ChampionMoved, download_champion, finish_run, promote_champion, register_model,
+from castbot.compat.prefect_start import exits_on_server_timeout
+from castbot.model.pretrained import ModelFetchError
+from tasks.train.base_model import base_reference, prepare_base_model
+from tasks.release.bento import TestSplit, build_bento
+from tasks.data.clean import clean_transcript, publish_cleaning_report
+from tasks.data.dialogues import build_dialogues
+from castbot.common.errors import DataError
+from tasks.data.feedback import add_feedback_samples
+from tasks.evaluate.perplexity import evaluate_model, log_scores
+from castbot.model.folder import ModelCard
+from tasks.train.checkpoints import clear_work_folder, work_folder
+from tasks.train.finetune import fine_tune
+from tasks.release.gate import gate_candidate
+from tasks.data.ingest import load_transcript
+from tasks.evaluate.judge import build_judge, publish_replies
+from tasks.data.lineage import log_data_lineage, report_dir, resume_data_key
+from tasks.data.freshness import INPUTS_TAG, check_freshness, inputs_key, training_inputs
+from tasks.release.trained_on import build_reference, store_reference
+from tasks.release.registry import (ChampionMoved, download_champion, finish_run, promote_champion, register_model,
                             start_run, tag_run)
-from tasks.samples import sample_replies
-from tasks.validate import validate_dialogue, validate_raw
+from tasks.evaluate.replies import sample_replies
+from tasks.data.validate import validate_dialogue, validate_raw
 
 
 def training_texts(samples: list[dict]) -> list[str]:
@@ -82,7 +82,7 @@ def dialogue_splits(config: PipelineConfig, cleaned: pd.DataFrame,
 def train(config: PipelineConfig, skip_if_unchanged: bool = False) -> dict:
     """Train a character bot from a transcript and promote it if it beats the champion. skip_if_unchanged: end at
     once when data, config and code equal the champion's (or the latest version's) inputs (deployments: true)."""
-    from tasks.tokenize import choose_format, tokenize_dialogues
+    from tasks.data.tokenize import choose_format, tokenize_dialogues
 
     inputs = inputs_key(training_inputs(config))
     if skip_if_unchanged and (skipped := check_freshness(config.model_name, inputs)):

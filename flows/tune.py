@@ -17,14 +17,14 @@ from pathlib import Path
 from prefect import flow
 
 from castbot.config import ConfigError, DialogueConfig, PipelineConfig, load_profile
-from castbot.prefect_setup import exits_on_server_timeout
-from castbot.pretrained import ModelFetchError
+from castbot.compat.prefect_start import exits_on_server_timeout
+from castbot.model.pretrained import ModelFetchError
 from flows.train import dialogue_splits, train, training_data, training_texts
-from tasks.base_model import base_reference, prepare_base_model
-from tasks.errors import DataError
-from tasks.lineage import report_dir
-from tasks.registry import ChampionMoved, finish_run
-from tasks.tune import (PRUNED, StudyBusy, apply_settings, evidence_lines, open_study, publish_study, run_trial,
+from tasks.train.base_model import base_reference, prepare_base_model
+from castbot.common.errors import DataError
+from tasks.data.lineage import report_dir
+from tasks.release.registry import ChampionMoved, finish_run
+from tasks.search.study import (PRUNED, StudyBusy, apply_settings, evidence_lines, open_study, publish_study, run_trial,
                         start_study_run, study_folder, suggest, write_tuned_profile)
 
 
@@ -33,8 +33,8 @@ def tune(config: PipelineConfig, profile_path: str | None = None, trials: int | 
          budget_minutes: float | None = None, train_winner: bool = True) -> dict:
     """Search the profile's tune.space for the lowest validation loss; write the winner's profile; train it."""
     import optuna
-    from castbot.model_folder import ModelCard
-    from tasks.tokenize import choose_format, tokenize_dialogues
+    from castbot.model.folder import ModelCard
+    from tasks.data.tokenize import choose_format, tokenize_dialogues
 
     if config.training.processes > 1:
         raise ConfigError("training.processes: a study trains its trials in one process; set it to 1")

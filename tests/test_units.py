@@ -69,8 +69,8 @@ def test_defaults_follow_the_method_and_a_short_run_still_validates(tmp_path):
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     from castbot.config import OfflineModelConfig
-    from tasks.base_model import build_offline_model
-    from castbot.model_folder import load_tokenizer
+    from tasks.train.base_model import build_offline_model
+    from castbot.model.folder import load_tokenizer
 
     texts = [row["line"] for row in tiny_show_rows()]
     folder = build_offline_model(texts, OfflineModelConfig(vocab_size=300, n_layer=1, n_embd=32, n_head=2),
@@ -79,7 +79,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_sample_joins_turns_with_eos_and_masks_context(tokenizer):
-    from castbot.dialogue import IGNORE_INDEX, DialogueFormat
+    from castbot.model.dialogue import IGNORE_INDEX, DialogueFormat
 
     sample = DialogueFormat().encode_sample(tokenizer, [("", "Hello there"), ("", "How are you")], "Fine thanks", 64)
     eos = tokenizer.eos_token_id
@@ -91,7 +91,7 @@ def test_sample_joins_turns_with_eos_and_masks_context(tokenizer):
 
 
 def test_truncation_drops_oldest_turns_never_the_response(tokenizer):
-    from castbot.dialogue import DialogueFormat
+    from castbot.model.dialogue import DialogueFormat
 
     context = [("", f"old turn number {i} about the rocket") for i in range(30)]
     sample = DialogueFormat().encode_sample(tokenizer, context, "The newest answer", 40)
@@ -102,7 +102,7 @@ def test_truncation_drops_oldest_turns_never_the_response(tokenizer):
 
 
 def test_loss_on_all_keeps_every_label(tokenizer):
-    from castbot.dialogue import DialogueFormat
+    from castbot.model.dialogue import DialogueFormat
 
     sample = DialogueFormat().encode_sample(tokenizer, [("", "Hello")], "Hi", 32, loss_on="all")
     assert sample["labels"] == sample["input_ids"]
@@ -112,7 +112,7 @@ def test_splits_never_share_an_episode():
     import pandas as pd
 
     from castbot.config import DialogueConfig
-    from tasks.dialogues import build_dialogues
+    from tasks.data.dialogues import build_dialogues
 
     frame = pd.DataFrame(tiny_show_rows(episodes=10))
     splits = build_dialogues.fn(frame, CHARACTER, DialogueConfig(context_turns=2), seed=1)
@@ -134,7 +134,7 @@ def test_another_transcript_adds_only_its_new_episodes_to_training():
     import pandas as pd
 
     from castbot.config import DialogueConfig
-    from tasks.dialogues import build_dialogues, new_episodes
+    from tasks.data.dialogues import build_dialogues, new_episodes
 
     frame = pd.DataFrame(tiny_show_rows(episodes=10))
     copy = frame[frame["episode"].isin(["E3", "E7"])].assign(  # the same two episodes, scraped again
@@ -193,7 +193,7 @@ def score(perplexity: float, tokenizer: str = "t1", char_perplexity: float | Non
     ],
 )
 def test_gate_never_promotes_a_worse_model(candidate, champion, promote, why):
-    from tasks.gate import decide
+    from tasks.release.gate import decide
 
     scores = {"candidate": score(candidate), "base": score(99.5),
               "champion": score(champion) if champion else None}
@@ -204,7 +204,7 @@ def test_gate_never_promotes_a_worse_model(candidate, champion, promote, why):
 
 def test_gate_compares_per_character_when_tokenizers_differ():
     """A smaller vocabulary lowers per-token perplexity; per character the candidate is worse and is refused."""
-    from tasks.gate import decide
+    from tasks.release.gate import decide
 
     scores = {"candidate": score(20.0, "small-vocab", char_perplexity=3.0), "base": score(900.0, "small-vocab", 9.0),
               "champion": score(40.0, "big-vocab", char_perplexity=2.5)}
@@ -229,7 +229,7 @@ def test_gate_refuses_a_candidate_better_on_average_but_within_the_noise():
     """3% lower perplexity, yet some episodes better and some worse: the paired interval straddles 0."""
     import random
 
-    from tasks.gate import decide
+    from tasks.release.gate import decide
 
     rng = random.Random(0)
     episodes = [f"E{i // 4}" for i in range(24)]
@@ -249,7 +249,7 @@ def test_gate_refuses_a_candidate_better_on_average_but_within_the_noise():
     ("likeness", 0.1, "min_likeness"), ("reply_perplexity", 900.0, "max_reply_perplexity"),
 ])
 def test_gate_names_the_failing_reply_check_with_its_figure_and_threshold(figure, value, field):
-    from tasks.gate import decide
+    from tasks.release.gate import decide
 
     scores = {"candidate": {**score(50.0), "repeat3_rate": 0.0, "template_leak_rate": 0.0, "empty_rate": 0.0,
                             "echo_rate": 0.0, "likeness": 0.8, "reply_perplexity": 30.0},
@@ -284,8 +284,8 @@ def test_bentoml_traffic_settings_still_lack_what_the_admission_middleware_adds(
 
 def test_transformers_private_trainer_methods_still_match_the_overrides():
     """When this fails, transformers renamed or changed a private Trainer method that
-    castbot.transformers_compat.TrainerHooks overrides: the override would silently stop running."""
-    from castbot.transformers_compat import trainer_private_changes
+    castbot.compat.transformers_fixes.TrainerHooks overrides: the override would silently stop running."""
+    from castbot.compat.transformers_fixes import trainer_private_changes
 
     assert trainer_private_changes() == []
 
@@ -295,8 +295,8 @@ def test_model_card_round_trips_and_refuses_unknown_or_missing_fields(tmp_path):
 
     import pydantic
 
-    from castbot.dialogue import DialogueFormat
-    from castbot.model_folder import CARD_FILE, ModelCard, read_card
+    from castbot.model.dialogue import DialogueFormat
+    from castbot.model.folder import CARD_FILE, ModelCard, read_card
 
     assert read_card(tmp_path) is None  # a plain base model folder
     card = ModelCard(format=DialogueFormat("chat", "Rick", "Rick and Morty"), max_length=96, base_model="smollm2-135m")
@@ -313,7 +313,7 @@ def test_model_card_round_trips_and_refuses_unknown_or_missing_fields(tmp_path):
 
 
 def test_openai_stop_strings_are_cut_in_a_stream_without_sending_a_partial_stop():
-    from castbot.openai_api import StopCutter, cut_at_stop
+    from castbot.serve.openai_protocol import StopCutter, cut_at_stop
 
     cutter = StopCutter(["END"])
     sent = [cutter.feed(piece) for piece in ["hello E", "N", "D and more"]]
@@ -333,7 +333,7 @@ def test_telegram_replies_are_split_at_telegrams_limit():
 
 
 def test_bentoml_still_wraps_a_4xx_error_body_in_a_list():
-    """When this fails, BentoML fixed its stray trailing comma: castbot.bentoml_compat.UnwrappedErrors can go."""
+    """When this fails, BentoML fixed its stray trailing comma: castbot.compat.bentoml_fixes.UnwrappedErrors can go."""
     import inspect
 
     from _bentoml_impl.server.app import ServiceAppFactory
@@ -342,7 +342,7 @@ def test_bentoml_still_wraps_a_4xx_error_body_in_a_list():
 
 
 def test_bentoml_cork_dispatcher_still_has_what_the_adaptive_engine_uses():
-    """castbot.bentoml_compat.cork_dispatcher builds BentoML's internal CorkDispatcher by these names and reads its
+    """castbot.compat.bentoml_fixes.cork_dispatcher builds BentoML's internal CorkDispatcher by these names and reads its
     loop task as `_controller`: when this fails, BentoML moved its adaptive batching."""
     import inspect
 

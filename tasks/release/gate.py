@@ -1,0 +1,139 @@
+"""The promotion gate: a candidate becomes champion only if it is good enough and better.
+
+Checked in order, the first failure refuses with its figure and threshold:
+1. perplexity <= max_perplexity;
+2. what it says: character likeness, fluency (reply perplexity under the reference model), degeneracy rates;
+3. it beats the untuned base model by min_improvement;
+4. against the champion: better by min_improvement, and beyond the noise (the paired bootstrap interval of the
+   per-sample loss difference lies below zero), and its likeness no lower than the champion's minus a tolerance.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from castbot.config import GateConfig
+from castbot.scores.quality import paired_improvement
+
+# (score key, gate field, "max" or "min", label): the reply checks, skipped where the gate field is None
+REPLY_CHECKS = (
+    ("likeness", "min_likeness", "min", "character likeness"),
+    ("reply_perplexity", "max_reply_perplexity", "max", "reply perplexity under the reference model"),
+    ("repeat3_rate", "max_repeat3_rate", "max", "share of replies repeating a 3-gram"),
+    ("echo_rate", "max_echo_rate", "max", "share of replies echoing the user"),
+    ("empty_rate", "max_empty_rate", "max", "share of empty replies"),
+    ("template_leak_rate", "max_template_leak_rate", "max", "share of replies leaking template tokens"),
+)
+TABLE_ROWS = (("perplexity", "test perplexity per token"), ("perplexity_low", "  95% interval, low"),
+              ("perplexity_high", "  95% interval, high"), ("word_perplexity", "test perplexity per word"),
+              ("likeness", "character likeness (0 others, 1 character)"), ("reply_perplexity", "reply perplexity (fluency)"),
+              ("distinct2_ratio", "distinct-2 / character's"), ("repeat3_rate", "repeated 3-gram rate"),
+              ("echo_rate", "echo rate"), ("empty_rate", "empty rate"), ("max_tokens_rate", "hit max_new_tokens"),
+              ("template_leak_rate", "template leak rate"))
+
+
+@dataclass
+class GateDecision:
+    promote: bool
+    reason: str
+    candidate: float
+    champion: float | None
+    base: float
+    unit: str = "token"  # perplexity per token, or per character when the tokenizers differ
+
+    def as_tags(self) -> dict[str, str]:
+        return {f"gate.{k}": str(v) for k, v in asdict(self).items()}
+
+    def markdown(self, scores: dict[str, dict | None] | None = None) -> str:
+        champion = "none yet" if self.champion is None else f"{self.champion:.3f}"
+        verdict = "**promoted**" if self.promote else "**not promoted**"
+        table = (f"| model | test perplexity (per {self.unit}) |\n|---|---|\n"
+                 f"| candidate | {self.candidate:.3f} |\n| champion | {champion} |\n| base | {self.base:.3f} |\n")
+        if scores:
+            names = [name for name in ("candidate", "champion", "base") if scores.get(name)]
+            table = (f"| figure | {' | '.join(names)} |\n|---|{'---|' * len(names)}\n" + "".join(
+                f"| {label} | {' | '.join(_cell(scores[n].get(key)) for n in names)} |\n"
+                for key, label in TABLE_ROWS if any(key in scores[n] for n in names)))
+        return f"### Gate: {verdict}\n\n{self.reason}\n\n{table}"
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def reply_failure(scores: dict, gate: GateConfig) -> str | None:
+    """The first reply check the candidate fails, with its figure and threshold; None when all pass."""
+    for key, field, direction, label in REPLY_CHECKS:
+        limit = getattr(gate, field)
+        if limit is None or key not in scores:
+            continue
+        value = scores[key]
+        if not math.isfinite(value) or (value > limit if direction == "max" else value < limit):
+            sign = "<=" if direction == "max" else ">="
+            return f"candidate {label} {value:.3f} fails gate.{field} (needed {sign} {limit})"
+    return None
+
+
+def noise_failure(candidate: dict, champion: dict, gate: GateConfig, unit: str) -> str | None:
+    """Refusal when the paired bootstrap cannot tell the candidate's loss below the champion's; None otherwise."""
+    if not gate.noise_confidence or "sample_losses" not in candidate or "sample_losses" not in champion:
+        return None
+    denominators = candidate["sample_tokens"] if unit == "token" else candidate["sample_chars"]
+    paired = paired_improvement(candidate["sample_losses"], champion["sample_losses"], denominators,
+                                candidate.get("sample_episodes"), seed=0, confidence=gate.noise_confidence)
+    if paired["significant"]:
+        return None
+    return (f"candidate perplexity {candidate['perplexity']:.3f} does not beat the champion's "
+            f"{champion['perplexity']:.3f} beyond the noise: the {gate.noise_confidence:.0%} paired bootstrap "
+            f"interval of the loss difference is [{paired['low']:+.4f}, {paired['high']:+.4f}] nats per {unit} "
+            f"(gate.noise_confidence; it must lie below 0)")
+
+
+def decide(scores: dict[str, dict | None], gate: GateConfig) -> GateDecision:
+    """Promote iff every check in the module docstring passes. Per token when all tokenizers match, else per
+    character."""
+    same_tokenizer = len({s["tokenizer"] for s in scores.values() if s}) == 1
+    key, unit = ("perplexity", "token") if same_tokenizer else ("char_perplexity", "character")
+    candidate, base = scores["candidate"][key], scores["base"][key]
+    champion = scores["champion"][key] if scores.get("champion") else None
+
+    def verdict(promote: bool, reason: str) -> GateDecision:
+        return GateDecision(promote, reason, candidate, champion, base, unit)
+
+    per_token = scores["candidate"]["perplexity"]
+    if not math.isfinite(per_token) or per_token > gate.max_perplexity:
+        return verdict(False, f"candidate perplexity {per_token:.3f} is above the limit "
+                              f"gate.max_perplexity={gate.max_perplexity}")
+    if failure := reply_failure(scores["candidate"], gate):
+        return verdict(False, failure)
+    for name, reference in (("base model", base), ("champion", champion)):
+        if reference is None or not math.isfinite(reference):
+            continue
+        needed = reference * (1 - gate.min_improvement)
+        if candidate > needed:
+            return verdict(False, f"candidate perplexity {candidate:.3f} does not beat the {name}'s "
+                                  f"{reference:.3f} by gate.min_improvement={gate.min_improvement:.1%} "
+                                  f"(needed <= {needed:.3f}, per {unit})")
+    if champion is None:
+        return verdict(True, f"no champion yet; the candidate ({candidate:.3f}) is within the limit and beats "
+                             f"the base model ({base:.3f})")
+    if failure := noise_failure(scores["candidate"], scores["champion"], gate, unit):
+        return verdict(False, failure)
+    ours, theirs = scores["candidate"].get("likeness"), scores["champion"].get("likeness")
+    if ours is not None and theirs is not None and ours < theirs - gate.likeness_tolerance:
+        return verdict(False, f"candidate character likeness {ours:.3f} is below the champion's {theirs:.3f} "
+                              f"by more than gate.likeness_tolerance={gate.likeness_tolerance}")
+    return verdict(True, f"candidate perplexity {candidate:.3f} beats the champion's {champion:.3f} "
+                         f"(needed <= {champion * (1 - gate.min_improvement):.3f}, per {unit})")
+
+
+@task(name="gate_candidate")
+def gate_candidate(scores: dict[str, dict | None], gate: GateConfig, replies: str = "") -> GateDecision:
+    """Decide promotion from the measured scores; one Prefect artifact shows the decision table and, below it,
+    the models' replies side by side."""
+    decision = decide(scores, gate)
+    create_markdown_artifact(decision.markdown(scores) + ("\n" + replies if replies else ""), key="gate-decision",
+                             description="Promotion decision and the replies it judged")
+    return decision

@@ -1,0 +1,413 @@
+"""A hyper-parameter study: Optuna trials that fine-tune with the profile's settings varied, each an MLflow run.
+
+The study lives in SQLite under the state folder (tune/optuna.db): a rerun of the same profile and search space
+continues it. A trial writes a heartbeat; a trial whose process was killed is marked FAIL when the study runs
+again and retried once with its settings (RetryHeartbeatStaleTrialCallback), resuming from its checkpoints.
+The objective is the best validation loss (nats per target token) a trial reached; the test split is never read.
+"""
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from castbot.config import PipelineConfig, SearchRange
+from castbot.common.settings import STATE_DIR
+from castbot.common.logs import run_logger
+
+PRUNED, COMPLETE = "PRUNED", "COMPLETE"
+
+
+class StudyBusy(RuntimeError):
+    """Another process is running this study (one of its trials keeps writing heartbeats)."""
+
+
+def study_folder(name: str) -> Path:
+    """Where a study's trials keep their checkpoints while they run."""
+    return STATE_DIR / "tune" / name
+
+
+# sections a trial's validation loss does not depend on: changing them continues the study
+NOT_IN_TRIALS = {"evaluation", "gate", "registry", "monitor"}
+
+
+def study_name(config: PipelineConfig) -> str:
+    """Same data, training settings and search space -> same study, whatever tune.trials, tune.budget_minutes or
+    the sections a trial never uses (gate, registry, evaluation, monitor) say."""
+    settings = config.model_dump(mode="json", exclude=NOT_IN_TRIALS)
+    settings["tune"] = {"space": {k: v.model_dump() for k, v in config.search_space().items()},
+                        "enqueue": config.tune.enqueue, "pruner": config.tune.pruner.model_dump()}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{config.model_name}-{digest}"
+
+
+def study_storage(heartbeat_seconds: int, max_retry: int):
+    """SQLite RDBStorage under the state folder, with heartbeats and a retry of killed trials."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    path = STATE_DIR / "tune" / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats: "experimental" since Optuna 2.8
+        # SQLite suits serial trials (Optuna advises against it for parallel ones); a study runs one at a time
+        return RDBStorage(f"sqlite:///{path}", heartbeat_interval=heartbeat_seconds,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                              max_retry=max_retry, inherit_intermediate_values=True))
+
+
+def dotted_value(config: PipelineConfig, key: str):
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def in_space(spec: SearchRange, value) -> bool:
+    return value in spec.choices if spec.type == "categorical" else spec.low <= value <= spec.high
+
+
+def settle_stale_trials(study, heartbeat_seconds: int) -> list[int]:
+    """Mark trials left RUNNING by a killed process as FAIL (queueing their retry); return their numbers.
+    A trial that keeps beating past the grace period (2 heartbeats) belongs to a live process: StudyBusy."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if running:
+        run_logger("castbot.tune").info("study %s: trial(s) %s are marked running; waiting up to %d s for their "
+                                        "heartbeats to go stale", study.study_name, sorted(running),
+                                        3 * heartbeat_seconds + 5)
+    deadline = time.monotonic() + 3 * heartbeat_seconds + 5
+    while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        fail_stale_trials(study)
+        still = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        if not still:
+            break
+        if time.monotonic() > deadline:
+            raise StudyBusy(f"trial {still[0]} of study {study.study_name} still writes heartbeats: another process "
+                            "is running this study; wait for it to end or stop it, then run again")
+        time.sleep(1)
+    return sorted(running)
+
+
+@task(name="open_study", cache_policy=NO_CACHE)
+def open_study(config: PipelineConfig):
+    """Create or load the study; a new one first tries the profile's own settings, then tune.enqueue."""
+    import optuna
+
+    tune, space = config.tune, config.search_space()
+    logger = run_logger("castbot.tune")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=tune.pruner.startup_trials,
+                                          n_warmup_steps=tune.pruner.warmup_steps)
+              if tune.pruner.kind == "median" else optuna.pruners.NopPruner())
+    study = optuna.create_study(storage=study_storage(tune.heartbeat_seconds, tune.max_retry),
+                                study_name=study_name(config), direction="minimize", pruner=pruner,
+                                load_if_exists=True)
+    # reseeded by the trials so far: a resumed study does not redraw the settings it already tried
+    study.sampler = optuna.samplers.TPESampler(seed=config.training.seed + len(study.trials),
+                                               n_startup_trials=max(2, min(10, tune.trials // 3)))
+    if not study.trials:
+        own = {key: dotted_value(config, key) for key, spec in space.items() if in_space(spec, dotted_value(config, key))}
+        study.enqueue_trial(own, user_attrs={"origin": "profile"})
+        for i, settings in enumerate(tune.enqueue):
+            study.enqueue_trial(settings, user_attrs={"origin": f"tune.enqueue[{i}]"})
+    failed = settle_stale_trials(study, tune.heartbeat_seconds)
+    if failed:
+        logger.warning("study %s: trial(s) %s were left running by a killed process: marked FAIL, retried up to "
+                       "%d time(s)", study.study_name, failed, tune.max_retry)
+    return study
+
+
+def suggest(trial, space: dict[str, SearchRange]) -> dict:
+    """One value per setting from the trial (an enqueued trial gets its fixed values)."""
+    settings = {}
+    for key, spec in space.items():
+        if spec.type == "categorical":
+            settings[key] = trial.suggest_categorical(key, spec.choices)
+        elif spec.type == "int":
+            settings[key] = trial.suggest_int(key, int(spec.low), int(spec.high), log=spec.log)
+        else:
+            settings[key] = trial.suggest_float(key, spec.low, spec.high, log=spec.log)
+    return settings
+
+
+def set_dotted(raw: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        raw = raw.setdefault(part, {})
+    raw[leaf] = value
+
+
+def apply_settings(config: PipelineConfig, settings: dict) -> PipelineConfig:
+    """The profile with a trial's settings, validated like a loaded profile."""
+    raw = config.model_dump(mode="json", exclude_unset=True)
+    for key, value in settings.items():
+        set_dotted(raw, key, value)
+    return PipelineConfig.model_validate(raw)
+
+
+@dataclass
+class TrialOutcome:
+    state: str  # COMPLETE or PRUNED
+    value: float | None  # best validation loss, nats per target token
+    step: int  # last optimiser step trained
+    run_id: str
+    message: str = ""
+
+
+@task(name="start_study_run", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def start_study_run(config: PipelineConfig, study) -> str:
+    """The study's MLflow run (reopened when the study resumes); trial runs a killed process left RUNNING are
+    closed as KILLED."""
+    from mlflow import MlflowClient
+
+    from tasks.release.registry import experiment_artifacts, git_commit
+
+    client = MlflowClient()
+    name = config.tune.experiment
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = (experiment.experiment_id if experiment
+                     else client.create_experiment(name, artifact_location=experiment_artifacts(name)))
+    found = client.search_runs([experiment_id], filter_string=f"tags.`castbot.study` = '{study.study_name}' "
+                                                              "and tags.`castbot.role` = 'study'")
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment_id, run_name=f"{study.study_name}-study", tags={
+            "castbot.study": study.study_name, "castbot.role": "study", "castbot.character": config.character,
+            "castbot.base_model": config.base_model, "castbot.git_commit": git_commit()}).info.run_id
+        for key, spec in config.search_space().items():
+            client.log_param(run_id, f"space.{key}", json.dumps(spec.model_dump(exclude_none=True)))
+        client.log_text(run_id, json.dumps(config.model_dump(mode="json"), indent=1), "profile.json")
+    stale = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' "
+                                                              "and attributes.status = 'RUNNING'")
+    for run in stale:
+        client.set_tag(run.info.run_id, "castbot.trial_state", "FAIL")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return run_id
+
+
+def retry_of(trial) -> int | None:
+    """The number of the killed trial this one retries (RetryHeartbeatStaleTrialCallback's system attribute)."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    return frozen.system_attrs.get("failed_trial")
+
+
+def start_trial_run(study_run_id: str, trial, settings: dict) -> str:
+    """A trial's MLflow run, nested under the study run, with its settings as params."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(study_run_id)
+    original = retry_of(trial)
+    tags = {"mlflow.parentRunId": study_run_id, "castbot.study": parent.data.tags["castbot.study"],
+            "castbot.role": "trial", "castbot.trial": str(trial.number), "castbot.trial_state": "RUNNING",
+            "castbot.trial_origin": str(trial.user_attrs.get("origin", "sampler"))}
+    if original is not None:
+        tags["castbot.retry_of"] = str(original)
+    run = client.create_run(parent.info.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
+    for key, value in settings.items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+@task(name="run_trial", task_run_name="trial-{trial.number}", cache_policy=NO_CACHE)
+def run_trial(trial, trial_config: PipelineConfig, settings: dict, base_model: str, datasets, card,
+              study_run_id: str, folder: str):
+    """Fine-tune with one trial's settings, pruned on its validation losses; the Prefect state says Pruned."""
+    import optuna
+    from mlflow import MlflowClient
+    from prefect.states import Completed
+
+    from tasks.train.finetune import plot_loss_curve, train_model
+    from tasks.train.trainer import ReportToTrial
+
+    client = MlflowClient()
+    run_id = start_trial_run(study_run_id, trial, settings)
+    # a retried trial trains in its original's folder, so it resumes from the killed trial's last checkpoint
+    output = Path(folder) / f"trial-{retry_of(trial) or trial.number}"
+    reporter = ReportToTrial(trial)
+    try:
+        result = train_model(base_model, datasets, trial_config.training, str(output), run_id, card,
+                             callbacks=[reporter])
+        losses = [h["eval_loss"] for h in result["log_history"] if "eval_loss" in h]
+        if not losses:
+            raise ValueError(f"trial {trial.number} reached no validation: training.eval_steps "
+                             f"({trial_config.training.eval_steps}) is beyond its last step")
+        outcome = TrialOutcome(COMPLETE, min(losses), int(result["train_global_step"]), run_id)
+        client.log_artifact(run_id, str(plot_loss_curve(result["log_history"], output / "loss_curve.png")))
+    except optuna.TrialPruned as pruned:
+        outcome = TrialOutcome(PRUNED, None, reporter.last_step, run_id, str(pruned))
+    except BaseException:
+        client.set_tag(run_id, "castbot.trial_state", "FAIL")
+        client.set_terminated(run_id, "FAILED")
+        raise
+    finally:
+        shutil.rmtree(output, ignore_errors=True)  # the study keeps figures, not weights: the winner is retrained
+    client.set_tag(run_id, "castbot.trial_state", outcome.state)
+    if outcome.value is not None:
+        client.log_metric(run_id, "best_eval_loss", outcome.value)
+    client.set_terminated(run_id, "FINISHED" if outcome.state == COMPLETE else "KILLED")
+    return Completed(name="Pruned" if outcome.state == PRUNED else "Completed", data=outcome,
+                     message=outcome.message or f"best validation loss {outcome.value:.4f}")
+
+
+def trial_rows(study) -> list[dict]:
+    """One row per trial: number, state, best validation loss, last step reported, settings, minutes."""
+    rows = []
+    for t in study.trials:
+        minutes = ((t.datetime_complete - t.datetime_start).total_seconds() / 60
+                   if t.datetime_complete and t.datetime_start else None)
+        rows.append({"trial": t.number, "state": t.state.name, "value": t.value,
+                     "last_step": max(t.intermediate_values, default=None), "params": t.params,
+                     "origin": t.user_attrs.get("origin", "sampler"), "minutes": minutes})
+    return rows
+
+
+def trials_markdown(study, keys: list[str]) -> str:
+    """The trials as a markdown table, best first among the complete ones."""
+    from castbot.common.text import markdown_cell
+
+    def cell(value):
+        return f"{value:.4g}" if isinstance(value, float) else markdown_cell(str(value))
+
+    rows = sorted(trial_rows(study), key=lambda r: (r["value"] is None, r["value"] or 0, r["trial"]))
+    head = ["trial", "state", "validation loss", "last step", *keys, "minutes", "origin"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        values = [r["trial"], r["state"], r["value"] if r["value"] is not None else "",
+                  r["last_step"] if r["last_step"] is not None else "", *(r["params"].get(k, "") for k in keys),
+                  r["minutes"] if r["minutes"] is not None else "", r["origin"]]
+        lines.append("| " + " | ".join(cell(v) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def importances(study) -> dict[str, float]:
+    """Optuna's parameter importances (fANOVA), or {} with fewer than 2 complete trials or nothing varied."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
+        return {}
+    try:
+        return dict(optuna.importance.get_param_importances(study))
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return {}
+
+
+def save_plots(study, folder: Path, with_importances: bool) -> list[Path]:
+    """Optuna's optimisation history and (with >= 2 complete trials) parameter importances, as PNGs."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as views
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = {"optimization_history.png": views.plot_optimization_history}
+    if with_importances:
+        plots["param_importances.png"] = views.plot_param_importances
+    paths = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib views experimental
+        for name, plot in plots.items():
+            axes = plot(study)
+            figure = axes.figure
+            figure.set_size_inches(8, 5)
+            figure.tight_layout()
+            figure.savefig(folder / name, dpi=100)
+            plt.close(figure)
+            paths.append(folder / name)
+    return paths
+
+
+@task(name="publish_study", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def publish_study(study, config: PipelineConfig, study_run_id: str) -> dict:
+    """The best trial's settings and value on the study run, its plots and trials table (MLflow and Prefect)."""
+    from mlflow import MlflowClient
+    from optuna.trial import TrialState
+    from prefect.artifacts import create_markdown_artifact
+
+    client = MlflowClient()
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise RuntimeError(f"study {study.study_name} has no complete trial: nothing to choose from")
+    best = study.best_trial
+    weights = importances(study)
+    table = trials_markdown(study, list(config.search_space()))
+    for key, value in best.params.items():
+        client.set_tag(study_run_id, f"best.{key}", str(value))  # tags, not params: a resumed study may change them
+    client.set_tag(study_run_id, "best.trial", str(best.number))
+    client.log_metric(study_run_id, "best_eval_loss", best.value, step=len(study.trials))
+    client.log_metric(study_run_id, "trials_finished", float(len(study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))))
+    for path in save_plots(study, study_folder(study.study_name) / "plots", len(complete) >= 2 and bool(weights)):
+        client.log_artifact(study_run_id, str(path))
+    client.log_text(study_run_id, table, "trials.md")
+    create_markdown_artifact(f"# Study {study.study_name}\n\nObjective: best validation loss (nats per target "
+                             f"token; lower is better). Best: trial {best.number}, {best.value:.4f}.\n\n{table}\n",
+                             key="study-trials", description=f"{config.character}: trials of the study")
+    return {"best_trial": best.number, "best_value": best.value, "best_params": dict(best.params),
+            "importances": weights, "table": table}
+
+
+def evidence_lines(study, summary: dict, config: PipelineConfig, study_run_id: str, minutes: float) -> list[str]:
+    """The study's evidence for the tuned profile's header comments."""
+    rows = trial_rows(study)
+    states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    own = next((r for r in rows if r["origin"] == "profile" and r["state"] == "COMPLETE"), None)
+    lines = [f"Study {study.study_name} ({datetime.now(timezone.utc):%Y-%m-%d}): {len(rows)} trials "
+             f"({states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed), "
+             f"{minutes:.1f} min in this run.",
+             "Objective: best validation loss, nats per target token on the validation split (the test split was "
+             "not read).",
+             f"Best: trial {summary['best_trial']}, {summary['best_value']:.4f}"
+             + (f"; the profile's own settings (trial {own['trial']}): {own['value']:.4f}." if own else ".")]
+    def show(value):
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    changed = [f"{k} {show(dotted_value(config, k))} -> {show(v)}" for k, v in summary["best_params"].items()
+               if dotted_value(config, k) != v]
+    lines.append("Changed: " + ", ".join(changed) if changed else "Changed: nothing (the profile's own settings won).")
+    if summary["importances"]:
+        lines.append("Importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in summary["importances"].items()))
+    lines.append(f"Trials: MLflow experiment {config.tune.experiment}, study run {study_run_id}.")
+    return lines
+
+
+@task(name="write_tuned_profile", cache_policy=NO_CACHE)
+def write_tuned_profile(profile_path: str | None, config: PipelineConfig, settings: dict, evidence: list[str],
+                        name: str) -> str:
+    """The profile with the best settings, beside the original (NAME.tuned.yaml) with the evidence as comments;
+    without a profile file (the Prefect form), the whole config under the study's folder."""
+    import yaml
+
+    if profile_path:
+        source = Path(profile_path)
+        raw = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        target = source.with_name(f"{source.name.removesuffix('.yaml').removesuffix('.tuned')}.tuned.yaml")
+        origin = f"the settings of {source.name}, with the study's best"
+    else:
+        raw = config.model_dump(mode="json", exclude_unset=True)
+        target = study_folder(name) / f"{config.model_name}.tuned.yaml"
+        origin = "the flow's config, with the study's best"
+    for key, value in settings.items():
+        set_dotted(raw, key, float(f"{value:.4g}") if isinstance(value, float) else value)  # readable, within 0.05%
+    header = [f"Written by python -m flows.tune: {origin}.", *evidence]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(f"# {line}\n" for line in header) + yaml.safe_dump(raw, sort_keys=False),
+                      encoding="utf-8")
+    return str(target)
