@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 OV_VENV  := .venv-openvino
 OV_STAMP := $(OV_VENV)/.installed
 
-.PHONY: setup demo test test-fast bench serve clean cpu-engines
+.PHONY: setup demo test test-fast lint system-packages bench serve clean cpu-engines
 
 setup: $(STAMP)  ## venv + editable install (quick when nothing changed)
 
@@ -19,11 +19,17 @@ $(STAMP): pyproject.toml
 demo: setup $(OV_STAMP)  ## the whole pipeline on the offline demo profile (a few minutes on CPU)
 	$(PY) -m flows.train configs/demo.yaml
 
-test: setup $(OV_STAMP)  ## the test suite (needs ../shared/data for the real-transcript tests)
+test: system-packages setup $(OV_STAMP)  ## the test suite (needs ../shared/data for the real-transcript tests)
 	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: setup $(OV_STAMP)  ## the unit tier only (under a minute)
 	$(PY) -m pytest -q -m unit tests
+
+lint: setup  ## ruff, with the rules in pyproject.toml
+	$(VENV)/bin/ruff check .
+
+system-packages:  ## the Debian packages the suite runs (Chromium, PostgreSQL, promtool): installs the missing ones
+	bash deployments/system-packages.sh
 
 serve: setup  ## serve the newest Bento (built by make demo) on http://127.0.0.1:3000 (web chat at /ui/), logging turns to .castbot/chatlog.db
 	CASTBOT_HOME=$(CURDIR)/.castbot BENTOML_HOME=$(CURDIR)/.castbot/bentoml BENTOML_DO_NOT_TRACK=True \

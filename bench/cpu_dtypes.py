@@ -35,8 +35,8 @@ def held_out_perplexity(model_name: str) -> dict[str, float]:
 
     from bench.serve_throughput import DEMO_PROFILE, held_out_samples
     from castbot.model.bot import Bot
-    from castbot.config import load_profile
-    from tasks.evaluate.perplexity import measure_perplexity
+    from castbot.config.profile import load_profile
+    from tasks.evaluate.perplexity import EvalSet, measure_perplexity
     from tasks.release.registry import download_champion
 
     config = load_profile(str(DEMO_PROFILE))
@@ -44,9 +44,10 @@ def held_out_perplexity(model_name: str) -> dict[str, float]:
     MlflowClient().get_model_version_by_alias(model_name, "champion")  # a clear error when there is none
     folder = download_champion.fn(model_name, tempfile.mkdtemp(prefix="castbot-dtypes-"))["path"]
     bot = Bot.load(folder, max_length=config.dialogue.max_length)
-    figures = {"float32": measure_perplexity(bot, test, config.dialogue.max_length)["perplexity"]}
+    encoded = EvalSet.encode(test, bot, config.dialogue.max_length)
+    figures = {"float32": measure_perplexity(bot, encoded).perplexity}
     bot.model.to(torch.bfloat16)
-    figures["bfloat16"] = measure_perplexity(bot, test, config.dialogue.max_length)["perplexity"]
+    figures["bfloat16"] = measure_perplexity(bot, encoded).perplexity
     return figures
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.serve_throughput import Timing
+from bench.timing import Timing
 
 ONE_STREAM_PROMPTS = 8
 ONE_STREAM_TOKENS = 32
@@ -99,7 +99,8 @@ def transformers_continuous(bot, concurrency: int) -> Served:
 
 def openvino(bot, weights: str, concurrency: int, threads: int) -> Served:
     """castbot's OpenVINO engine; the export (timed) is cached per model content and weights."""
-    from castbot.serve.engines.openvino import OpenVINOEngine, export_openvino
+    from castbot.serve.engines.openvino import OpenVINOEngine
+    from tasks.release.openvino_export import export_openvino
 
     start = time.monotonic()
     folder = export_openvino(bot.folder, weights)

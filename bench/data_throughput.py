@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from castbot.config import load_profile
+from castbot.config.profile import load_profile
 
 
 def timed(results: list, stage: str, lines: int, fn, *args):

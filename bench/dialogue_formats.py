@@ -10,7 +10,7 @@ replies answer the first --replies test contexts with the service's decoding def
 
 import argparse
 
-from castbot.config import load_profile
+from castbot.config.profile import load_profile
 from castbot.model.dialogue import DialogueFormat
 
 
@@ -28,12 +28,13 @@ def test_split(profile: str):
 
 def measure(bot, samples: list[dict], max_length: int, replies: int) -> dict:
     """Per-token and per-word test perplexity, and seeded replies to the first contexts."""
-    from tasks.evaluate.perplexity import measure_perplexity
+    from castbot.model.dialogue import sample_turns
     from tasks.evaluate.judge import generate_replies
+    from tasks.evaluate.perplexity import EvalSet, measure_perplexity
 
-    figures = measure_perplexity(bot, samples, max_length)
-    said = [r.reply for r in generate_replies(bot, samples[:replies], seed=0)]
-    return {"token": figures["perplexity"], "word": figures["word_perplexity"], "replies": said}
+    figures = measure_perplexity(bot, EvalSet.encode(samples, bot, max_length))
+    said = [r.reply for r in generate_replies(bot, [sample_turns(s) for s in samples[:replies]], seed=0)]
+    return {"token": figures.perplexity, "word": figures.word_perplexity, "replies": said}
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ def build_model(folder: Path) -> int:
     """A tokenizer (offline builder) plus a DialoGPT-small-shaped GPT-2 in folder; returns the parameter count."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from castbot.config import OfflineModelConfig
+    from castbot.config.training import OfflineModelConfig
     from tasks.train.base_model import build_offline_model
 
     texts = [f"line {i} of a made-up dialogue about rockets and numbers" for i in range(200)]
@@ -42,7 +42,7 @@ def random_dataset(rows: int, seq_len: int, seed: int):
 
 
 def main() -> None:
-    from castbot.config import TrainingConfig
+    from castbot.config.training import TrainingConfig
     from tasks.train.finetune import train_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,7 +22,8 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pandas as pd
 
-from castbot.config import MonitorConfig, load_profile
+from castbot.config.monitor import MonitorConfig
+from castbot.config.profile import load_profile
 
 
 def splits_of(profile: str):

@@ -25,12 +25,13 @@ def main(argv: list[str]) -> int:
 
     use_project_state()
     from castbot.model.bot import Bot
-    from castbot.config import load_profile
+    from castbot.config.profile import load_profile
     from castbot.model.dialogue import sample_turns
-    from castbot.serve.engines.openvino import OpenVINOEngine, export_openvino, exported_losses
+    from castbot.serve.engines.openvino import OpenVINOEngine
     from flows.train import training_data
     from tasks.release.bento import save_servable
-    from tasks.evaluate.perplexity import encode_samples, measure_perplexity
+    from tasks.release.openvino_export import export_openvino, exported_losses
+    from tasks.evaluate.perplexity import EvalSet, measure_perplexity
     from tasks.data.lineage import report_dir
     from castbot.scores.quality import pooled_perplexity
     from tasks.release.registry import download_champion
@@ -45,9 +46,10 @@ def main(argv: list[str]) -> int:
         folder = Path(tmp) / "servable"
         save_servable(Path(champion["path"]), folder)
         bot = Bot.load(str(folder), dtype="float32")
-        encoded = encode_samples(bot, samples, config.dialogue.max_length)
-        torch_figures = measure_perplexity(bot, samples, config.dialogue.max_length)
-        rows = [("torch fp32", torch_figures["perplexity"], torch_figures["word_perplexity"])]
+        test = EvalSet.encode(samples, bot, config.dialogue.max_length)
+        encoded = list(test.rows)
+        torch_figures = measure_perplexity(bot, test)
+        rows = [("torch fp32", torch_figures.perplexity, torch_figures.word_perplexity)]
         words = sum(len(s["response"].split()) for s in samples)
         chats = [sample_turns(s) for s in samples[:REPLIES]]
         replies = {"torch fp32": [r.reply for r in bot.generate(chats, temperature=0, max_new_tokens=32)]}
@@ -63,7 +65,7 @@ def main(argv: list[str]) -> int:
             finally:
                 engine.close()
     reference = rows[0][1]
-    print(f"\n{config.model_name} v{champion['version']}, {len(samples)} test samples, {torch_figures['tokens']} "
+    print(f"\n{config.model_name} v{champion['version']}, {len(samples)} test samples, {torch_figures.tokens} "
           "target tokens")
     print(f"{'':16}{'per token':>10}{'per word':>10}{'vs torch':>10}")
     for name, per_token, per_word in rows:

@@ -17,23 +17,23 @@ end-of-turn) over the timed phase, after a warm-up; latency per request as a cli
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.timing import Timing
+
 DEMO_PROFILE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def held_out_samples(profile: Path = DEMO_PROFILE) -> list[dict]:
     """The profile's test split, built by the flow's own data steps (also_train_on included)."""
-    from castbot.config import load_profile
+    from castbot.config.profile import load_profile
     from flows.train import training_data
     from tasks.data.lineage import report_dir
 
@@ -61,25 +61,6 @@ def champion_bento(model_name: str) -> str:
 
     version = MlflowClient().get_model_version_by_alias(model_name, "champion")
     return version.tags.get(BENTO_TAG_KEY) or build_bento.fn(model_name, version.version)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-class Timing:
-    """Per-request figures of one phase."""
-
-    def __init__(self):
-        self.latencies, self.first_tokens, self.tokens, self.errors = [], [], 0, collections.Counter()
-
-    def summary(self, name: str, seconds: float) -> dict:
-        latencies = self.latencies or [float("nan")]
-        return {"name": name, "requests": len(self.latencies), "errors": sum(self.errors.values()),
-                "req_s": len(self.latencies) / seconds, "tok_s": self.tokens / seconds,
-                "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 0.99),
-                "ttft_ms": 1000 * statistics.median(self.first_tokens or latencies)}
 
 
 def openai_body(body: dict, model: str) -> dict:
@@ -310,8 +291,8 @@ def engines_alone(bento: str, chats: list[dict], args) -> int:
 
     from bench.cpu_engines import candidates, measure, print_engines, reference_texts
     from castbot.model.bot import Bot
-    from castbot.serve.engines.openvino import EXPORTER_ENV
     from castbot.serve.schemas import conversation
+    from tasks.release.openvino_export import EXPORTER_ENV
 
     os.environ.setdefault(EXPORTER_ENV, str(Path(args.openvino_python).absolute()))
     served = serve_and_measure("served, default", bento, "auto", True, chats, args)
@@ -359,7 +340,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--openai-route", action="store_true",
                         help="Only the continuous engine served, /v1/chat/completions then /chat, twice (no streams).")
     parser.add_argument("--engines", action="store_true",
-                        help="The continuous engine served, then each candidate CPU engine alone (bench/cpu_engines.py).")
+                        help="The continuous engine served, then each candidate CPU engine alone "
+                        "(bench/cpu_engines.py).")
     parser.add_argument("--openvino-python", default=".venv-openvino/bin/python",
                         help="Python with optimum-intel, for OpenVINO's export (make cpu-engines builds it; "
                         "CASTBOT_OPENVINO_EXPORTER wins).")

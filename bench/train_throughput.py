@@ -18,7 +18,8 @@ import statistics
 import tempfile
 import time
 
-from castbot.config import OfflineModelConfig, TrainingConfig, load_profile
+from castbot.config.profile import load_profile
+from castbot.config.training import OfflineModelConfig, TrainingConfig
 
 SHAPES = {
     "offline": None,  # offline-tiny in the profile's offline_model shape

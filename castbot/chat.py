@@ -1,12 +1,14 @@
 """Terminal chat against a running castbot service; keeps the conversation history.
 
-    python -m castbot.chat --url http://127.0.0.1:3000
-Type a message and Enter; /good or /bad [comment] rates the last reply, /reset forgets the history,
-/quit (or Ctrl-D) leaves.
+    CASTBOT_API_KEY=KEY python -m castbot.chat --url http://127.0.0.1:3000
+Type a message and Enter; /good or /bad [comment] rates the last reply, /reset starts afresh, /forget deletes this
+conversation on the service (DELETE /conversations/{id}), /quit (or Ctrl-D) leaves. The key (when the service needs
+one) comes from CASTBOT_API_KEY only, never the command line.
 """
 
 import argparse
 import json
+import os
 import sys
 
 import httpx
@@ -38,6 +40,19 @@ def rate(client: httpx.Client, turn_id: str | None, command: str) -> str:
     if resp.status_code != 200:
         return f"(feedback refused: {refusal(resp)['error']})"
     return "(thanks: feedback saved)"
+
+
+def forget(client: httpx.Client, conversation_id: str | None) -> str:
+    """DELETE /conversations/{id}: the service forgets this conversation's turns and ratings; what to show."""
+    if conversation_id is None:
+        return "(nothing to forget yet)"
+    try:
+        resp = client.delete(f"/conversations/{conversation_id}")
+    except httpx.HTTPError as exc:
+        return f"(not deleted: {exc})"
+    if resp.status_code != 200:
+        return f"(not deleted: {refusal(resp)['error']})"
+    return f"(deleted {resp.json().get('deleted_turns', 0)} turns of conversation {conversation_id})"
 
 
 def ask(client: httpx.Client, history: list[dict], message: str, max_new_tokens: int | None, on_event,
@@ -92,7 +107,9 @@ def main(argv: list[str]) -> int:
         elif event == "done":
             print(flush=True)
 
-    with httpx.Client(base_url=args.url, timeout=60) as client:
+    key = os.environ.get("CASTBOT_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    with httpx.Client(base_url=args.url, timeout=60, headers=headers) as client:
         while True:
             try:
                 message = input("you> " if interactive else "").strip()
@@ -100,7 +117,9 @@ def main(argv: list[str]) -> int:
                 return 0
             if message in ("/quit", "/exit"):
                 return 0
-            if message == "/reset":
+            if message in ("/reset", "/forget"):
+                if message == "/forget":
+                    print(forget(client, conversation_id), flush=True)
                 history.clear()
                 conversation_id = turn_id = None
                 continue

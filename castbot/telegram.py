@@ -6,8 +6,9 @@ The token is read from TELEGRAM_BOT_TOKEN only (never the command line) and neve
 lines carry it in the URL, so they are silenced and every log line is scrubbed of it. TELEGRAM_API_URL points at
 another Bot API server (self-hosted, or a test's fake; default https://api.telegram.org): requests go to
 {root}/bot{token}/{method}. Long-polls getUpdates; updates are handled concurrently, one chat's turns in order.
-Commands: /start (who the character is), /help, /reset (forget this chat's history), /good and /bad (rate the last
-reply through POST /feedback).
+Commands: /start (who the character is), /help, /forget (or /reset: delete this chat's conversation on the service,
+DELETE /conversations/{id}), /good and /bad (rate the last reply through POST /feedback). CASTBOT_API_KEY is the
+bot's key when the service needs one (never the command line, never logged).
 """
 
 import argparse
@@ -24,7 +25,7 @@ logger = logging.getLogger("castbot.telegram")
 
 TELEGRAM_LIMIT = 4096  # characters in one Telegram message
 TYPING_EVERY_S = 4.0  # Telegram clears "typing..." after about 5 s
-HELP = ("Write to me and I answer in character. /reset forgets our conversation, /good or /bad rates my last "
+HELP = ("Write to me and I answer in character. /forget deletes our conversation, /good or /bad rates my last "
         "reply, /start says who I am.")
 DOWN = "I can't reach my voice right now (the chat service is down). Please try again in a minute."
 SLOW = "I took too long to answer. Please try again."
@@ -46,6 +47,10 @@ def refusal_text(resp: httpx.Response) -> str:
     """What to tell the user about a refused request (the cause is logged by the caller)."""
     if resp.status_code == 503:
         return BUSY
+    if resp.status_code == 429:
+        return f"You're writing faster than I may answer: try again in {resp.headers.get('Retry-After', 'a few')} s."
+    if resp.status_code == 401:  # the bot's CASTBOT_API_KEY is missing or wrong: its operator must fix it
+        return "I'm not allowed to reach my voice right now. Please tell my operator."
     if resp.status_code == 400:
         try:
             details = resp.json().get("detail", [])
@@ -80,8 +85,9 @@ class Conversation:
 class CastbotClient:
     """The castbot service as the bot uses it: who the character is, one chat turn, a rating."""
 
-    def __init__(self, url: str, timeout_s: float, max_new_tokens: int | None):
-        self.http = httpx.AsyncClient(base_url=url, timeout=timeout_s)
+    def __init__(self, url: str, timeout_s: float, max_new_tokens: int | None, api_key: str | None = None):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.http = httpx.AsyncClient(base_url=url, timeout=timeout_s, headers=headers)
         self.max_new_tokens = max_new_tokens
 
     async def identity(self) -> dict:
@@ -99,6 +105,9 @@ class CastbotClient:
 
     async def feedback(self, turn_id: str, rating: int) -> httpx.Response:
         return await self.http.post("/feedback", json={"turn_id": turn_id, "rating": rating})
+
+    async def forget(self, conversation_id: str) -> httpx.Response:
+        return await self.http.delete(f"/conversations/{conversation_id}")
 
 
 async def keep_typing(bot, chat_id: int) -> None:
@@ -158,11 +167,19 @@ def build_application(token: str, api_root: str, client: CastbotClient, keep: in
     async def help_(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await say(update, context, HELP)
 
-    async def reset(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    async def forget(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         conversation = conversation_of(context)
         async with conversation.lock:
+            if conversation.conversation_id is not None:
+                try:
+                    resp = await client.forget(conversation.conversation_id)
+                except httpx.HTTPError as exc:
+                    logger.error("chat %s: conversation not deleted: %s", update.effective_chat.id, type(exc).__name__)
+                    return await say(update, context, DOWN + " Nothing was deleted yet: send /forget again later.")
+                if resp.status_code not in (200, 404):  # 404: already gone (a purge, an earlier /forget)
+                    return await say(update, context, "I couldn't delete our conversation: " + refusal_text(resp))
             conversation.reset()
-        await say(update, context, "Forgotten: we start afresh.")
+        await say(update, context, "Forgotten: our conversation is deleted and we start afresh.")
 
     async def rate(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         conversation = conversation_of(context)
@@ -199,7 +216,7 @@ def build_application(token: str, api_root: str, client: CastbotClient, keep: in
            .concurrent_updates(concurrency).post_shutdown(close_client).build())
     app.add_handler(CommandHandler("start", start))
     app.add_handler(CommandHandler("help", help_))
-    app.add_handler(CommandHandler("reset", reset))
+    app.add_handler(CommandHandler(["forget", "reset"], forget))
     app.add_handler(CommandHandler(["good", "bad"], rate))
     app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, message))
     app.add_error_handler(failed)
@@ -245,7 +262,7 @@ def main(argv: list[str]) -> int:
         return 2
     setup_logging(token)
     api_root = os.environ.get("TELEGRAM_API_URL", "https://api.telegram.org")
-    client = CastbotClient(args.url, args.timeout, args.max_new_tokens)
+    client = CastbotClient(args.url, args.timeout, args.max_new_tokens, os.environ.get("CASTBOT_API_KEY") or None)
     app = build_application(token, api_root, client, args.keep, args.concurrency)
     logger.info("polling %s for updates; castbot service at %s", api_root, args.url)
     app.run_polling(allowed_updates=["message"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from castbot.config import load_profile
+from castbot.config.profile import load_profile
 from castbot.model.pretrained import PACKAGED
 
 REPO = Path(__file__).resolve().parent.parent

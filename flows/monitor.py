@@ -16,7 +16,8 @@ from pathlib import Path
 from prefect import flow, task
 
 from castbot.chatlog.store import ChatLogError
-from castbot.config import ConfigError, PipelineConfig, load_profile
+from castbot.config.monitor import MonitorConfig
+from castbot.config.profile import ConfigError, PipelineConfig, load_profile
 from castbot.scores.drift import Check, window_checks
 from tasks.data.lineage import publish_markdown
 from tasks.monitor.steps import chat_log_url, emit_events, log_monitoring_run, read_window, report_markdown
@@ -30,9 +31,9 @@ def load_champion_reference(model_name: str) -> tuple[str, dict]:
 
 
 @task(name="check_window")
-def check_window(reference: dict, turns, config: PipelineConfig) -> list[Check]:
+def check_window(reference: dict, turns, monitor: MonitorConfig) -> list[Check]:
     """Drift, reply and health checks of the window (castbot/scores/drift.py)."""
-    return window_checks(reference, turns, config.monitor)
+    return window_checks(reference, turns, monitor)
 
 
 @flow(name="monitor-character-bot")
@@ -42,7 +43,7 @@ def monitor(config: PipelineConfig, profile: str | None = None, window_hours: fl
     hours = window_hours or config.monitor.window_hours
     version, reference = load_champion_reference(config.model_name)
     turns, left_out = read_window(chat_log_url(), name, version, hours)
-    checks = check_window(reference, turns, config)
+    checks = check_window(reference, turns, config.monitor)
     publish_markdown(report_markdown(name, version, checks, left_out, hours), key="monitor-report",
                      description=f"{name} version {version}: drift and health")
     with tempfile.TemporaryDirectory() as workdir:

@@ -10,29 +10,38 @@ from typing import NamedTuple
 import pandas as pd
 from prefect import flow
 
-from castbot.config import ConfigError, PipelineConfig, also_train_on_profiles, load_profile
+from castbot.common.errors import DataError
 from castbot.compat.prefect_start import exits_on_server_timeout
+from castbot.config.profile import ConfigError, PipelineConfig, also_train_on_profiles, load_profile
+from castbot.model.dialogue import DialogueFormat
+from castbot.model.folder import ModelCard
 from castbot.model.pretrained import ModelFetchError
-from tasks.train.base_model import base_reference, prepare_base_model
-from tasks.release.bento import TestSplit, build_bento
 from tasks.data.clean import clean_transcript, publish_cleaning_report
 from tasks.data.dialogues import build_dialogues
-from castbot.common.errors import DataError
-from tasks.data.feedback import add_feedback_samples
-from tasks.evaluate.perplexity import evaluate_model, log_scores
-from castbot.model.folder import ModelCard
+from tasks.data.feedback import add_feedback_samples, read_liked_samples
+from tasks.data.freshness import INPUTS_TAG, check_freshness, inputs_key, training_inputs
+from tasks.data.ingest import load_transcript
+from tasks.data.lineage import log_data_lineage, report_dir, resume_data_key
+from tasks.data.validate import validate_dialogue, validate_raw
+from tasks.evaluate.judge import build_judge, publish_replies
+from tasks.evaluate.perplexity import encode_test_split, evaluate_model, load_bot, log_scores
+from tasks.evaluate.replies import sample_replies
+from tasks.evaluate.scores import ScoreSet
+from tasks.release.bento import TestSplit, build_bento, withdraw_bento
+from tasks.release.gate import gate_candidate
+from tasks.release.registry import (
+    ChampionMoved,
+    download_champion,
+    finish_run,
+    promote_champion,
+    register_model,
+    start_run,
+    tag_run,
+)
+from tasks.release.trained_on import build_reference, store_reference
+from tasks.train.base_model import base_reference, prepare_base_model
 from tasks.train.checkpoints import clear_work_folder, work_folder
 from tasks.train.finetune import fine_tune
-from tasks.release.gate import gate_candidate
-from tasks.data.ingest import load_transcript
-from tasks.evaluate.judge import build_judge, publish_replies
-from tasks.data.lineage import log_data_lineage, report_dir, resume_data_key
-from tasks.data.freshness import INPUTS_TAG, check_freshness, inputs_key, training_inputs
-from tasks.release.trained_on import build_reference, store_reference
-from tasks.release.registry import (ChampionMoved, download_champion, finish_run, promote_champion, register_model,
-                            start_run, tag_run)
-from tasks.evaluate.replies import sample_replies
-from tasks.data.validate import validate_dialogue, validate_raw
 
 
 def training_texts(samples: list[dict]) -> list[str]:
@@ -51,31 +60,57 @@ def prepared_transcript(profile: PipelineConfig, reports: str) -> tuple[pd.DataF
 
 
 class TrainingData(NamedTuple):
-    """What the data steps produce, in the order the flow unpacks it."""
+    """What the data steps produce."""
 
     frame: pd.DataFrame  # the transcript as read; attrs["sha256"]
     cleaned: pd.DataFrame
     profiles: dict[str, PipelineConfig]  # data.also_train_on, by name
     others: dict[str, tuple[pd.DataFrame, pd.DataFrame]]  # theirs as read and cleaned, by name
+    liked: list[dict]  # data.feedback: the liked turns read from the conversation log ([] when off)
     splits: dict[str, list[dict]]
 
 
-def training_data(config: PipelineConfig, reports: str) -> TrainingData:
+def liked_turns(config: PipelineConfig) -> list[dict]:
+    """data.feedback's liked turns, read from the conversation log once per run; [] when it is off."""
+    return read_liked_samples(config) if config.data.feedback.enabled else []
+
+
+def training_data(config: PipelineConfig, reports: str, profiles: dict[str, PipelineConfig] | None = None,
+                  liked: list[dict] | None = None) -> TrainingData:
     """The flow's data steps: every transcript read, validated and cleaned, then one set of dialogue splits.
-    Benchmarks call this too, so their test split is the flow's."""
+    profiles and liked as the flow read them (None: read here). Benchmarks call this too, so their test split is
+    the flow's."""
+    profiles = also_train_on_profiles(config) if profiles is None else profiles
+    liked = liked_turns(config) if liked is None else liked
     frame, cleaned = prepared_transcript(config, reports)
-    profiles = also_train_on_profiles(config)
     others = {name: prepared_transcript(profile, str(Path(reports) / "also_train_on" / name))
               for name, profile in profiles.items()}
-    return TrainingData(frame, cleaned, profiles, others, dialogue_splits(config, cleaned, others))
+    return TrainingData(frame, cleaned, profiles, others, liked, dialogue_splits(config, cleaned, others, liked))
 
 
 def dialogue_splits(config: PipelineConfig, cleaned: pd.DataFrame,
-                    others: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, list[dict]]:
-    """Train/validation/test samples from the cleaned transcripts by config.dialogue, with liked feedback turns."""
+                    others: dict[str, tuple[pd.DataFrame, pd.DataFrame]], liked: list[dict]) -> dict[str, list[dict]]:
+    """Train/validation/test samples from the cleaned transcripts by config.dialogue, with the liked feedback turns."""
     more = {name: other_cleaned for name, (_, other_cleaned) in others.items()}
     splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed, more)
-    return add_feedback_samples(splits, config)
+    return add_feedback_samples(splits, config, liked)
+
+
+def evaluate(config: PipelineConfig, data: TrainingData, base: str, fmt: DialogueFormat, model_path: str,
+             champion: dict | None, run_id: str) -> tuple[ScoreSet, str]:
+    """Sample replies, then the candidate, the base and the champion on the test split, each loaded once and judged
+    by one Judge; returns their scores and the replies markdown."""
+    max_length = config.dialogue.max_length
+    candidate = load_bot(model_path, max_length)
+    sample_replies(candidate, run_id, config.character)
+    untuned = load_bot(base, max_length, fmt)
+    judge = build_judge(data.cleaned, data.splits, config, untuned)
+    test = encode_test_split(data.splits["test"], untuned, max_length)
+    scores = ScoreSet(candidate=evaluate_model(candidate, test, judge), base=evaluate_model(untuned, test, judge),
+                      champion=evaluate_model(load_bot(champion["path"], max_length), test, judge)
+                      if champion else None)
+    log_scores(run_id, scores)
+    return scores, publish_replies(judge, scores, run_id)
 
 
 @flow(name="train-character-bot")
@@ -84,17 +119,18 @@ def train(config: PipelineConfig, skip_if_unchanged: bool = False) -> dict:
     once when data, config and code equal the champion's (or the latest version's) inputs (deployments: true)."""
     from tasks.data.tokenize import choose_format, tokenize_dialogues
 
-    inputs = inputs_key(training_inputs(config))
+    profiles, liked = also_train_on_profiles(config), liked_turns(config)  # read once, passed on
+    inputs = inputs_key(training_inputs(config, profiles, liked))
     if skip_if_unchanged and (skipped := check_freshness(config.model_name, inputs)):
         return {"model_name": config.model_name, "skipped": skipped, "promoted": False}
     reports = report_dir()
-    frame, cleaned, profiles, others, splits = training_data(config, reports)
-    data_sha256 = frame.attrs["sha256"]
-    workdir = work_folder(resume_data_key(frame, profiles, others, splits["train"]), config.digest())
-    run_id = start_run(config, data_sha256, workdir.name)
+    data = training_data(config, reports, profiles, liked)
+    splits = data.splits
+    workdir = work_folder(resume_data_key(data.frame, profiles, data.others, splits["train"]), config.digest())
+    run_id = start_run(config, data.frame.attrs["sha256"], workdir.name)
     try:
-        log_data_lineage(run_id, cleaned, config.data.path, reports, splits,
-                         {name: (profiles[name].data.path, other) for name, (_, other) in others.items()})
+        log_data_lineage(run_id, data.cleaned, config.data.path, reports, splits,
+                         {name: (profiles[name].data.path, other) for name, (_, other) in data.others.items()})
         base = prepare_base_model(config.base_model, training_texts(splits["train"]), config.offline_model,
                                   config.training.seed)
         fmt = choose_format(base, config.dialogue, config.character, config.show)
@@ -102,32 +138,32 @@ def train(config: PipelineConfig, skip_if_unchanged: bool = False) -> dict:
         card = ModelCard(format=fmt, max_length=config.dialogue.max_length,
                          base_model=base_reference(config.base_model, base))
         model_path = fine_tune(base, datasets, config.training, str(workdir), run_id, card)
-        sample_replies(model_path, run_id, config.character)
-        judge = build_judge(cleaned, splits, config, base, fmt)
         champion = download_champion(config.model_name, str(workdir / "champion"))
-        scores = {"candidate": evaluate_model(model_path, splits["test"], config, judge),
-                  "base": evaluate_model(base, splits["test"], config, judge, fmt),
-                  "champion": evaluate_model(champion["path"], splits["test"], config, judge) if champion else None}
-        log_scores(run_id, scores)
-        decision = gate_candidate(scores, config.gate, publish_replies(judge, scores, run_id))
+        scores, replies = evaluate(config, data, base, fmt, model_path, champion, run_id)
+        decision = gate_candidate(scores, config.gate, replies)
         tag_run(run_id, decision.as_tags())
         version = register_model(run_id, model_path, config, decision.as_tags())
         store_reference(run_id, config.model_name, version,
                         build_reference(splits, config.character, config.monitor.reference_size, config.monitor.seed),
                         {INPUTS_TAG: inputs})
-        test = TestSplit(splits["test"], config.dialogue.max_length, scores["candidate"]["perplexity"])
+        test = TestSplit(splits["test"], config.dialogue.max_length, scores.candidate.perplexity)
         bento = build_bento(config.model_name, version, openvino=config.registry.openvino, test=test,
-                            max_increase=config.registry.openvino_max_increase) \
+                            max_increase=config.registry.openvino_max_increase, folder=model_path) \
             if decision.promote and config.registry.build_bento else None
         if decision.promote:  # last: a run that fails anywhere before this leaves the champion where it was
-            promote_champion(config.model_name, version, champion["version"] if champion else None, bento)
+            try:
+                promote_champion(config.model_name, version, champion["version"] if champion else None, bento)
+            except ChampionMoved:
+                if bento:  # castbot-chat:latest stays the champion's
+                    withdraw_bento(config.model_name, version, bento)
+                raise
         clear_work_folder(workdir)
     except BaseException:
         finish_run(run_id, "FAILED")
         raise
     finish_run(run_id, "FINISHED")
     return {"run_id": run_id, "model_name": config.model_name, "version": version, "promoted": decision.promote,
-            "reason": decision.reason, "perplexity": scores["candidate"]["perplexity"], "bento": bento}
+            "reason": decision.reason, "perplexity": scores.candidate.perplexity, "bento": bento}
 
 
 @exits_on_server_timeout

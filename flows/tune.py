@@ -16,16 +16,26 @@ from pathlib import Path
 
 from prefect import flow
 
-from castbot.config import ConfigError, DialogueConfig, PipelineConfig, load_profile
+from castbot.common.errors import DataError
 from castbot.compat.prefect_start import exits_on_server_timeout
+from castbot.config.data import DialogueConfig
+from castbot.config.profile import ConfigError, PipelineConfig, load_profile
 from castbot.model.pretrained import ModelFetchError
 from flows.train import dialogue_splits, train, training_data, training_texts
-from tasks.train.base_model import base_reference, prepare_base_model
-from castbot.common.errors import DataError
 from tasks.data.lineage import report_dir
 from tasks.release.registry import ChampionMoved, finish_run
-from tasks.search.study import (PRUNED, StudyBusy, apply_settings, evidence_lines, open_study, publish_study, run_trial,
-                        start_study_run, study_folder, suggest, write_tuned_profile)
+from tasks.search.study import (
+    StudyBusy,
+    apply_settings,
+    evidence_lines,
+    open_study,
+    publish_study,
+    study_folder,
+    suggest,
+    write_tuned_profile,
+)
+from tasks.search.trial import PRUNED, run_trial, start_study_run
+from tasks.train.base_model import base_reference, prepare_base_model
 
 
 @flow(name="tune-character-bot")
@@ -33,6 +43,7 @@ def tune(config: PipelineConfig, profile_path: str | None = None, trials: int | 
          budget_minutes: float | None = None, train_winner: bool = True) -> dict:
     """Search the profile's tune.space for the lowest validation loss; write the winner's profile; train it."""
     import optuna
+
     from castbot.model.folder import ModelCard
     from tasks.data.tokenize import choose_format, tokenize_dialogues
 
@@ -51,7 +62,8 @@ def tune(config: PipelineConfig, profile_path: str | None = None, trials: int | 
         """Tokenised splits for a trial's dialogue settings, built once per distinct value."""
         key = dialogue.model_dump_json()
         if key not in datasets:
-            splits = dialogue_splits(config.model_copy(update={"dialogue": dialogue}), data.cleaned, data.others)
+            splits = dialogue_splits(config.model_copy(update={"dialogue": dialogue}), data.cleaned, data.others,
+                                     data.liked)
             datasets[key] = tokenize_dialogues(splits, base, dialogue, fmt)
         return datasets[key]
 

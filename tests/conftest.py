@@ -52,7 +52,7 @@ def write_tiny_show(path: Path, **kwargs) -> Path:
 
 def tiny_config(data_path, **overrides):
     """A pipeline config that trains a ~50k-parameter model for a few steps: seconds on CPU."""
-    from castbot.config import PipelineConfig
+    from castbot.config.profile import PipelineConfig
 
     raw = {
         "data": {"path": str(data_path), "columns": {"episode": "episode", "speaker": "speaker", "line": "line",
@@ -72,6 +72,29 @@ def tiny_config(data_path, **overrides):
             node = node.setdefault(key, {})
         node[leaf] = value
     return PipelineConfig.model_validate(raw)
+
+
+def cleaned_transcript(config, docs: Path):
+    """ingest -> raw checks -> clean -> dialogue checks, as the flow runs them (task bodies only)."""
+    from tasks.data.clean import clean_transcript
+    from tasks.data.ingest import load_transcript
+    from tasks.data.validate import validate_dialogue, validate_raw
+
+    frame = load_transcript.fn(config.data)
+    validate_raw.fn(frame, config.data.path, config.validation, str(docs))
+    cleaned, _ = clean_transcript.fn(frame, config.cleaning)
+    validate_dialogue.fn(cleaned, config.data.path, config.character, config.validation, str(docs))
+    return cleaned
+
+
+def run_data_steps(config, docs: Path):
+    """The data steps up to the samples, with the transcripts of data.also_train_on."""
+    from castbot.config.profile import load_profile
+    from tasks.data.dialogues import build_dialogues
+
+    more = {Path(p).stem: cleaned_transcript(load_profile(p), docs / Path(p).stem) for p in config.data.also_train_on}
+    return build_dialogues.fn(cleaned_transcript(config, docs), config.character, config.dialogue,
+                              config.training.seed, more)
 
 
 # Test tiers (markers registered in pyproject.toml): `make test-fast` runs the unit tier, `make test` all of them.

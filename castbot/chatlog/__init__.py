@@ -1,5 +1,6 @@
-"""The conversation log: every answered turn and its feedback (castbot/chatlog/store.py)."""
+"""The conversation log: every answered turn, who asked, and its feedback (castbot/chatlog/store.py); the review of
+liked turns (review.py); the command line (cli.py)."""
 
-from castbot.chatlog.store import ChatLog, TurnRecord
+from castbot.chatlog.store import ChatLog, ChatLogError, ChatLogUnavailable, NotOwner, TurnRecord
 
-__all__ = ["ChatLog", "TurnRecord"]
+__all__ = ["ChatLog", "ChatLogError", "ChatLogUnavailable", "NotOwner", "TurnRecord"]

@@ -1,7 +1,7 @@
-"""python -m castbot.chatlog: export, purge and count the conversation log (castbot/chatlog/store.py)."""
+"""python -m castbot.chatlog: export, review, delete and purge the conversation log (castbot/chatlog/cli.py)."""
 
 import sys
 
-from castbot.chatlog.store import main
+from castbot.chatlog.cli import main
 
 sys.exit(main())

@@ -1,155 +1,74 @@
 """The conversation log: every answered turn and its feedback, in SQLite by default or PostgreSQL.
 
-    from castbot.chatlog.store import ChatLog, TurnRecord
-    log = ChatLog.from_env()               # None when CASTBOT_CHATLOG=off
-    log.record(TurnRecord(...))            # durable (committed) on return; safe from many threads
-    log.add_feedback(turn_id, +1, "nice")  # False: no such turn
+    from castbot.chatlog import ChatLog, TurnRecord
+    log = ChatLog.from_env()                     # None when CASTBOT_CHATLOG=off; lazy=True: opens on first use
+    log.claim(conversation_id, client)           # before answering: NotOwner when another client owns it
+    log.record(TurnRecord(..., client=..., history=[(speaker, text), ...]))   # committed on return; any thread
+    log.add_feedback(turn_id, +1, "nice", client=...)   # False: no such turn, or not this client's
+    log.delete_conversation(conversation_id, client=...)  # turns deleted; 0 for another client's conversation
+    log.start_purging(every_s=3600)              # purge_expired() (CASTBOT_CHATLOG_RETENTION_DAYS) hourly
     log.turns(model_name="rick-bot", since=datetime(2026, 11, 1, tzinfo=timezone.utc))  # a DataFrame
+    log.pending_reviews(); log.set_review([turn_id], "approved")  # castbot/chatlog/review.py
 
-Command line (exit 2 on bad arguments):
+Every method blocks on the database: from async code call it with asyncio.to_thread. A method that cannot reach
+the database raises ChatLogUnavailable (the service answers 503) and the next call tries a fresh connection; each
+failed write counts in castbot_chatlog_write_errors_total. client=None (the command line, the training flow) skips
+the ownership checks. The environment variables are described in castbot/chatlog/settings.py.
 
-    python -m castbot.chatlog export --since 2026-11-01 [--model NAME] --out turns.parquet   # or .jsonl
-    python -m castbot.chatlog delete --conversation ID
-    python -m castbot.chatlog purge [--days N]    # default: CASTBOT_CHATLOG_RETENTION_DAYS (e.g. from cron)
-
-Environment:
-    CASTBOT_CHATLOG=off                   no log at all (from_env returns None)
-    CASTBOT_CHATLOG_URL                   SQLAlchemy URL; default sqlite:///$CASTBOT_HOME/chatlog.db. PostgreSQL:
-                                          postgresql+psycopg://USER:PASSWORD@HOST:5432/DB (extra `castbot[postgres]`)
-    CASTBOT_CHATLOG_RETENTION_DAYS        turns older than this are deleted when the log opens (from_env) and by
-                                          `purge`; unset: kept for ever
-
-The schema is created on first use and carries its version in `schema_version`; MIGRATIONS lists the steps, so a
-later change migrates an existing log instead of breaking it. Message text never goes into log lines.
+The schema is created on first use and migrated step by step (castbot/chatlog/schema.py). Message text never goes
+into log lines or exception messages, and a URL is only ever shown with its password masked (safe_url).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import json
 import logging
 import os
-import sys
 import threading
-from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timedelta, timezone
+import time as clock
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
+import prometheus_client
 import sqlalchemy as sa
+
+from castbot.chatlog.review import ReviewQueue
+from castbot.chatlog.schema import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    TurnRecord,
+    conversations_table,
+    feedback_table,
+    naive_utc,
+    turn_frame,
+    turns_table,
+    utc_now,
+    version_table,
+)
+from castbot.chatlog.settings import (
+    DEFAULT_RETENTION_DAYS,
+    ChatLogError,
+    default_url,
+    mask_passwords,
+    retention_days,
+    safe_url,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
+__all__ = ["ChatLog", "ChatLogError", "ChatLogUnavailable", "NotOwner", "TurnRecord", "MIGRATIONS", "SCHEMA_VERSION",
+           "DEFAULT_RETENTION_DAYS", "WRITE_ERRORS", "default_url", "retention_days", "safe_url"]
+
 logger = logging.getLogger("castbot.chatlog")
 
-
-@dataclass
-class TurnRecord:
-    """One answered turn, written by the service."""
-
-    turn_id: str  # uuid4 hex, returned to the client
-    conversation_id: str  # given by the client or a new uuid4 hex
-    time: datetime  # UTC, when the request arrived
-    endpoint: str  # "chat" | "chat/stream" | "generate" | "v1/chat/completions"
-    message: str  # the user's last message
-    reply: str
-    history_turns: int
-    model_name: str
-    model_version: str
-    character: str
-    engine: str
-    prompt_tokens: int
-    new_tokens: int
-    latency_s: float  # request start -> reply complete
-    ttft_s: float | None  # time to first piece (streams), else None
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-
-
-TURN_FIELDS = [f.name for f in fields(TurnRecord)]
-
-metadata = sa.MetaData()
-
-turns_table = sa.Table(
-    "turns", metadata,
-    sa.Column("turn_id", sa.String(64), primary_key=True),
-    sa.Column("conversation_id", sa.String(128), nullable=False, index=True),
-    # stored as naive UTC: SQLite has no time zones, and comparisons must agree on both back ends
-    sa.Column("time", sa.DateTime(timezone=False), nullable=False, index=True),
-    sa.Column("endpoint", sa.String(64), nullable=False),
-    sa.Column("message", sa.Text, nullable=False),
-    sa.Column("reply", sa.Text, nullable=False),
-    sa.Column("history_turns", sa.Integer, nullable=False),
-    sa.Column("model_name", sa.String(200), nullable=False, index=True),
-    sa.Column("model_version", sa.String(64), nullable=False),
-    sa.Column("character", sa.String(200), nullable=False),
-    sa.Column("engine", sa.String(64), nullable=False),
-    sa.Column("prompt_tokens", sa.Integer, nullable=False),
-    sa.Column("new_tokens", sa.Integer, nullable=False),
-    sa.Column("latency_s", sa.Float, nullable=False),
-    sa.Column("ttft_s", sa.Float, nullable=True),
-    sa.Column("finish_reason", sa.String(32), nullable=False),
-)
-
-feedback_table = sa.Table(
-    "feedback", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("turn_id", sa.String(64), sa.ForeignKey("turns.turn_id", ondelete="CASCADE"), nullable=False,
-              index=True),
-    sa.Column("time", sa.DateTime(timezone=False), nullable=False),
-    sa.Column("rating", sa.SmallInteger, nullable=False),  # +1 | -1; the last one given counts
-    sa.Column("comment", sa.Text, nullable=True),
-)
-
-version_table = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
-
-
-def _migrate_to_1(conn: sa.Connection) -> None:
-    """Version 1: turns and feedback as first written (no index on the feedback's turn)."""
-    turns_table.create(conn, checkfirst=True)
-    for index in turns_table.indexes:
-        index.create(conn, checkfirst=True)
-    feedback = sa.Table(
-        "feedback", sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("turn_id", sa.String(64), sa.ForeignKey(turns_table.c.turn_id, ondelete="CASCADE"), nullable=False),
-        sa.Column("time", sa.DateTime(timezone=False), nullable=False),
-        sa.Column("rating", sa.SmallInteger, nullable=False),
-        sa.Column("comment", sa.Text, nullable=True),
-    )
-    feedback.create(conn, checkfirst=True)
-
-
-def _migrate_to_2(conn: sa.Connection) -> None:
-    """Version 2: an index on feedback.turn_id (turns() joins on it; the monitor reads 100k turns)."""
-    for index in feedback_table.indexes:
-        index.create(conn, checkfirst=True)
-
-
-# MIGRATIONS[i] takes a log at version i to version i + 1; append, never edit a released step
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_migrate_to_1, _migrate_to_2]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def safe_url(url: str | sa.URL) -> str:
-    """The URL as it may appear in a message: the password masked."""
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return "<unparsable URL>"
-
-
-def default_url() -> str:
-    """CASTBOT_CHATLOG_URL, else the SQLite file under the castbot state folder."""
-    from castbot.common.settings import STATE_DIR
-
-    return os.environ.get("CASTBOT_CHATLOG_URL") or f"sqlite:///{Path(STATE_DIR) / 'chatlog.db'}"
-
-
-def _naive_utc(when: datetime) -> datetime:
-    if when.tzinfo is None:
-        return when  # taken as UTC already
-    return when.astimezone(timezone.utc).replace(tzinfo=None)
+WRITE_ERRORS = prometheus_client.Counter(
+    "castbot_chatlog_write_errors", "Writes to the conversation log that failed (turns, ratings, deletions, "
+    "reviews); the next write opens a fresh connection.")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -164,47 +83,66 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.close()
 
 
-class ChatLogError(RuntimeError):
-    """The log cannot be opened; the message names the URL without its password."""
+class ChatLogUnavailable(ChatLogError):
+    """The database cannot be reached now (the service answers 503); the next call tries again."""
 
 
-class ChatLog:
+class NotOwner(LookupError):
+    """The conversation belongs to another client (the service answers 403 to a turn, 404 to a rating)."""
+
+
+# the database is down or unreachable: a fresh connection may work later (anything else is a bug or bad data)
+_OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
+
+
+class ChatLog(ReviewQueue):
     """The conversation log at one SQLAlchemy URL; one engine shared by all threads."""
 
-    def __init__(self, url: str):
+    retry_after_s = 2.0  # after an outage, calls fail fast for this long before a fresh connection is tried
+
+    def __init__(self, url: str, *, lazy: bool = False):
+        """lazy: do not touch the database yet; the schema is checked on first use (a log that is down at
+        start-up is then reached once it comes up)."""
         try:
             self.url = sa.make_url(url)
         except sa.exc.ArgumentError:
             raise ChatLogError("the chat log URL is not a SQLAlchemy URL (e.g. sqlite:///path/chatlog.db or "
                                "postgresql+psycopg://user:password@host:5432/db): fix CASTBOT_CHATLOG_URL") from None
         self._write_lock = threading.Lock()  # SQLite allows one writer: queue in Python, not in busy retries
+        self._open_lock = threading.Lock()
+        self._opened = False
+        self._down_until = 0.0  # clock.monotonic() before which calls fail fast
         try:
             self.engine = self._engine()
-            self._migrate()
         except ImportError as exc:
             raise ChatLogError(f"the chat log at {safe_url(self.url)} needs a driver that is not installed ({exc}): "
                                "for PostgreSQL, pip install 'castbot[postgres]'") from None
-        except sa.exc.SQLAlchemyError as exc:
-            raise ChatLogError(f"cannot open the chat log at {safe_url(self.url)}: "
-                               f"{type(exc).__name__}: {getattr(exc, 'orig', None) or exc}") from None
+        if not lazy:
+            self._open()
+
+    def __repr__(self) -> str:
+        return f"ChatLog({safe_url(self.url)!r})"
 
     @classmethod
-    def from_env(cls) -> ChatLog | None:
-        """The log named by the environment (see the module docstring), purged to the retention period."""
+    def from_env(cls, *, lazy: bool = False) -> ChatLog | None:
+        """The log named by the environment (see the module docstring), purged to the retention period unless
+        lazy (then nothing touches the database until the first call)."""
         if os.environ.get("CASTBOT_CHATLOG", "on").strip().lower() in ("off", "0", "false", "no"):
             return None
-        log = cls(default_url())
-        days = retention_days()
-        if days is not None:
-            removed = log.purge(timedelta(days=days))
-            logger.info("chat log: purged %d turns older than %d days", removed, days)
+        days = retention_days()  # a bad value fails now, not at the first purge
+        log = cls(default_url(), lazy=lazy)
+        if not lazy and days is not None:
+            log.purge_expired()
         return log
 
     def _engine(self) -> sa.Engine:
         # hide_parameters: a failed INSERT's exception would otherwise quote the user's message and the reply
         if self.url.get_backend_name() != "sqlite":
-            # pool_pre_ping: a PostgreSQL restart must not fail the next requests
-            return sa.create_engine(self.url, pool_size=8, max_overflow=16, pool_pre_ping=True, hide_parameters=True)
+            # pool_pre_ping: a PostgreSQL restart must not fail the next requests; connect_timeout: an outage
+            # costs a worker thread seconds, not minutes
+            args = {} if "connect_timeout" in self.url.query else {"connect_timeout": 5}
+            return sa.create_engine(self.url, pool_size=8, max_overflow=16, pool_pre_ping=True, pool_timeout=10,
+                                    hide_parameters=True, connect_args=args)
         database = self.url.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +150,39 @@ class ChatLog:
                                   connect_args={"check_same_thread": False, "timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+
+    # ---- reaching the database ----
+
+    def _unavailable(self, exc: Exception) -> ChatLogUnavailable:
+        """Note an outage: drop pooled connections (the next call opens fresh ones) and fail fast for a while."""
+        self.engine.dispose()
+        self._opened = False  # check the schema again once it answers (it may have been down since start-up)
+        self._down_until = clock.monotonic() + self.retry_after_s
+        cause = mask_passwords(str(getattr(exc, "orig", None) or exc).splitlines()[0][:300])
+        return ChatLogUnavailable(f"the chat log at {safe_url(self.url)} is unreachable: {type(exc).__name__}: "
+                                  f"{cause}")
+
+    def _open(self) -> None:
+        """Create or migrate the schema once; ChatLogUnavailable while the database cannot be reached."""
+        if self._opened:
+            return
+        if clock.monotonic() < self._down_until:
+            raise ChatLogUnavailable(f"the chat log at {safe_url(self.url)} was unreachable moments ago; retrying "
+                                     f"after {self.retry_after_s:g} s")
+        with self._open_lock:
+            if self._opened:
+                return
+            try:
+                self._migrate()
+            except ImportError as exc:
+                raise ChatLogError(f"the chat log at {safe_url(self.url)} needs a driver that is not installed "
+                                   f"({exc}): for PostgreSQL, pip install 'castbot[postgres]'") from None
+            except _OUTAGES as exc:
+                raise self._unavailable(exc) from None
+            except sa.exc.SQLAlchemyError as exc:
+                raise ChatLogError(f"cannot open the chat log at {safe_url(self.url)}: {type(exc).__name__}: "
+                                   f"{mask_passwords(str(getattr(exc, 'orig', None) or exc))}") from None
+            self._opened = True
 
     def _migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION, one step at a time, in one transaction with the version row."""
@@ -222,8 +193,7 @@ class ChatLog:
             elif self.url.get_backend_name() == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before reading the version
             version_table.create(conn, checkfirst=True)
-            current = conn.execute(sa.select(sa.func.max(version_table.c.version))).scalar()
-            current = current or 0
+            current = conn.execute(sa.select(sa.func.max(version_table.c.version))).scalar() or 0
             if current > SCHEMA_VERSION:
                 raise ChatLogError(f"the chat log at {safe_url(self.url)} has schema version {current}, newer than "
                                    f"this castbot's {SCHEMA_VERSION}: upgrade castbot")
@@ -233,163 +203,191 @@ class ChatLog:
                 conn.execute(sa.insert(version_table).values(version=version + 1))
                 logger.info("chat log: schema migrated to version %d", version + 1)
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        self._open()
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except _OUTAGES as exc:
+            raise self._unavailable(exc) from None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sa.Connection]:
+        """One transaction, committed on exit; SQLite: one writer at a time (PostgreSQL takes concurrent writers)."""
+        lock = self._write_lock if self.url.get_backend_name() == "sqlite" else contextlib.nullcontext()
+        try:
+            self._open()  # a log down since start-up: this write is lost, and counted
+            with lock, self.engine.begin() as conn:
+                yield conn
+        except NotOwner:
+            raise
+        except _OUTAGES as exc:
+            WRITE_ERRORS.inc()
+            raise self._unavailable(exc) from None
+        except Exception:
+            WRITE_ERRORS.inc()
+            raise
+
     def schema_version(self) -> int:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             return conn.execute(sa.select(sa.func.max(version_table.c.version))).scalar() or 0
 
-    def _writer(self):
-        """SQLite: one writer at a time (the lock); PostgreSQL takes concurrent writers itself."""
-        return self._write_lock if self.url.get_backend_name() == "sqlite" else contextlib.nullcontext()
+    def ping(self) -> bool:
+        """Whether the log answers now (for a readiness probe); never raises."""
+        try:
+            with self._reading() as conn:
+                conn.execute(sa.select(1))
+            return True
+        except ChatLogError:
+            return False
 
-    def _write(self, statement) -> sa.CursorResult:
-        with self._writer(), self.engine.begin() as conn:
-            return conn.execute(statement)
+    # ---- ownership and writes ----
+
+    def _upsert(self, table: sa.Table, **values):
+        """An INSERT with ON CONFLICT clauses (SQLite's and PostgreSQL's insert; the log supports those two)."""
+        backend = self.url.get_backend_name()
+        if backend == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif backend == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            raise ChatLogError(f"the chat log supports SQLite and PostgreSQL, not {backend}")
+        return insert(table).values(**values)
+
+    def _own(self, conn: sa.Connection, conversation_id: str, client: str, when: datetime) -> None:
+        """Claim an unowned conversation for `client`; NotOwner when another client has it."""
+        conn.execute(self._upsert(conversations_table, conversation_id=conversation_id, client=client,
+                                  time=naive_utc(when)).on_conflict_do_nothing())
+        owner = conn.execute(sa.select(conversations_table.c.client)
+                             .where(conversations_table.c.conversation_id == conversation_id)).scalar()
+        if owner != client:
+            raise NotOwner(f"conversation {conversation_id} belongs to another client")
+
+    def owner(self, conversation_id: str) -> str | None:
+        """The client that owns a conversation, or None when no turn of it was logged."""
+        with self._reading() as conn:
+            return conn.execute(sa.select(conversations_table.c.client)
+                                .where(conversations_table.c.conversation_id == conversation_id)).scalar()
+
+    def claim(self, conversation_id: str, client: str) -> None:
+        """Before answering a turn: the conversation becomes `client`'s if nobody owns it; NotOwner when another
+        client owns it (so the reply is refused before it is generated, not after)."""
+        with self._writing() as conn:
+            self._own(conn, conversation_id, client, datetime.now(UTC))
 
     def record(self, turn: TurnRecord) -> None:
-        """Insert one turn; committed when this returns."""
+        """Insert one turn; committed when this returns. NotOwner (nothing written) when its conversation belongs to
+        another client."""
         row = asdict(turn)
-        row["time"] = _naive_utc(turn.time)
-        self._write(sa.insert(turns_table).values(**row))
+        row["time"] = naive_utc(turn.time)
+        row["history"] = json.dumps([[speaker, text] for speaker, text in turn.history], ensure_ascii=False)
+        with self._writing() as conn:
+            self._own(conn, turn.conversation_id, turn.client, turn.time)
+            conn.execute(sa.insert(turns_table).values(**row))
 
-    def add_feedback(self, turn_id: str, rating: int, comment: str | None = None) -> bool:
-        """Store a rating (+1 or -1) of a turn; False when no such turn was logged."""
+    def _turn_of(self, conn: sa.Connection, turn_id: str, client: str | None) -> bool:
+        query = sa.select(turns_table.c.turn_id).where(turns_table.c.turn_id == turn_id)
+        if client is not None:
+            query = query.join(conversations_table,
+                               conversations_table.c.conversation_id == turns_table.c.conversation_id
+                               ).where(conversations_table.c.client == client)
+        return conn.execute(query).first() is not None
+
+    def add_feedback(self, turn_id: str, rating: int, comment: str | None = None, client: str | None = None) -> bool:
+        """Rate a turn +1 or -1; the rating replaces the turn's earlier one (a changed rating is reviewed again).
+        False when no such turn was logged, or (client given) it is not in one of that client's conversations."""
         if rating not in (1, -1):
             raise ValueError(f"rating must be +1 or -1, got {rating!r}")
-        with self.engine.connect() as conn:
-            known = conn.execute(sa.select(turns_table.c.turn_id).where(turns_table.c.turn_id == turn_id)).first()
-        if not known:
-            return False
-        self._write(sa.insert(feedback_table).values(turn_id=turn_id, rating=rating, comment=comment,
-                                                     time=_naive_utc(datetime.now(timezone.utc))))
+        with self._writing() as conn:
+            if not self._turn_of(conn, turn_id, client):
+                return False
+            statement = self._upsert(feedback_table, turn_id=turn_id, rating=rating, comment=comment,
+                                     time=utc_now())
+            excluded, c = statement.excluded, feedback_table.c
+            same = c.rating == excluded.rating
+            conn.execute(statement.on_conflict_do_update(index_elements=[c.turn_id], set_={
+                "rating": excluded.rating, "comment": excluded.comment, "time": excluded.time,
+                "review": sa.case((same, c.review), else_=sa.literal("pending")),
+                "reviewed_at": sa.case((same, c.reviewed_at), else_=sa.null())}))
         return True
+
+    def delete_conversation(self, conversation_id: str, client: str | None = None) -> int:
+        """Delete every turn of one conversation and its feedback; the number of turns deleted (0 when it does not
+        exist or, client given, belongs to another client)."""
+        with self._writing() as conn:
+            owner = conn.execute(sa.select(conversations_table.c.client)
+                                 .where(conversations_table.c.conversation_id == conversation_id)).first()
+            if owner is None or (client is not None and owner.client != client):
+                return 0
+            removed = self._delete(conn, turns_table.c.conversation_id == conversation_id)
+            conn.execute(sa.delete(conversations_table).where(conversations_table.c.conversation_id
+                                                              == conversation_id))
+            return removed
+
+    def purge(self, older_than: timedelta) -> int:
+        """Delete turns (and their feedback) older than `older_than`, and conversations left without turns; the
+        number of turns deleted."""
+        cutoff = naive_utc(datetime.now(UTC) - older_than)
+        with self._writing() as conn:
+            removed = self._delete(conn, turns_table.c.time < cutoff)
+            left = sa.select(turns_table.c.turn_id).where(
+                turns_table.c.conversation_id == conversations_table.c.conversation_id)
+            conn.execute(sa.delete(conversations_table).where(conversations_table.c.time < cutoff, ~left.exists()))
+        return removed
+
+    def purge_expired(self) -> int:
+        """purge() to CASTBOT_CHATLOG_RETENTION_DAYS (default 30; nothing when kept for ever); turns deleted."""
+        days = retention_days()
+        if days is None:
+            return 0
+        removed = self.purge(timedelta(days=days))
+        logger.info("chat log: purged %d turns older than %d days", removed, days)
+        return removed
+
+    def start_purging(self, every_s: float = 3600.0) -> threading.Event:
+        """purge_expired() now and every `every_s` seconds in a daemon thread (never on an event loop); set the
+        returned event to stop. A failed purge is logged and tried again at the next tick."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                try:
+                    self.purge_expired()
+                except Exception as exc:  # the database down, a bad CASTBOT_CHATLOG_RETENTION_DAYS: keep serving
+                    logger.error("chat log: purge failed: %s", mask_passwords(str(exc)))
+                stop.wait(every_s)
+
+        threading.Thread(target=loop, name="chatlog-purge", daemon=True).start()
+        return stop
+
+    @staticmethod
+    def _delete(conn: sa.Connection, condition) -> int:
+        # feedback first: the foreign key's ON DELETE CASCADE is not enforced by SQLite connections without the
+        # pragma (another tool's), so do not rely on it
+        doomed = sa.select(turns_table.c.turn_id).where(condition)
+        conn.execute(sa.delete(feedback_table).where(feedback_table.c.turn_id.in_(doomed)))
+        return conn.execute(sa.delete(turns_table).where(condition)).rowcount
+
+    # ---- reading ----
 
     def turns(self, model_name: str | None = None, since: datetime | None = None,
               until: datetime | None = None) -> pd.DataFrame:
-        """One row per turn, oldest first: TurnRecord's fields (time in UTC) + "rating" (the last given, +1/-1,
-        else NaN) + "comment"."""
-        import pandas as pd
-
-        last = (sa.select(feedback_table.c.turn_id, sa.func.max(feedback_table.c.id).label("id"))
-                .group_by(feedback_table.c.turn_id).subquery())
-        query = (sa.select(turns_table, feedback_table.c.rating, feedback_table.c.comment)
-                 .outerjoin(last, last.c.turn_id == turns_table.c.turn_id)
-                 .outerjoin(feedback_table, feedback_table.c.id == last.c.id)
+        """One row per turn, oldest first: TurnRecord's fields (time in UTC, history as [[speaker, text], ...]) +
+        "rating" (+1/-1, else NaN), "comment" and "review" (pending/approved/rejected, else None)."""
+        query = (sa.select(turns_table, feedback_table.c.rating, feedback_table.c.comment, feedback_table.c.review)
+                 .outerjoin(feedback_table, feedback_table.c.turn_id == turns_table.c.turn_id)
                  .order_by(turns_table.c.time, turns_table.c.turn_id))
         if model_name is not None:
             query = query.where(turns_table.c.model_name == model_name)
         if since is not None:
-            query = query.where(turns_table.c.time >= _naive_utc(since))
+            query = query.where(turns_table.c.time >= naive_utc(since))
         if until is not None:
-            query = query.where(turns_table.c.time < _naive_utc(until))
-        with self.engine.connect() as conn:
+            query = query.where(turns_table.c.time < naive_utc(until))
+        with self._reading() as conn:
             rows = conn.execute(query).mappings().all()
-        frame = pd.DataFrame(rows, columns=[*TURN_FIELDS, "rating", "comment"])
-        frame["time"] = pd.to_datetime(frame["time"]).dt.tz_localize("UTC")
-        frame["rating"] = frame["rating"].astype("float64")  # NaN where unrated
-        frame["ttft_s"] = frame["ttft_s"].astype("float64")
-        return frame
-
-    def delete_conversation(self, conversation_id: str) -> int:
-        """Delete every turn of one conversation and its feedback; the number of turns deleted."""
-        return self._delete(turns_table.c.conversation_id == conversation_id)
-
-    def purge(self, older_than: timedelta) -> int:
-        """Delete turns (and their feedback) older than `older_than`; the number of turns deleted."""
-        cutoff = _naive_utc(datetime.now(timezone.utc) - older_than)
-        return self._delete(turns_table.c.time < cutoff)
-
-    def _delete(self, condition) -> int:
-        # feedback first: the foreign key's ON DELETE CASCADE is not enforced by SQLite connections without the
-        # pragma (another tool's), so do not rely on it
-        doomed = sa.select(turns_table.c.turn_id).where(condition)
-        with self._writer(), self.engine.begin() as conn:
-            conn.execute(sa.delete(feedback_table).where(feedback_table.c.turn_id.in_(doomed)))
-            return conn.execute(sa.delete(turns_table).where(condition)).rowcount
+        return turn_frame(rows, ["rating", "comment", "review"])
 
     def close(self) -> None:
         self.engine.dispose()
-
-
-def retention_days() -> int | None:
-    """CASTBOT_CHATLOG_RETENTION_DAYS as a positive whole number of days, or None when unset."""
-    raw = os.environ.get("CASTBOT_CHATLOG_RETENTION_DAYS", "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise ChatLogError(f"CASTBOT_CHATLOG_RETENTION_DAYS={raw!r}: give a whole number of days >= 1, or unset it")
-    return int(raw)
-
-
-# ---- command line ----
-
-def _iso_date(text: str) -> datetime:
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date such as 2026-11-01 or "
-                                         "2026-11-01T12:00:00+00:00") from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return int(text)
-
-
-def _out_path(text: str) -> Path:
-    path = Path(text)
-    if path.suffix not in (".parquet", ".jsonl"):
-        raise argparse.ArgumentTypeError(f"{text!r}: the output must end in .parquet or .jsonl")
-    return path
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m castbot.chatlog",
-                                     description="Export, delete or purge the chat log at CASTBOT_CHATLOG_URL "
-                                                 "(default: chatlog.db under CASTBOT_HOME).")
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write turns with their feedback to a .parquet or .jsonl file")
-    export.add_argument("--since", type=_iso_date, required=True, help="first time included (ISO, UTC if no zone)")
-    export.add_argument("--model", help="only turns of this registered model name")
-    export.add_argument("--out", type=_out_path, required=True, help="turns.parquet or turns.jsonl")
-    delete = commands.add_parser("delete", help="delete one conversation's turns and feedback")
-    delete.add_argument("--conversation", required=True, help="the conversation id")
-    purge = commands.add_parser("purge", help="delete turns older than N days")
-    purge.add_argument("--days", type=_positive_int, help="default: CASTBOT_CHATLOG_RETENTION_DAYS")
-    return parser
-
-
-def export_turns(log: ChatLog, since: datetime, model: str | None, out: Path) -> int:
-    """Write the turns (with rating and comment) since a time to parquet or JSONL; the number written."""
-    frame = log.turns(model_name=model, since=since)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".parquet":
-        frame.to_parquet(out, index=False)
-    else:
-        frame.to_json(out, orient="records", lines=True, date_format="iso", force_ascii=False)
-    return len(frame)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)  # exits 2 with a message on bad arguments
-    try:
-        if args.command == "purge" and args.days is None:
-            args.days = retention_days()
-            if args.days is None:
-                parser.error("purge needs --days N, or CASTBOT_CHATLOG_RETENTION_DAYS set")
-        log = ChatLog(default_url())
-    except ChatLogError as exc:
-        print(f"castbot.chatlog: {exc}", file=sys.stderr)
-        return 1
-    if args.command == "export":
-        n = export_turns(log, args.since, args.model, args.out)
-        print(f"exported {n} turns to {args.out}")
-    elif args.command == "delete":
-        print(f"deleted {log.delete_conversation(args.conversation)} turns of conversation {args.conversation}")
-    else:
-        print(f"purged {log.purge(timedelta(days=args.days))} turns older than {args.days} days")
-    log.close()
-    return 0
 

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-STATE_DIR = Path(os.environ.get("CASTBOT_HOME", Path(__file__).resolve().parent.parent / ".castbot"))
+STATE_DIR = Path(os.environ.get("CASTBOT_HOME", Path(__file__).resolve().parents[2] / ".castbot"))
 
 
 def use_project_state() -> Path:

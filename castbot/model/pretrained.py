@@ -115,10 +115,11 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
 
 
 def check_tied_embeddings(folder: Path) -> None:
-    """The reloaded model's output layer must share the input embedding (SmolLM2 ties them)."""
-    from castbot.model.folder import load_weights
+    """The reloaded model's output layer must share the input embedding (SmolLM2 ties them). A plain folder, not
+    yet a castbot one: transformers loads it (castbot.model.folder imports this module, not the other way)."""
+    from transformers import AutoModelForCausalLM
 
-    model = load_weights(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder)
     if model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
         raise ModelFetchError(f"{folder}: lm_head and embed_tokens are not tied after conversion")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from castbot.config import MonitorConfig
+from castbot.config.monitor import MonitorConfig
 from castbot.scores.quality import degeneracy, likeness, train_character_classifier, words
 from tasks.release.trained_on import oov_rate
 

@@ -14,12 +14,18 @@ dropped first when the prompt is over the token budget). The last message must b
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, ValidationError
 
 from castbot.model.dialogue import DECODING_DEFAULTS
-from castbot.serve.schemas import LIMITS, ID_PATTERN, Prompt, Turn
+from castbot.serve.schemas import ID_PATTERN, LIMITS, Prompt, Turn
 
 MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # per stop string: a stream holds back up to this many characters that may start one
+StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+# tagged by JSON type: a refusal names the bound that was broken, not the other member's "should be a valid string"
+Stops = Annotated[Annotated[StopString, Tag("str")]
+                  | Annotated[list[StopString], Field(max_length=MAX_STOPS), Tag("list")],
+                  Discriminator(lambda value: "str" if isinstance(value, str) else "list")]
 
 
 class OpenAIError(Exception):
@@ -77,7 +83,7 @@ class ChatCompletionRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1, le=1000, description="vLLM's extension; 0 or -1: all tokens.")
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    stop: Stops | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
@@ -196,23 +202,75 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 class StopCutter:
     """Applies stop strings to a stream: feed(piece) returns what can be sent now, holding back a tail that may
-    be the start of a stop string; stopped is True once one was found (nothing after it is ever sent)."""
+    be the start of a stop string; stopped is True once one was found (nothing after it is ever sent).
+
+    Each stop string is followed by its Knuth-Morris-Pratt automaton, whose state is the longest prefix of the
+    stop string that ends the text so far: a piece costs O(len(piece)) steps per stop string (amortised), however
+    long the stop strings and the text. Only the unsent tail is kept for sending (shorter than the longest stop
+    string); .text joins the pieces when asked."""
 
     def __init__(self, stops: list[str]):
-        self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
+        self.stops, self.sent, self.stopped = stops, 0, False
+        self._pieces: list[str] = []
+        self._length = 0  # characters fed
+        self._held = ""  # the text from .sent on: a tail that may be the start of a stop string
+        self._states = [0] * len(stops)  # per stop string: its longest prefix that ends the text
+        self._fallback = [self._failure(stop) for stop in stops]
+
+    @staticmethod
+    def _failure(stop: str) -> list[int]:
+        """KMP's table: [i] is the longest proper prefix of stop[: i + 1] that is also its suffix."""
+        table, k = [0] * len(stop), 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = table[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            table[i] = k
+        return table
+
+    @property
+    def text(self) -> str:
+        """Everything fed so far."""
+        return "".join(self._pieces)
+
+    def _first_match(self, piece: str, offset: int) -> int | None:
+        """Where the earliest stop string that ends in piece (at offset in the text) starts; advances the states."""
+        first = None
+        for n, (stop, table) in enumerate(zip(self.stops, self._fallback)):
+            if not stop:  # the empty string is found at the start of any text
+                first = 0
+                continue
+            state = self._states[n]
+            for i, char in enumerate(piece):
+                while state and stop[state] != char:
+                    state = table[state - 1]
+                if stop[state] == char:
+                    state += 1
+                    if state == len(stop):
+                        start = offset + i + 1 - len(stop)
+                        first = start if first is None else min(first, start)
+                        break
+            self._states[n] = state
+        return first
 
     def feed(self, piece: str) -> str:
-        self.text += piece
-        cut, self.stopped = cut_at_stop(self.text, self.stops)
-        hold = 0 if self.stopped else max((k for s in self.stops for k in range(1, len(s))
-                                          if cut.endswith(s[:k])), default=0)
-        ready = cut[self.sent: len(cut) - hold]
+        self._pieces.append(piece)
+        offset, self._length = self._length, self._length + len(piece)
+        if self.stopped:
+            return ""
+        pending = self._held + piece  # the text from .sent on
+        first = self._first_match(piece, offset)
+        self.stopped = first is not None
+        hold = 0 if self.stopped else max(self._states, default=0)
+        end = first - self.sent if self.stopped else len(pending) - hold
+        ready, self._held = pending[: max(end, 0)], "" if self.stopped else pending[max(end, 0):]
         self.sent += len(ready)
         return ready
 
     def flush(self) -> str:
         """The held-back tail once the reply ended without a stop string."""
-        rest = "" if self.stopped else self.text[self.sent:]
+        rest, self._held = ("" if self.stopped else self._held), ""
         self.sent += len(rest)
         return rest
 

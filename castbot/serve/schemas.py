@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from castbot.config import Strict
+from castbot.config.base import Strict
 from castbot.model.dialogue import DECODING_DEFAULTS
 from castbot.serve.engines import ENGINES
 
@@ -59,9 +59,16 @@ def load_limits(environ: dict[str, str] | None = None) -> ServeLimits:
 LIMITS = load_limits()  # request models below take their bounds from it
 
 
+# "Not blank": one character that no engine calls whitespace. \S differs between readers: JSON Schema uses ECMA-262
+# (U+0085 is not a space, U+FEFF is), pydantic-core's Rust regex and Python's re the Unicode property (U+0085 is).
+# An explicit class of the union reads the same in all three, so the published schema says what is accepted.
+BLANK = r"\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+NOT_BLANK = f"[^{BLANK}]"
+
+
 def _text(max_chars: int) -> type[str]:
-    # \S: not blank. No stripping here: the published schema must describe exactly what is accepted
-    return Annotated[str, StringConstraints(min_length=1, max_length=max_chars, pattern=r"\S")]
+    # no stripping here: the published schema must describe exactly what is accepted
+    return Annotated[str, StringConstraints(min_length=1, max_length=max_chars, pattern=NOT_BLANK)]
 
 
 class Decoding(BaseModel):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from castbot.config import CleaningConfig
+from castbot.config.data import CleaningConfig
 from castbot.common.cache import announce_cache_hit, content_policy
 from tasks.data.lineage import publish_markdown
 from castbot.common.text import markdown_cell, shorten

@@ -7,7 +7,7 @@ from collections import Counter
 import pandas as pd
 from prefect import task
 
-from castbot.config import DialogueConfig
+from castbot.config.data import DialogueConfig
 from castbot.common.errors import DataError
 from castbot.common.logs import run_logger
 

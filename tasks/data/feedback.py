@@ -1,29 +1,69 @@
-"""Liked served turns (data.feedback) as extra training samples, read from the conversation log."""
+"""Liked served turns (data.feedback) as extra training samples, read from the conversation log.
+
+A turn becomes a sample only when its user liked it (last rating +1), its reply is complete, and, with
+data.feedback.require_review (default true), a person approved it (python -m castbot.chatlog review). The sample
+keeps the history that produced the reply as its context lines (the last dialogue.context_turns, as transcript
+samples), whitespace normalised as the cleaning step does; the same context and reply count once; a held-out reply
+is left out; and the samples are capped at data.feedback.max_share of the training split they join.
+"""
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from castbot.config import PipelineConfig
+from castbot.chatlog.schema import COMPLETE
 from castbot.common.logs import run_logger
+from castbot.config.profile import PipelineConfig
 
-# a reply cut short by the client or an error is not the reply the user rated: never train on it
-COMPLETE = ("stop", "length")
+DEFAULT_MAX_SHARE = 0.2
 
 
-def liked_samples(turns: pd.DataFrame) -> list[dict]:
-    """One sample per liked (last rating +1), complete turn: context = the user's message, response = the reply.
+def _line(text: str) -> str:
+    """NBSP, tabs, newlines and runs of spaces to one space (a newline + 'Name:' cannot pass as another line)."""
+    return re.sub(r"\s+", " ", text).strip()
 
-    The log keeps only the last message of a turn (and a count of the earlier ones), so the context is that one
-    line, spoken by the unnamed user as in the service. `turn_id` marks the sample as feedback in the lineage."""
+
+def liked_samples(turns: pd.DataFrame, require_review: bool = True, context_turns: int | None = None) -> list[dict]:
+    """One sample per liked, complete (and, with require_review, approved) turn, oldest first, each context and
+    reply once: context = the history then the user's message; `turn_id` and `client` mark it as feedback."""
     liked = turns[(turns["rating"] == 1) & turns["finish_reason"].isin(COMPLETE)
-                  & turns["reply"].str.strip().astype(bool)]
-    return [{"episode": f"feedback:{row.conversation_id}", "context": [row.message], "speakers": [""],
-             "response": row.reply, "turn_id": row.turn_id} for row in liked.itertuples(index=False)]
+                  & turns["reply"].map(_line).astype(bool)]
+    if require_review:
+        liked = liked[liked["review"] == "approved"]
+    samples, seen = [], set()
+    for row in liked.itertuples(index=False):
+        turns_before = [(speaker, _line(text)) for speaker, text in row.history if _line(text)]
+        context = [*turns_before, ("", _line(row.message))]
+        if context_turns is not None:
+            context = context[-max(context_turns, 1):]  # always the message itself
+        sample = {"episode": f"feedback:{row.conversation_id}", "context": [text for _, text in context],
+                  "speakers": [speaker for speaker, _ in context], "response": _line(row.reply),
+                  "turn_id": row.turn_id, "client": row.client}
+        key = (tuple(sample["context"]), sample["response"])
+        if key not in seen:
+            seen.add(key)
+            samples.append(sample)
+    return samples
+
+
+def awaiting_review(turns: pd.DataFrame) -> int:
+    """Liked, complete turns that no one has approved or rejected yet."""
+    return int(((turns["rating"] == 1) & turns["finish_reason"].isin(COMPLETE) & (turns["review"] == "pending")).sum())
+
+
+def feedback_cap(train_size: int, max_share: float) -> int:
+    """Most feedback samples a split of `train_size` transcript samples takes so that they are at most `max_share`
+    of the training split they join: n <= max_share * (train_size + n)."""
+    if max_share >= 1:
+        return 2**31
+    return int(max_share * train_size / (1 - max_share) + 1e-9)
 
 
 def feedback_samples(train: list[dict]) -> list[dict]:
@@ -32,36 +72,97 @@ def feedback_samples(train: list[dict]) -> list[dict]:
 
 
 def feedback_digest(samples: list[dict]) -> str:
-    """Content hash of feedback samples (turn ids, messages, replies; order-free), 16 hex digits."""
+    """Content hash of feedback samples (turn ids, contexts, replies; order-free), 16 hex digits."""
     rows = sorted([s["turn_id"], s["context"], s["response"]] for s in samples)
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def read_liked_samples(config: PipelineConfig) -> list[dict]:
-    """The bot's liked turns in the conversation log that data.feedback names, as training samples."""
+def write_feedback_jsonl(samples: list[dict], folder: str | Path) -> Path:
+    """The feedback samples a run trained on as folder/feedback.jsonl (one sample a line: turn_id, client,
+    context, speakers, response), for the run's artifacts: a model's lineage names the users' words it learned."""
+    path = Path(folder) / "feedback.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = ("turn_id", "client", "episode", "context", "speakers", "response")
+    with path.open("w", encoding="utf-8") as out:
+        for sample in samples:
+            out.write(json.dumps({k: sample.get(k) for k in keys}, ensure_ascii=False) + "\n")
+    return path
+
+
+@dataclass
+class FeedbackFound:
+    """What the log holds for training: the samples, and the liked turns still awaiting review."""
+
+    samples: list[dict] = field(default_factory=list)
+    pending: int = 0
+
+
+def read_feedback(config: PipelineConfig) -> FeedbackFound:
+    """The bot's trainable liked turns in the conversation log that data.feedback names, and how many await review."""
     from castbot.chatlog.store import ChatLog, default_url
 
     settings = config.data.feedback
-    since = datetime.now(timezone.utc) - timedelta(days=settings.since_days) if settings.since_days else None
+    since = datetime.now(UTC) - timedelta(days=settings.since_days) if settings.since_days else None
+    require_review = getattr(settings, "require_review", True)
     log = ChatLog(settings.url or default_url())
     try:
-        return liked_samples(log.turns(model_name=settings.model_name or config.model_name, since=since))
+        turns = log.turns(model_name=settings.model_name or config.model_name, since=since)
     finally:
         log.close()
+    return FeedbackFound(liked_samples(turns, require_review, config.dialogue.context_turns),
+                         awaiting_review(turns) if require_review else 0)
 
 
-@task(name="add_feedback_samples", cache_policy=NO_CACHE)  # the log changes between runs: always read it
-def add_feedback_samples(splits: dict[str, list[dict]], config: PipelineConfig) -> dict[str, list[dict]]:
-    """With data.feedback.enabled, the splits with the bot's liked turns added to training only; else unchanged.
+def read_liked_samples(config: PipelineConfig) -> list[dict]:
+    """The samples read_feedback finds (what the schedule's freshness key hashes: a like alone is not new data
+    while it awaits review)."""
+    return read_feedback(config).samples
 
-    A liked reply that is also a held-out response is left out: training on it would leak the test set."""
-    if not config.data.feedback.enabled:
-        return splits
-    model_name = config.data.feedback.model_name or config.model_name
-    samples = read_liked_samples(config)
+
+@dataclass
+class FeedbackAdded:
+    """The splits with feedback in training, and the counts the flow reports."""
+
+    splits: dict[str, list[dict]]
+    added: int = 0  # samples added to training
+    pending: int = 0  # liked turns awaiting review (python -m castbot.chatlog review)
+    held_out: int = 0  # left out: the reply is a validation or test response
+    over_cap: int = 0  # left out: beyond data.feedback.max_share of the training split
+
+    def summary(self) -> str:
+        return (f"{self.added} feedback samples added to training, {self.pending} liked turns await review "
+                f"(python -m castbot.chatlog review); left out: {self.held_out} held-out replies, {self.over_cap} "
+                "over the max_share cap")
+
+
+def merge_feedback(splits: dict[str, list[dict]], found: FeedbackFound, max_share: float) -> FeedbackAdded:
+    """Add the found samples to training: a reply that is also a held-out response is left out (training on it
+    would leak the test set), then the newest samples up to the cap are kept."""
     held_out = {s["response"].strip() for name in ("validation", "test") for s in splits[name]}
-    kept = [s for s in samples if s["response"].strip() not in held_out]
-    run_logger("castbot.feedback").info(
-        "data.feedback: %d liked turns of %s added to training (%d left out: a held-out reply)",
-        len(kept), model_name, len(samples) - len(kept))
-    return {**splits, "train": splits["train"] + kept}
+    kept = [s for s in found.samples if s["response"].strip() not in held_out]
+    cap = feedback_cap(len(splits["train"]), max_share)
+    capped = kept[-cap:] if cap else []
+    return FeedbackAdded({**splits, "train": splits["train"] + capped}, added=len(capped), pending=found.pending,
+                         held_out=len(found.samples) - len(kept), over_cap=len(kept) - len(capped))
+
+
+@task(name="add_approved_feedback", cache_policy=NO_CACHE)  # the log changes between runs: always read it
+def add_approved_feedback(splits: dict[str, list[dict]], config: PipelineConfig,
+                          found: FeedbackFound | None = None) -> FeedbackAdded:
+    """With data.feedback.enabled, the splits with the bot's approved liked turns added to training only, and the
+    counts; else the splits unchanged. found: read_feedback(config) as the flow read it (None: read here)."""
+    if not config.data.feedback.enabled:
+        return FeedbackAdded(splits)
+    max_share = getattr(config.data.feedback, "max_share", DEFAULT_MAX_SHARE)
+    added = merge_feedback(splits, read_feedback(config) if found is None else found, max_share)
+    model_name = config.data.feedback.model_name or config.model_name
+    run_logger("castbot.feedback").info("data.feedback (%s): %s", model_name, added.summary())
+    return added
+
+
+@task(name="add_feedback_samples", cache_policy=NO_CACHE)
+def add_feedback_samples(splits: dict[str, list[dict]], config: PipelineConfig,
+                         liked: list[dict] | None = None) -> dict[str, list[dict]]:
+    """add_approved_feedback's splits alone; liked: read_liked_samples(config) as the flow read it (None: read here;
+    the count awaiting review is then not reported)."""
+    return add_approved_feedback.fn(splits, config, None if liked is None else FeedbackFound(liked)).splits

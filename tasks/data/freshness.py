@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import task
 
-from castbot.config import PipelineConfig
+from castbot.config.profile import PipelineConfig
 
 INPUTS_TAG = "castbot.inputs_sha256"  # on the model version, set with its monitoring reference
 
@@ -16,7 +16,7 @@ INPUTS_TAG = "castbot.inputs_sha256"  # on the model version, set with its monit
 def code_fingerprint() -> str:
     """HEAD plus a hash of the uncommitted changes to tracked files: an edited checkout is new code, even though
     its commit (castbot.git_commit, 'HEAD-dirty') reads the same as before the edit. 'unknown' outside git."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: tasks/<stage>/<module>.py
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         diff = subprocess.run(["git", "diff", "HEAD"], cwd=root, capture_output=True, check=True).stdout
@@ -25,9 +25,11 @@ def code_fingerprint() -> str:
     return head.stdout.strip() + (f"+{hashlib.sha256(diff).hexdigest()[:16]}" if diff else "")
 
 
-def training_inputs(config: PipelineConfig) -> dict[str, str]:
-    """What a training run depends on: each transcript's sha256, the resolved config's digest, the code."""
-    from castbot.config import also_train_on_profiles
+def training_inputs(config: PipelineConfig, profiles: dict[str, PipelineConfig] | None = None,
+                    liked: list[dict] | None = None) -> dict[str, str]:
+    """What a training run depends on: each transcript's sha256, the resolved config's digest, the code. profiles
+    (data.also_train_on) and liked (data.feedback's turns) as the run read them; None reads them here."""
+    from castbot.config.profile import also_train_on_profiles
     from tasks.data.ingest import file_sha256
 
     def sha256(path: str) -> str:
@@ -37,12 +39,12 @@ def training_inputs(config: PipelineConfig) -> dict[str, str]:
             return "unreadable"
 
     inputs = {"data": sha256(config.data.path), "config": config.digest(), "code": code_fingerprint()}
-    for name, profile in also_train_on_profiles(config).items():
+    for name, profile in (also_train_on_profiles(config) if profiles is None else profiles).items():
         inputs[f"also_train_on.{name}"] = sha256(profile.data.path)
     if config.data.feedback.enabled:  # a newly liked turn is new data
         from tasks.data.feedback import feedback_digest, read_liked_samples
 
-        inputs["feedback"] = feedback_digest(read_liked_samples(config))
+        inputs["feedback"] = feedback_digest(read_liked_samples(config) if liked is None else liked)
     return inputs
 
 

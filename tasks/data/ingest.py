@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from castbot.config import DataConfig
+from castbot.config.data import DataConfig
 from castbot.common.errors import DataError
 from castbot.common.logs import run_logger
 from castbot.common.text import shorten

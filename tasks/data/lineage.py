@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from castbot.config import PipelineConfig
+from castbot.config.profile import PipelineConfig
 from castbot.common.settings import STATE_DIR
 
 

@@ -3,7 +3,7 @@
 from prefect import task
 
 from castbot.model import dialogue
-from castbot.config import DialogueConfig
+from castbot.config.data import DialogueConfig
 from castbot.model.dialogue import DialogueFormat, sample_turns
 from castbot.model.folder import load_tokenizer
 from castbot.common.cache import announce_cache_hit, content_policy

@@ -11,12 +11,12 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from castbot.config import ValidationConfig
+from castbot.config.data import ValidationConfig
 from tasks.data.clean import LEFTOVER_MARKUP
 from castbot.common.errors import DataError
 from tasks.data.lineage import publish_markdown
 
-SUITES = Path(__file__).resolve().parent.parent / "expectations"
+SUITES = Path(__file__).resolve().parents[2] / "expectations"
 SHOWN_ROWS = 3  # offending rows quoted per failed expectation
 
 

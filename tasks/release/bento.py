@@ -2,26 +2,24 @@
 
     python -m tasks.release.bento --model demo-bot                  # the champion (models:/demo-bot@champion)
     python -m tasks.release.bento --model demo-bot --version 3 --gpu
-    python -m tasks.release.bento --model demo-bot --openvino int8    # the CPU engine's weights (default auto: fp32 here)
+    python -m tasks.release.bento --model demo-bot --openvino int8    # the CPU engine's weights (auto: fp32 here)
 """
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from castbot.common.logs import run_logger
+from tasks.release.openvino_export import TestSplit, check_export, export_for_cpu
 from tasks.release.registry import hf_folder
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BENTO_TAG_KEY = "castbot.bento"
 OPENVINO_TAG_KEY = "castbot.openvino"  # the weights the Bento's OpenVINO engine serves, and why
 
@@ -41,19 +39,11 @@ def bentoml_model_tag(model_name: str, version: str) -> str:
     return f"{re.sub(r'[^a-z0-9._-]', '-', model_name.lower())}:v{version}"
 
 
-@dataclass
-class TestSplit:
-    """The held-out samples a build measures exported weights on, and the model's own perplexity on them."""
-
-    samples: list[dict]
-    max_length: int
-    perplexity: float
-
-
 def import_model(model_version, openvino: str | None = None, test: TestSplit | None = None,
-                 max_increase: float = 0.01) -> str:
+                 max_increase: float = 0.01, folder: str | None = None) -> str:
     """Copy the version's save_pretrained folder into the BentoML store, with its OpenVINO export (export_for_cpu);
-    reuse an import of the same MLflow run (never changed: Bentos built on it keep working)."""
+    reuse an import of the same MLflow run (never changed: Bentos built on it keep working). folder: the version's
+    model folder where the caller has it on disk (the training flow); else it is downloaded from MLflow."""
     import bentoml
     import mlflow
 
@@ -71,10 +61,10 @@ def import_model(model_version, openvino: str | None = None, test: TestSplit | N
               "mlflow_run_id": model_version.run_id or "",
               "character": model_version.tags.get("castbot.character", "")}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{model_version.name}/{model_version.version}", dst_path=tmp)
+        source = Path(folder) if folder else hf_folder(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{model_version.name}/{model_version.version}", dst_path=tmp))
         with bentoml.models.create(name=tag, labels=labels) as stored:
-            save_servable(hf_folder(folder), Path(stored.path))
+            save_servable(source, Path(stored.path))
             card = export_for_cpu(Path(stored.path), openvino or "off", test, max_increase)
     if card:
         from mlflow import MlflowClient
@@ -82,17 +72,6 @@ def import_model(model_version, openvino: str | None = None, test: TestSplit | N
         MlflowClient().set_model_version_tag(model_version.name, model_version.version, OPENVINO_TAG_KEY,
                                              f"{card['weights']}: {card['reason']}")
     return tag
-
-
-def check_export(folder: Path, tag: str, openvino: str | None) -> None:
-    """An existing import serves as it is, unless a build asks for OpenVINO weights it does not hold."""
-    from castbot.serve.engines import EngineError
-    from castbot.serve.engines.openvino import built_export, read_built_card
-
-    held = read_built_card(folder)["weights"] if built_export(folder) else "none"
-    if openvino in ("int8", "fp32") and held != openvino:
-        raise EngineError(f"{tag} is already imported with OpenVINO weights {held}, not {openvino}: delete it "
-                          f"(bentoml models delete {tag}) to import it again with {openvino}")
 
 
 def save_servable(source: Path, dest: Path) -> None:
@@ -104,53 +83,6 @@ def save_servable(source: Path, dest: Path) -> None:
     from castbot.model.folder import save_merged
 
     save_merged(source, dest)
-
-
-def export_for_cpu(folder: Path, mode: str, test: TestSplit | None, max_increase: float) -> dict | None:
-    """The servable folder's OpenVINO IR for the CPU engine, in folder/openvino with a card of what was measured.
-    mode as RegistryConfig.openvino: auto takes int8 weights when their test perplexity is within max_increase
-    of the model's own, else fp32. None: no export (off, or auto without OpenVINO's exporter)."""
-    from castbot.serve.engines.openvino import BUILT_CARD, BUILT_FOLDER, export_openvino, exporter
-
-    folder = Path(folder)
-    if mode == "off" or mode == "auto" and not exporter().exists():
-        if mode == "auto":
-            run_logger("castbot.bento").warning("no OpenVINO exporter at %s (make cpu-engines): the Bento has no "
-                                                "OpenVINO model and serves with the continuous engine", exporter())
-        return None
-    target = folder / BUILT_FOLDER
-    weights = "fp32" if mode == "fp32" or mode == "auto" and test is None else "int8"
-    export_openvino(folder, weights, target)
-    card = {"weights": weights, "setting": mode, "reason": "not measured (the build was given no test split)"}
-    if test is not None:
-        measured = exported_perplexity(target, folder, test)
-        card.update({"reference_perplexity": test.perplexity, "test_samples": len(test.samples),
-                     f"{weights}_test_perplexity": measured,
-                     "reason": f"test perplexity {measured:.3f} against the model's {test.perplexity:.3f}"})
-        rise = measured / test.perplexity - 1
-        if mode == "auto" and rise > max_increase:  # quantised weights cost too much: serve fp32
-            shutil.rmtree(target)
-            export_openvino(folder, "fp32", target)
-            fp32 = exported_perplexity(target, folder, test)
-            card.update({"weights": "fp32", "fp32_test_perplexity": fp32,
-                         "reason": f"test perplexity {fp32:.3f} against the model's {test.perplexity:.3f}; int8 "
-                                   f"{measured:.3f} ({rise:+.2%}) exceeds the {max_increase:.1%} limit"})
-    (target / BUILT_CARD).write_text(json.dumps(card, indent=2))
-    run_logger("castbot.bento").info("OpenVINO export for CPU serving: %s weights, %s", card["weights"],
-                                     card["reason"])
-    return card
-
-
-def exported_perplexity(target: Path, folder: Path, test: TestSplit) -> float:
-    """Test perplexity of the exported IR, on the samples encoded by the model folder's own tokenizer and format."""
-    from castbot.model.bot import Bot
-    from castbot.serve.engines.openvino import exported_losses
-    from tasks.evaluate.perplexity import encode_samples
-    from castbot.scores.quality import pooled_perplexity
-
-    bot = Bot.load(str(folder), max_length=test.max_length, weights=False)  # tokenizer and format: no torch weights
-    encoded = encode_samples(bot, test.samples, test.max_length)
-    return pooled_perplexity(exported_losses(target, encoded))
 
 
 def bentoml_build(model_tag: str, labels: dict[str, str], gpu: bool = False) -> str:
@@ -167,13 +99,14 @@ def bentoml_build(model_tag: str, labels: dict[str, str], gpu: bool = False) -> 
 
 @task(name="build_bento", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def build_bento(model_name: str, version: str | None = None, alias: str = "champion", gpu: bool = False,
-                openvino: str = "auto", test: TestSplit | None = None, max_increase: float = 0.01) -> str:
+                openvino: str = "auto", test: TestSplit | None = None, max_increase: float = 0.01,
+                folder: str | None = None) -> str:
     """Import a registered version (the alias's by default) into BentoML with its OpenVINO export (export_for_cpu),
-    build its Bento, tag the version with it."""
+    build its Bento, tag the version with it. folder: the version's model folder, where the caller has it on disk."""
     from mlflow import MlflowClient
 
     model_version = resolve_version(model_name, version, alias)
-    model_tag = import_model(model_version, None if gpu else openvino, test, max_increase)  # GPU: continuous
+    model_tag = import_model(model_version, None if gpu else openvino, test, max_increase, folder)  # GPU: continuous
     labels = {"mlflow_model": model_version.name, "mlflow_version": str(model_version.version)}
     bento_tag = bentoml_build(model_tag, labels, gpu)
     MlflowClient().set_model_version_tag(model_version.name, model_version.version,
@@ -181,8 +114,29 @@ def build_bento(model_name: str, version: str | None = None, alias: str = "champ
     return bento_tag
 
 
+@task(name="withdraw_bento", retries=2, retry_delay_seconds=2)
+def withdraw_bento(model_name: str, version: str, tag: str) -> None:
+    """Delete the Bento built for a version that was not promoted after all (the champion moved), the model
+    imported for it, and the version's castbot.bento tag: `castbot-chat:latest` stays the champion's."""
+    import bentoml
+    from mlflow import MlflowClient
+
+    try:
+        models = [str(m.tag) for m in bentoml.get(tag).info.all_models]
+        bentoml.delete(tag)
+    except bentoml.exceptions.NotFound:  # a retry finds them gone already
+        models = []
+    for model in models:
+        try:
+            bentoml.models.delete(model)
+        except bentoml.exceptions.BentoMLException:  # still used by another Bento
+            pass
+    MlflowClient().delete_model_version_tag(model_name, version, BENTO_TAG_KEY)
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.release.bento", description="Build a Bento for a registered model.")
+    parser = argparse.ArgumentParser(prog="python -m tasks.release.bento",
+                                     description="Build a Bento for a registered model.")
     parser.add_argument("--model", required=True, help="Registered MLflow model name, e.g. demo-bot.")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--version", help="Model version number.")
@@ -195,8 +149,8 @@ def main(argv: list[str]) -> int:
 
     from mlflow.exceptions import MlflowException
 
-    from castbot.serve.engines import EngineError
     from castbot.common.settings import use_project_state
+    from castbot.serve.engines import EngineError
 
     use_project_state()
     try:

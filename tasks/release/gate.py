@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from castbot.config import GateConfig
+from castbot.config.release import GateConfig
 from castbot.scores.quality import paired_improvement
+from tasks.evaluate.scores import Scores, ScoreSet
 
-# (score key, gate field, "max" or "min", label): the reply checks, skipped where the gate field is None
+# (figure, gate field, "max" or "min", label): the reply checks, skipped where the gate field or the figure is None
 REPLY_CHECKS = (
     ("likeness", "min_likeness", "min", "character likeness"),
     ("reply_perplexity", "max_reply_perplexity", "max", "reply perplexity under the reference model"),
@@ -28,7 +29,8 @@ REPLY_CHECKS = (
 )
 TABLE_ROWS = (("perplexity", "test perplexity per token"), ("perplexity_low", "  95% interval, low"),
               ("perplexity_high", "  95% interval, high"), ("word_perplexity", "test perplexity per word"),
-              ("likeness", "character likeness (0 others, 1 character)"), ("reply_perplexity", "reply perplexity (fluency)"),
+              ("likeness", "character likeness (0 others, 1 character)"),
+              ("reply_perplexity", "reply perplexity (fluency)"),
               ("distinct2_ratio", "distinct-2 / character's"), ("repeat3_rate", "repeated 3-gram rate"),
               ("echo_rate", "echo rate"), ("empty_rate", "empty rate"), ("max_tokens_rate", "hit max_new_tokens"),
               ("template_leak_rate", "template leak rate"))
@@ -46,16 +48,17 @@ class GateDecision:
     def as_tags(self) -> dict[str, str]:
         return {f"gate.{k}": str(v) for k, v in asdict(self).items()}
 
-    def markdown(self, scores: dict[str, dict | None] | None = None) -> str:
+    def markdown(self, scores: ScoreSet | None = None) -> str:
         champion = "none yet" if self.champion is None else f"{self.champion:.3f}"
         verdict = "**promoted**" if self.promote else "**not promoted**"
         table = (f"| model | test perplexity (per {self.unit}) |\n|---|---|\n"
                  f"| candidate | {self.candidate:.3f} |\n| champion | {champion} |\n| base | {self.base:.3f} |\n")
         if scores:
-            names = [name for name in ("candidate", "champion", "base") if scores.get(name)]
+            named = scores.named()
+            names = [name for name in ("candidate", "champion", "base") if name in named]
             table = (f"| figure | {' | '.join(names)} |\n|---|{'---|' * len(names)}\n" + "".join(
-                f"| {label} | {' | '.join(_cell(scores[n].get(key)) for n in names)} |\n"
-                for key, label in TABLE_ROWS if any(key in scores[n] for n in names)))
+                f"| {label} | {' | '.join(_cell(named[n].figure(key)) for n in names)} |\n"
+                for key, label in TABLE_ROWS if any(named[n].figure(key) is not None for n in names)))
         return f"### Gate: {verdict}\n\n{self.reason}\n\n{table}"
 
 
@@ -63,50 +66,49 @@ def _cell(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def reply_failure(scores: dict, gate: GateConfig) -> str | None:
+def reply_failure(candidate: Scores, gate: GateConfig) -> str | None:
     """The first reply check the candidate fails, with its figure and threshold; None when all pass."""
     for key, field, direction, label in REPLY_CHECKS:
-        limit = getattr(gate, field)
-        if limit is None or key not in scores:
+        limit, value = getattr(gate, field), candidate.figure(key)
+        if limit is None or value is None:
             continue
-        value = scores[key]
         if not math.isfinite(value) or (value > limit if direction == "max" else value < limit):
             sign = "<=" if direction == "max" else ">="
             return f"candidate {label} {value:.3f} fails gate.{field} (needed {sign} {limit})"
     return None
 
 
-def noise_failure(candidate: dict, champion: dict, gate: GateConfig, unit: str) -> str | None:
+def noise_failure(candidate: Scores, champion: Scores, gate: GateConfig, unit: str) -> str | None:
     """Refusal when the paired bootstrap cannot tell the candidate's loss below the champion's; None otherwise."""
-    if not gate.noise_confidence or "sample_losses" not in candidate or "sample_losses" not in champion:
+    if not gate.noise_confidence or not candidate.sample_losses or not champion.sample_losses:
         return None
-    denominators = candidate["sample_tokens"] if unit == "token" else candidate["sample_chars"]
-    paired = paired_improvement(candidate["sample_losses"], champion["sample_losses"], denominators,
-                                candidate.get("sample_episodes"), seed=0, confidence=gate.noise_confidence)
+    denominators = candidate.sample_tokens if unit == "token" else candidate.sample_chars
+    paired = paired_improvement(candidate.sample_losses, champion.sample_losses, denominators,
+                                candidate.sample_episodes or None, seed=0, confidence=gate.noise_confidence)
     if paired["significant"]:
         return None
-    return (f"candidate perplexity {candidate['perplexity']:.3f} does not beat the champion's "
-            f"{champion['perplexity']:.3f} beyond the noise: the {gate.noise_confidence:.0%} paired bootstrap "
+    return (f"candidate perplexity {candidate.perplexity:.3f} does not beat the champion's "
+            f"{champion.perplexity:.3f} beyond the noise: the {gate.noise_confidence:.0%} paired bootstrap "
             f"interval of the loss difference is [{paired['low']:+.4f}, {paired['high']:+.4f}] nats per {unit} "
             f"(gate.noise_confidence; it must lie below 0)")
 
 
-def decide(scores: dict[str, dict | None], gate: GateConfig) -> GateDecision:
+def decide(scores: ScoreSet, gate: GateConfig) -> GateDecision:
     """Promote iff every check in the module docstring passes. Per token when all tokenizers match, else per
     character."""
-    same_tokenizer = len({s["tokenizer"] for s in scores.values() if s}) == 1
+    same_tokenizer = len({s.tokenizer for s in scores.named().values()}) == 1
     key, unit = ("perplexity", "token") if same_tokenizer else ("char_perplexity", "character")
-    candidate, base = scores["candidate"][key], scores["base"][key]
-    champion = scores["champion"][key] if scores.get("champion") else None
+    candidate, base = scores.candidate.figure(key), scores.base.figure(key)
+    champion = scores.champion.figure(key) if scores.champion else None
 
     def verdict(promote: bool, reason: str) -> GateDecision:
         return GateDecision(promote, reason, candidate, champion, base, unit)
 
-    per_token = scores["candidate"]["perplexity"]
+    per_token = scores.candidate.perplexity
     if not math.isfinite(per_token) or per_token > gate.max_perplexity:
         return verdict(False, f"candidate perplexity {per_token:.3f} is above the limit "
                               f"gate.max_perplexity={gate.max_perplexity}")
-    if failure := reply_failure(scores["candidate"], gate):
+    if failure := reply_failure(scores.candidate, gate):
         return verdict(False, failure)
     for name, reference in (("base model", base), ("champion", champion)):
         if reference is None or not math.isfinite(reference):
@@ -119,9 +121,9 @@ def decide(scores: dict[str, dict | None], gate: GateConfig) -> GateDecision:
     if champion is None:
         return verdict(True, f"no champion yet; the candidate ({candidate:.3f}) is within the limit and beats "
                              f"the base model ({base:.3f})")
-    if failure := noise_failure(scores["candidate"], scores["champion"], gate, unit):
+    if failure := noise_failure(scores.candidate, scores.champion, gate, unit):
         return verdict(False, failure)
-    ours, theirs = scores["candidate"].get("likeness"), scores["champion"].get("likeness")
+    ours, theirs = scores.candidate.figure("likeness"), scores.champion.figure("likeness")
     if ours is not None and theirs is not None and ours < theirs - gate.likeness_tolerance:
         return verdict(False, f"candidate character likeness {ours:.3f} is below the champion's {theirs:.3f} "
                               f"by more than gate.likeness_tolerance={gate.likeness_tolerance}")
@@ -130,7 +132,7 @@ def decide(scores: dict[str, dict | None], gate: GateConfig) -> GateDecision:
 
 
 @task(name="gate_candidate")
-def gate_candidate(scores: dict[str, dict | None], gate: GateConfig, replies: str = "") -> GateDecision:
+def gate_candidate(scores: ScoreSet, gate: GateConfig, replies: str = "") -> GateDecision:
     """Decide promotion from the measured scores; one Prefect artifact shows the decision table and, below it,
     the models' replies side by side."""
     decision = decide(scores, gate)

@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from castbot.config import PipelineConfig
 from castbot.common.settings import artifact_root
+from castbot.config.profile import TrainRunConfig
 
 CHAMPION = "champion"
 
@@ -22,7 +22,7 @@ class ChampionMoved(RuntimeError):
 
 def git_commit() -> str:
     """HEAD of the project checkout, with '-dirty' when there are uncommitted changes; 'unknown' outside git."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: tasks/<stage>/<module>.py
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -32,8 +32,8 @@ def git_commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def flat_params(config: PipelineConfig) -> dict[str, str]:
-    """The config as dotted keys for MLflow params (a training run's: the tune: section is the study's)."""
+def flat_params(config: TrainRunConfig) -> dict[str, str]:
+    """The training run's settings (TrainRunConfig.run_settings: what its digest covers) as dotted MLflow params."""
     flat = {}
 
     def walk(prefix, value):
@@ -43,7 +43,7 @@ def flat_params(config: PipelineConfig) -> dict[str, str]:
         else:
             flat[prefix[:-1]] = str(value)[:500]
 
-    walk("", config.model_dump(mode="json", exclude={"tune"}))
+    walk("", config.run_settings())
     return flat
 
 
@@ -65,7 +65,7 @@ def close_interrupted_runs(client: MlflowClient, experiment_id: str, work_key: s
 
 
 @task(name="start_run", retries=2, retry_delay_seconds=2)
-def start_run(config: PipelineConfig, data_sha256: str, work_key: str = "") -> str:
+def start_run(config: TrainRunConfig, data_sha256: str, work_key: str = "") -> str:
     """Create the MLflow run for this training, tagged with data, code and config; return its id. A run of the
     same work folder that a killed process left RUNNING is closed as KILLED, tagged with this run's id."""
     client = MlflowClient()
@@ -82,7 +82,7 @@ def start_run(config: PipelineConfig, data_sha256: str, work_key: str = "") -> s
     close_interrupted_runs(client, experiment_id, work_key, run.info.run_id)
     for key, value in flat_params(config).items():
         client.log_param(run.info.run_id, key, value)
-    client.log_text(run.info.run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    client.log_text(run.info.run_id, yaml.safe_dump(config.run_settings(), sort_keys=False), "config.yaml")
     return run.info.run_id
 
 
@@ -140,7 +140,7 @@ def download_champion(model_name: str, workdir: str) -> dict | None:
 
 
 @task(name="register_model")  # no retries: a retry after log_model would register a second version
-def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: dict[str, str]) -> str:
+def register_model(run_id: str, model_path: str, config: TrainRunConfig, tags: dict[str, str]) -> str:
     """Log the model to the run and register it as a new version of config.model_name (no alias)."""
     from castbot.model.folder import CARD_FILE, read_card
     from castbot.model.pyfunc import HF_ARTIFACT
@@ -149,11 +149,11 @@ def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: d
         raise ValueError(f"{model_path}: no {CARD_FILE}; register a folder that training saved")
 
     client = MlflowClient()
-    package = Path(__file__).resolve().parent.parent / "castbot"
+    package = Path(__file__).resolve().parents[2] / "castbot"
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(package / "mlflow_model.py"),  # models-from-code: nothing pickled
+            python_model=str(package / "model" / "mlflow_model.py"),  # models-from-code: nothing pickled
             artifacts={HF_ARTIFACT: model_path},
             code_paths=[str(package)],
             pip_requirements=["torch", "transformers", "tokenizers", "mlflow", "safetensors", "peft"],
@@ -168,33 +168,12 @@ def register_model(run_id: str, model_path: str, config: PipelineConfig, tags: d
     return version
 
 
-def withdraw_bento(tag: str) -> None:
-    """Delete a Bento and the model imported for it (a retry finds them gone already)."""
-    import bentoml
-
-    try:
-        models = [str(m.tag) for m in bentoml.get(tag).info.all_models]
-        bentoml.delete(tag)
-    except bentoml.exceptions.NotFound:
-        return
-    for model in models:
-        try:
-            bentoml.models.delete(model)
-        except bentoml.exceptions.BentoMLException:  # still used by another Bento
-            pass
-
-
 @task(name="promote_champion", retries=2, retry_delay_seconds=2)
 def promote_champion(model_name: str, version: str, measured_champion: str | None, bento: str | None = None) -> None:
-    """Point the champion alias at version, unless another run moved it since this run measured it; then the
-    Bento built for version is deleted, so `castbot-chat:latest` stays the champion's."""
+    """Point the champion alias at version, unless another run moved it since this run measured it: then
+    ChampionMoved, and the caller deletes the Bento built for version (tasks.release.bento.withdraw_bento)."""
     current = champion_version(model_name)
     if current != measured_champion:
-        if bento:
-            from tasks.release.bento import BENTO_TAG_KEY  # tasks.release.bento imports this module
-
-            withdraw_bento(bento)
-            MlflowClient().delete_model_version_tag(model_name, version, BENTO_TAG_KEY)
         raise ChampionMoved(f"{model_name}: the champion moved from version {measured_champion} to {current} while "
                            f"this run was training; version {version} was compared with the old one, so it is "
                            "not promoted" + (f" and its Bento {bento} was deleted" if bento else "") +

@@ -4,24 +4,22 @@ The study lives in SQLite under the state folder (tune/optuna.db): a rerun of th
 continues it. A trial writes a heartbeat; a trial whose process was killed is marked FAIL when the study runs
 again and retried once with its settings (RetryHeartbeatStaleTrialCallback), resuming from its checkpoints.
 The objective is the best validation loss (nats per target token) a trial reached; the test split is never read.
+One trial's MLflow run and training: tasks/search/trial.py.
 """
 
 import hashlib
 import json
-import shutil
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from castbot.config import PipelineConfig, SearchRange
-from castbot.common.settings import STATE_DIR
 from castbot.common.logs import run_logger
-
-PRUNED, COMPLETE = "PRUNED", "COMPLETE"
+from castbot.common.settings import STATE_DIR
+from castbot.config.profile import PipelineConfig
+from castbot.config.search import SearchRange
 
 
 class StudyBusy(RuntimeError):
@@ -117,7 +115,8 @@ def open_study(config: PipelineConfig):
     study.sampler = optuna.samplers.TPESampler(seed=config.training.seed + len(study.trials),
                                                n_startup_trials=max(2, min(10, tune.trials // 3)))
     if not study.trials:
-        own = {key: dotted_value(config, key) for key, spec in space.items() if in_space(spec, dotted_value(config, key))}
+        own = {key: dotted_value(config, key) for key, spec in space.items()
+               if in_space(spec, dotted_value(config, key))}
         study.enqueue_trial(own, user_attrs={"origin": "profile"})
         for i, settings in enumerate(tune.enqueue):
             study.enqueue_trial(settings, user_attrs={"origin": f"tune.enqueue[{i}]"})
@@ -154,113 +153,6 @@ def apply_settings(config: PipelineConfig, settings: dict) -> PipelineConfig:
     for key, value in settings.items():
         set_dotted(raw, key, value)
     return PipelineConfig.model_validate(raw)
-
-
-@dataclass
-class TrialOutcome:
-    state: str  # COMPLETE or PRUNED
-    value: float | None  # best validation loss, nats per target token
-    step: int  # last optimiser step trained
-    run_id: str
-    message: str = ""
-
-
-@task(name="start_study_run", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def start_study_run(config: PipelineConfig, study) -> str:
-    """The study's MLflow run (reopened when the study resumes); trial runs a killed process left RUNNING are
-    closed as KILLED."""
-    from mlflow import MlflowClient
-
-    from tasks.release.registry import experiment_artifacts, git_commit
-
-    client = MlflowClient()
-    name = config.tune.experiment
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = (experiment.experiment_id if experiment
-                     else client.create_experiment(name, artifact_location=experiment_artifacts(name)))
-    found = client.search_runs([experiment_id], filter_string=f"tags.`castbot.study` = '{study.study_name}' "
-                                                              "and tags.`castbot.role` = 'study'")
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-    else:
-        run_id = client.create_run(experiment_id, run_name=f"{study.study_name}-study", tags={
-            "castbot.study": study.study_name, "castbot.role": "study", "castbot.character": config.character,
-            "castbot.base_model": config.base_model, "castbot.git_commit": git_commit()}).info.run_id
-        for key, spec in config.search_space().items():
-            client.log_param(run_id, f"space.{key}", json.dumps(spec.model_dump(exclude_none=True)))
-        client.log_text(run_id, json.dumps(config.model_dump(mode="json"), indent=1), "profile.json")
-    stale = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' "
-                                                              "and attributes.status = 'RUNNING'")
-    for run in stale:
-        client.set_tag(run.info.run_id, "castbot.trial_state", "FAIL")
-        client.set_terminated(run.info.run_id, "KILLED")
-    return run_id
-
-
-def retry_of(trial) -> int | None:
-    """The number of the killed trial this one retries (RetryHeartbeatStaleTrialCallback's system attribute)."""
-    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-    return frozen.system_attrs.get("failed_trial")
-
-
-def start_trial_run(study_run_id: str, trial, settings: dict) -> str:
-    """A trial's MLflow run, nested under the study run, with its settings as params."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    parent = client.get_run(study_run_id)
-    original = retry_of(trial)
-    tags = {"mlflow.parentRunId": study_run_id, "castbot.study": parent.data.tags["castbot.study"],
-            "castbot.role": "trial", "castbot.trial": str(trial.number), "castbot.trial_state": "RUNNING",
-            "castbot.trial_origin": str(trial.user_attrs.get("origin", "sampler"))}
-    if original is not None:
-        tags["castbot.retry_of"] = str(original)
-    run = client.create_run(parent.info.experiment_id, run_name=f"trial-{trial.number}", tags=tags)
-    for key, value in settings.items():
-        client.log_param(run.info.run_id, key, value)
-    return run.info.run_id
-
-
-@task(name="run_trial", task_run_name="trial-{trial.number}", cache_policy=NO_CACHE)
-def run_trial(trial, trial_config: PipelineConfig, settings: dict, base_model: str, datasets, card,
-              study_run_id: str, folder: str):
-    """Fine-tune with one trial's settings, pruned on its validation losses; the Prefect state says Pruned."""
-    import optuna
-    from mlflow import MlflowClient
-    from prefect.states import Completed
-
-    from tasks.train.finetune import plot_loss_curve, train_model
-    from tasks.train.trainer import ReportToTrial
-
-    client = MlflowClient()
-    run_id = start_trial_run(study_run_id, trial, settings)
-    # a retried trial trains in its original's folder, so it resumes from the killed trial's last checkpoint
-    output = Path(folder) / f"trial-{retry_of(trial) or trial.number}"
-    reporter = ReportToTrial(trial)
-    try:
-        result = train_model(base_model, datasets, trial_config.training, str(output), run_id, card,
-                             callbacks=[reporter])
-        losses = [h["eval_loss"] for h in result["log_history"] if "eval_loss" in h]
-        if not losses:
-            raise ValueError(f"trial {trial.number} reached no validation: training.eval_steps "
-                             f"({trial_config.training.eval_steps}) is beyond its last step")
-        outcome = TrialOutcome(COMPLETE, min(losses), int(result["train_global_step"]), run_id)
-        client.log_artifact(run_id, str(plot_loss_curve(result["log_history"], output / "loss_curve.png")))
-    except optuna.TrialPruned as pruned:
-        outcome = TrialOutcome(PRUNED, None, reporter.last_step, run_id, str(pruned))
-    except BaseException:
-        client.set_tag(run_id, "castbot.trial_state", "FAIL")
-        client.set_terminated(run_id, "FAILED")
-        raise
-    finally:
-        shutil.rmtree(output, ignore_errors=True)  # the study keeps figures, not weights: the winner is retrained
-    client.set_tag(run_id, "castbot.trial_state", outcome.state)
-    if outcome.value is not None:
-        client.log_metric(run_id, "best_eval_loss", outcome.value)
-    client.set_terminated(run_id, "FINISHED" if outcome.state == COMPLETE else "KILLED")
-    return Completed(name="Pruned" if outcome.state == PRUNED else "Completed", data=outcome,
-                     message=outcome.message or f"best validation loss {outcome.value:.4f}")
 
 
 def trial_rows(study) -> list[dict]:
@@ -369,7 +261,7 @@ def evidence_lines(study, summary: dict, config: PipelineConfig, study_run_id: s
     rows = trial_rows(study)
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
     own = next((r for r in rows if r["origin"] == "profile" and r["state"] == "COMPLETE"), None)
-    lines = [f"Study {study.study_name} ({datetime.now(timezone.utc):%Y-%m-%d}): {len(rows)} trials "
+    lines = [f"Study {study.study_name} ({datetime.now(UTC):%Y-%m-%d}): {len(rows)} trials "
              f"({states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed), "
              f"{minutes:.1f} min in this run.",
              "Objective: best validation loss, nats per target token on the validation split (the test split was "

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from prefect import task
 
-from castbot.config import OfflineModelConfig
 from castbot.common.settings import STATE_DIR
+from castbot.config.training import OfflineModelConfig
 
 OFFLINE = "offline-tiny"
 EOS, PAD = "<|endoftext|>", "<|pad|>"

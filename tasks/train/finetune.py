@@ -2,23 +2,25 @@
 
 Full fine-tuning or LoRA (saved as adapters), bf16/fp16 autocast where the device has it, length-grouped
 batches (padding is measured and reported), and checkpoints that a rerun resumes from. The pieces live apart:
-tasks/train/checkpoints.py (work folder, resume), tasks/train/batches.py (length buckets), tasks/train/trainer.py (Trainer
-subclass, callbacks, arguments), castbot/compat/transformers_fixes.py (private Trainer overrides),
-tasks/train/distributed.py (several processes), castbot/model/folder.py (the saved folder and its card).
+tasks/train/checkpoints.py (work folder, resume), tasks/train/batches.py (length buckets), tasks/train/trainer.py
+(Trainer subclass, callbacks, arguments), castbot/compat/transformers_fixes.py (private Trainer overrides),
+tasks/train/distributed.py (one rank of several processes), castbot/model/folder.py (the saved folder and its card).
 """
 
+import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from prefect import task
 
-from castbot.config import TrainingConfig
+from castbot.common.logs import run_logger
+from castbot.config.training import TrainingConfig
 from castbot.model.dialogue import DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat
 from castbot.model.folder import ModelCard, load_tokenizer, load_weights, pick_precision
 from tasks.train.checkpoints import CHECKPOINTS, latest_checkpoint, resumed_step
-from tasks.train.distributed import broadcast, launch_distributed
-from castbot.common.logs import run_logger
 
 
 def _logger():
@@ -40,6 +42,17 @@ def load_model(base_model: str, config: TrainingConfig, pad_token_id: int):
     return model
 
 
+def broadcast(value):
+    """Rank 0's value on every rank (one process: unchanged)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def train_model(base_model: str, datasets, config: TrainingConfig, output_dir: str, run_id: str | None = None,
                 card: ModelCard | None = None, callbacks: list | None = None) -> dict:
     """Train (resuming from output_dir's newest complete checkpoint), save the model; return run figures.
@@ -47,7 +60,7 @@ def train_model(base_model: str, datasets, config: TrainingConfig, output_dir: s
     pruning)."""
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback
 
-    from tasks.train.trainer import CountingTrainer, LossToMlflow, LoopTimer, training_arguments
+    from tasks.train.trainer import CountingTrainer, LoopTimer, LossToMlflow, training_arguments
 
     logger = _logger()
     output = Path(output_dir)
@@ -134,6 +147,22 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def launch_distributed(base_model: str, datasets, config: TrainingConfig, output: Path, run_id: str,
+                       card: ModelCard | None) -> dict:
+    """Run train_model on config.processes ranks with `accelerate launch` (tasks/train/distributed.py is each
+    rank's entry point); rank 0 writes the figures."""
+    datasets.save_to_disk(str(output / "datasets"))
+    spec = output / "launch.json"
+    spec.write_text(json.dumps({"base_model": base_model, "config": config.model_dump(mode="json"),
+                                "output_dir": str(output), "run_id": run_id,
+                                "card": card and card.model_dump(mode="json")}))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(config.processes)]
+    if config.accelerate_config:
+        command += ["--config_file", config.accelerate_config]
+    subprocess.run([*command, "-m", "tasks.train.distributed", str(spec)], check=True)
+    return json.loads((output / "figures.json").read_text())
 
 
 @task(name="fine_tune")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from castbot.config import TrainingConfig
 from castbot.compat.transformers_fixes import TrainerHooks
+from castbot.config.training import TrainingConfig
 from tasks.train.batches import LengthBucketSampler
 
 

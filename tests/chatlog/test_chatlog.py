@@ -3,44 +3,22 @@ machine has one, and the command line in a subprocess."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import timedelta
 
 import pandas as pd
 import pytest
 import sqlalchemy as sa
 
 from castbot.chatlog.store import MIGRATIONS, SCHEMA_VERSION, ChatLog, ChatLogError, TurnRecord
+from tests.chatlog.conftest import NOW, cli, turn
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.unit
-
-NOW = datetime.now(timezone.utc)
-
-
-def turn(conversation: str = "c1", model: str = "ada-bot", when: datetime = NOW, message: str = "Where is the fuel?",
-         **changes) -> TurnRecord:
-    record = TurnRecord(turn_id=uuid.uuid4().hex, conversation_id=conversation, time=when, endpoint="chat",
-                        message=message, reply="In the numbers.", history_turns=2, model_name=model,
-                        model_version="3", character="Ada", engine="transformers", prompt_tokens=17, new_tokens=5,
-                        latency_s=0.25, ttft_s=None, finish_reason="stop")
-    for key, value in changes.items():
-        setattr(record, key, value)
-    return record
-
-
-@pytest.fixture
-def log(tmp_path) -> ChatLog:
-    log = ChatLog(f"sqlite:///{tmp_path / 'chatlog.db'}")
-    yield log
-    log.close()
 
 
 def test_a_turn_and_its_last_feedback_come_back(log):
@@ -50,10 +28,13 @@ def test_a_turn_and_its_last_feedback_come_back(log):
     assert log.add_feedback(first.turn_id, -1, None)
     assert log.add_feedback(first.turn_id, 1, "funny")  # changed their mind: the last rating counts
     assert not log.add_feedback("no-such-turn", 1, None)
+    with log.engine.connect() as conn:  # one row per turn: rating in a loop does not grow the table
+        assert conn.execute(sa.text("select count(*) from feedback")).scalar() == 1
     frame = log.turns()
     assert len(frame) == 2
     row = frame.set_index("turn_id").loc[first.turn_id]
     assert (row["rating"], row["comment"], row["message"], row["history_turns"]) == (1, "funny", first.message, 2)
+    assert (row["client"], row["history"], row["review"]) == ("", [], "pending")
     assert row["time"] == pd.Timestamp(first.time)  # UTC in, UTC out
     assert pd.isna(frame.set_index("turn_id").loc[second.turn_id, "rating"])
     assert frame.set_index("turn_id").loc[second.turn_id, "ttft_s"] == 0.05
@@ -104,9 +85,10 @@ def test_sqlite_runs_in_wal_mode(log):
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
 
 
-def test_a_version_1_log_with_rows_is_migrated_without_losing_them(tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_1_log_with_rows_is_migrated_without_losing_them(tmp_path, request, backend):
     """Write the schema as version 1 left it, with a rated turn, then open it with today's code."""
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         MIGRATIONS[0](conn)
@@ -115,8 +97,9 @@ def test_a_version_1_log_with_rows_is_migrated_without_losing_them(tmp_path):
         conn.exec_driver_sql(
             "INSERT INTO turns VALUES ('t1', 'c1', '2026-11-20 10:00:00.000000', 'chat', 'hi', 'hello', 0, "
             "'ada-bot', '1', 'Ada', 'transformers', 3, 2, 0.5, NULL, 'stop')")
-        conn.exec_driver_sql("INSERT INTO feedback (turn_id, time, rating, comment) "
-                             "VALUES ('t1', '2026-11-20 10:01:00.000000', 1, 'good')")
+        for rating, comment in [(-1, "bad"), (1, "good")]:  # then, each rating was a row; the last one counted
+            conn.exec_driver_sql("INSERT INTO feedback (turn_id, time, rating, comment) "
+                                 f"VALUES ('t1', '2026-11-20 10:01:00.000000', {rating}, '{comment}')")
         assert "ix_feedback_turn_id" not in {i["name"] for i in sa.inspect(conn).get_indexes("feedback")}
     engine.dispose()
 
@@ -124,11 +107,17 @@ def test_a_version_1_log_with_rows_is_migrated_without_losing_them(tmp_path):
     assert log.schema_version() == SCHEMA_VERSION > 1
     [row] = log.turns().to_dict("records")
     assert (row["turn_id"], row["message"], row["rating"], row["comment"]) == ("t1", "hi", 1, "good")
+    assert (row["client"], row["history"], row["review"]) == ("", [], "pending")  # the new columns' defaults
+    assert log.owner("c1") == ""  # an old conversation belongs to the unknown client
     with log.engine.connect() as conn:
-        assert "ix_feedback_turn_id" in {i["name"] for i in sa.inspect(conn).get_indexes("feedback")}
+        indexes = {i["name"]: bool(i["unique"]) for i in sa.inspect(conn).get_indexes("feedback")}
+        assert indexes == {"ux_feedback_turn_id": True}
         assert conn.execute(sa.text("select count(*) from schema_version")).scalar() == 1
+        assert conn.execute(sa.text("select count(*) from feedback")).scalar() == 1  # the last rating kept
     log.close()
-    assert ChatLog(url).schema_version() == SCHEMA_VERSION  # reopening migrates nothing twice
+    reopened = ChatLog(url)
+    assert reopened.schema_version() == SCHEMA_VERSION  # reopening migrates nothing twice
+    reopened.close()
 
 
 def test_a_log_newer_than_the_code_is_refused(tmp_path):
@@ -145,6 +134,7 @@ def test_a_log_newer_than_the_code_is_refused(tmp_path):
 def test_from_env_off_default_place_and_retention(tmp_path, monkeypatch):
     import castbot.common.settings
 
+    monkeypatch.delenv("CASTBOT_CHATLOG_RETENTION_DAYS", raising=False)
     monkeypatch.setenv("CASTBOT_CHATLOG", "off")
     assert ChatLog.from_env() is None
     monkeypatch.delenv("CASTBOT_CHATLOG")
@@ -155,6 +145,7 @@ def test_from_env_off_default_place_and_retention(tmp_path, monkeypatch):
     log.record(turn())
     log.close()
     assert (tmp_path / "state" / "chatlog.db").is_file()
+    assert len(ChatLog.from_env().turns()) == 2  # kept: the default retention is 30 days
     monkeypatch.setenv("CASTBOT_CHATLOG_RETENTION_DAYS", "7")
     assert len(ChatLog.from_env().turns()) == 1  # the 10-day-old turn was purged on start
     monkeypatch.setenv("CASTBOT_CHATLOG_RETENTION_DAYS", "a week")
@@ -196,15 +187,6 @@ def test_turns_committed_before_kill_9_survive_it(tmp_path):
     assert len(ChatLog(url).turns()) == 20
 
 
-def cli(*args: str, url: str, retention_days: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CASTBOT_CHATLOG_URL": url}
-    env.pop("CASTBOT_CHATLOG_RETENTION_DAYS", None)
-    if retention_days:
-        env["CASTBOT_CHATLOG_RETENTION_DAYS"] = retention_days
-    return subprocess.run([sys.executable, "-m", "castbot.chatlog", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_cli_exports_deletes_and_purges(tmp_path, log):
     url = str(log.url)
     liked = turn(conversation="keep", message="Naïve? Never.")
@@ -214,7 +196,8 @@ def test_cli_exports_deletes_and_purges(tmp_path, log):
     log.add_feedback(liked.turn_id, 1, "so Ada")
 
     since = (NOW - timedelta(days=1)).date().isoformat()
-    result = cli("export", "--since", since, "--model", "ada-bot", "--out", str(tmp_path / "out" / "t.parquet"), url=url)
+    out = tmp_path / "out" / "t.parquet"
+    result = cli("export", "--since", since, "--model", "ada-bot", "--out", str(out), url=url)
     assert result.returncode == 0, result.stderr
     assert "exported 1 turns" in result.stdout
     exported = pd.read_parquet(tmp_path / "out" / "t.parquet")
@@ -237,49 +220,15 @@ def test_cli_exports_deletes_and_purges(tmp_path, log):
     (["export", "--out", "t.parquet"], "the following arguments are required: --since"),
     (["purge", "--days", "0"], "is not a whole number >= 1"),
     (["delete"], "the following arguments are required: --conversation"),
-    (["purge"], "purge needs --days N, or CASTBOT_CHATLOG_RETENTION_DAYS set"),
+    (["review", "--approve"], "expected at least one argument"),
+    (["review", "--approve", "t1", "--reject", "t1"], "both approved and rejected: t1"),
+    (["export", "--since", "2026-11-01", "--out", "t.jsonl", "--redact=yes"], "ignored explicit argument"),
     (["vacuum"], "invalid choice"),
 ])
 def test_cli_refuses_bad_arguments_with_exit_2(tmp_path, args, message):
     result = cli(*args, url=f"sqlite:///{tmp_path / 'chatlog.db'}")
     assert result.returncode == 2
     assert message in result.stderr
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A throwaway PostgreSQL server (initdb + postgres from the machine's PostgreSQL packages) on a free port."""
-    initdb = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
-    if not initdb:
-        pytest.skip("PostgreSQL server binaries (initdb) are not installed: apt-get install postgresql")
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="castbot-pg-"))  # not under pytest's root-only 0700 folder
-    folder.chmod(0o777)
-    # initdb refuses to run as root: run the server as the postgres user then
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    data, port = folder / "data", free_port()
-    subprocess.run([*as_user, str(initdb), "-D", str(data), "-A", "trust", "-U", "castbot"], check=True,
-                   capture_output=True, timeout=120)
-    postgres = str(Path(initdb).with_name("postgres"))
-    server = subprocess.Popen([*as_user, postgres, "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
-                               "-k", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    url = f"postgresql+psycopg://castbot:pw@127.0.0.1:{port}/postgres"
-    engine = sa.create_engine(url)
-    for _ in range(120):
-        try:
-            with engine.connect():
-                break
-        except sa.exc.OperationalError:
-            import time
-
-            time.sleep(0.25)
-    engine.dispose()
-    yield url
-    os.killpg(server.pid, signal.SIGINT)  # fast shutdown
-    server.wait(timeout=60)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_postgresql_holds_the_same_log(postgres_url):
@@ -301,37 +250,6 @@ def test_postgresql_holds_the_same_log(postgres_url):
     assert log.delete_conversation("pg0") == 1
     assert ChatLog(postgres_url).schema_version() == SCHEMA_VERSION  # a second replica opens it unchanged
     log.close()
-
-
-def test_feedback_samples_are_liked_complete_turns_never_held_out_replies(log):
-    from tasks.data.feedback import add_feedback_samples
-    from tests.conftest import tiny_config
-
-    cases = {"liked": (1, "stop"), "liked-cut": (1, "cancelled"), "disliked": (-1, "stop"), "unrated": (None, "stop"),
-             "liked-test-line": (1, "stop")}
-    for name, (rating, finish) in cases.items():
-        log.record(turn(turn_id=name, conversation=name, finish_reason=finish, message=f"Ready, {name}?",
-                        reply="Test line." if name == "liked-test-line" else f"Yes, {name}."))
-        if rating:
-            log.add_feedback(name, rating, None)
-    splits = {"train": [], "validation": [], "test": [{"episode": "E1", "context": ["Go?"], "response": "Test line."}]}
-    config = tiny_config("show.csv", **{"data.feedback": {"enabled": True, "url": str(log.url)}})
-    added = add_feedback_samples.fn(splits, config)["train"]
-    assert added == [{"episode": "feedback:liked", "context": ["Ready, liked?"], "speakers": [""],
-                      "response": "Yes, liked.", "turn_id": "liked"}]
-    assert config.data.feedback.model_name is None and config.model_name == "ada-bot"  # the default bot: this one's
-    assert add_feedback_samples.fn(splits, tiny_config("show.csv")) == splits  # off by default
-
-
-def test_data_feedback_settings_are_checked():
-    from pydantic import ValidationError
-
-    from tests.conftest import tiny_config
-
-    with pytest.raises(ValidationError, match="since_days"):
-        tiny_config("show.csv", **{"data.feedback": {"enabled": True, "since_days": 0}})
-    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
-        tiny_config("show.csv", **{"data.feedback": {"enable": True}})
 
 
 def test_a_failed_write_does_not_quote_the_message_and_a_bad_url_is_explained(log):
@@ -357,25 +275,3 @@ def test_processes_opening_a_new_log_at_once_migrate_it_once(tmp_path):
     with engine.connect() as conn:
         assert conn.execute(sa.text("select version from schema_version")).scalars().all() == [SCHEMA_VERSION]
     engine.dispose()
-
-
-def test_a_newly_liked_turn_is_new_training_input_for_the_schedule(tmp_path, tiny_show):
-    """data.feedback: the scheduled run's freshness key changes when a user likes another reply, not before."""
-    from tasks.data.freshness import training_inputs
-    from tests.conftest import tiny_config
-
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    log = ChatLog(url)
-    first, second = turn(), turn(message="And the moon?")
-    log.record(first)
-    log.record(second)
-    log.add_feedback(first.turn_id, 1, None)
-    config = tiny_config(tiny_show, **{"registry.model_name": "ada-bot", "data.feedback": {"enabled": True, "url": url}})
-    before = training_inputs(config)
-    log.add_feedback(second.turn_id, -1, None)  # a dislike is never trained on: nothing new
-    assert training_inputs(config) == before
-    log.add_feedback(second.turn_id, 1, None)
-    assert training_inputs(config)["feedback"] != before["feedback"]
-    assert {k: v for k, v in training_inputs(config).items() if k != "feedback"} == \
-        {k: v for k, v in before.items() if k != "feedback"}
-    log.close()

@@ -6,33 +6,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import tiny_config, tiny_show_rows, write_tiny_show
+from tests.conftest import run_data_steps, tiny_config, tiny_show_rows, write_tiny_show
 from castbot.common.errors import DataError
 
 pytestmark = pytest.mark.flow
-
-
-def cleaned_transcript(config, docs: Path):
-    """ingest -> raw checks -> clean -> dialogue checks, as the flow runs them (task bodies only)."""
-    from tasks.data.clean import clean_transcript
-    from tasks.data.ingest import load_transcript
-    from tasks.data.validate import validate_dialogue, validate_raw
-
-    frame = load_transcript.fn(config.data)
-    validate_raw.fn(frame, config.data.path, config.validation, str(docs))
-    cleaned, _ = clean_transcript.fn(frame, config.cleaning)
-    validate_dialogue.fn(cleaned, config.data.path, config.character, config.validation, str(docs))
-    return cleaned
-
-
-def run_data_steps(config, docs: Path):
-    """The data steps up to the samples, with the transcripts of data.also_train_on."""
-    from castbot.config import load_profile
-    from tasks.data.dialogues import build_dialogues
-
-    more = {Path(p).stem: cleaned_transcript(load_profile(p), docs / Path(p).stem) for p in config.data.also_train_on}
-    return build_dialogues.fn(cleaned_transcript(config, docs), config.character, config.dialogue,
-                              config.training.seed, more)
 
 
 def rows(**kwargs) -> pd.DataFrame:
@@ -159,7 +136,7 @@ def bad_profile(folder: Path) -> Path:
 def test_bad_input_through_the_flow_and_cli_registers_nothing(prefect_harness, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from castbot.config import load_profile
+    from castbot.config.profile import load_profile
     from castbot.common.settings import STATE_DIR
     from flows.train import main, train
 

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from castbot.config import CleaningConfig
+from castbot.config.data import CleaningConfig
 from tasks.data.clean import clean_transcript, report_markdown
 
 pytestmark = pytest.mark.unit
@@ -106,7 +106,7 @@ def test_report_markdown_lists_every_rule_with_counts():
 
 
 def test_friends_direction_rows_cleaned(shared_data):
-    from castbot.config import load_profile
+    from castbot.config.profile import load_profile
     from tasks.data.ingest import load_transcript
 
     config = load_profile("configs/friends.yaml")

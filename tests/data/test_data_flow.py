@@ -2,8 +2,7 @@
 
 import pytest
 
-from tests.conftest import tiny_config, write_tiny_show
-from tests.data.test_bad_input import run_data_steps
+from tests.conftest import run_data_steps, tiny_config, write_tiny_show
 
 pytestmark = pytest.mark.flow
 

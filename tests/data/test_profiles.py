@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.data.test_bad_input import run_data_steps
+from tests.conftest import run_data_steps
 
 pytestmark = pytest.mark.flow
 
@@ -20,7 +20,7 @@ SHOWS = {  # profile -> (character, fewest training samples expected)
 
 @pytest.mark.parametrize("profile", list(SHOWS))
 def test_show_profile_data_steps_pass(profile, shared_data, tmp_path):
-    from castbot.config import load_profile
+    from castbot.config.profile import load_profile
 
     config = load_profile(CONFIGS / profile)
     assert Path(config.data.path).resolve().is_relative_to(shared_data.resolve())  # also via a symlinked shared/

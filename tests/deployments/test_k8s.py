@@ -1,46 +1,27 @@
 """Kubernetes manifests, validated offline against the Kubernetes 1.32 schemas (kubernetes-validate, strict:
-unknown fields fail) and rendered with `kubectl kustomize` where kubectl is installed. No cluster is needed."""
+unknown fields fail) and rendered with `kubectl kustomize` where kubectl is installed. No cluster is needed.
+Secrets, MLflow's login and the NetworkPolicies: test_k8s_access.py."""
 
 import json
-import os
-import shutil
-import subprocess
-import uuid
-from pathlib import Path
 
 import jsonpatch
-import kubernetes_validate
 import pytest
 import yaml
 
+from tests.deployments.manifests import (
+    K8S,
+    K8S_DEPLOYMENTS,
+    NAMESPACE,
+    OVERLAYS,
+    REPO,
+    by_kind,
+    load_all,
+    manifests,
+    prefect_job,
+    validate,
+)
+
 pytestmark = pytest.mark.unit
-
-REPO = Path(__file__).resolve().parents[2]
-K8S = REPO / "deployments" / "k8s"
-K8S_VERSION = "1.32.0"
-NAMESPACE = "castbot"
-OVERLAYS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu"}
-
-
-def load_all(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def validate(doc: dict) -> None:
-    try:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-    except kubernetes_validate.ValidationError as exc:
-        pytest.fail(f"{doc['kind']}/{doc['metadata'].get('name')}: {exc.message} at {'.'.join(map(str, exc.path))}")
-
-
-def manifests() -> list[Path]:
-    """Every Kubernetes object file: not the kustomizations, not the overlays' JSON patches."""
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and "overlays" not in p.parts)
-
-
-def by_kind(docs: list[dict], kind: str, name: str) -> dict:
-    [doc] = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    return doc
 
 
 @pytest.mark.parametrize("path", manifests(), ids=lambda p: str(p.relative_to(K8S)))
@@ -49,19 +30,6 @@ def test_manifest_is_valid_kubernetes(path):
     assert docs
     for doc in docs:
         validate(doc)
-
-
-@pytest.fixture(scope="module", params=sorted(OVERLAYS))
-def rendered(request) -> tuple[str, list[dict]]:
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        missing = pytest.fail if os.environ.get("CI") else pytest.skip  # CI must render; a laptop may lack kubectl
-        missing("kubectl (with its built-in kustomize) is not installed: overlays are checked by "
-                "test_cpu_patches_apply_to_the_base instead")
-    result = subprocess.run([kubectl, "kustomize", str(OVERLAYS[request.param])], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    return request.param, [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
 def test_rendered_overlay_is_valid_and_namespaced(rendered):
@@ -161,33 +129,22 @@ def test_worker_role_can_launch_jobs_and_nothing_cluster_wide():
         "spec"]["template"]["spec"]["serviceAccountName"]
 
 
-@pytest.mark.parametrize("deployment", [d["name"] for d in yaml.safe_load(
-    (REPO / "deployments" / "prefect.yaml").read_text())["deployments"] if d["name"].endswith("-k8s")])
+@pytest.mark.parametrize("deployment", K8S_DEPLOYMENTS)
 def test_prefect_job_template_renders_a_valid_job_gpu_for_training(deployment):
-    """The Job the Kubernetes worker would submit for this deployment, built by prefect-kubernetes' own code."""
-    from prefect.client.schemas.objects import FlowRun
-    from prefect.utilities.templating import apply_values
-    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
-
-    template = json.loads((K8S / "base" / "prefect-base-job-template.json").read_text())
-    spec = next(d for d in yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"]
-                if d["name"] == deployment)
-    job_variables = spec["work_pool"]["job_variables"]
-    assert set(job_variables) <= set(template["variables"]["properties"]), "a job variable the pool does not define"
-    defaults = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
-    config = KubernetesWorkerJobConfiguration(**apply_values(template["job_configuration"],
-                                                             {**defaults, **job_variables}))
-    config.prepare_for_flow_run(flow_run=FlowRun(flow_id=uuid.uuid4(), name="brave-otter"))
-    job = config.job_manifest
+    job = prefect_job(deployment)
     validate(job)
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["args"] == ["prefect", "flow-run", "execute"]
     assert pod["serviceAccountName"] == "castbot-train-job"
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.castbot.svc.cluster.local:5000"} in container["env"]
-    # the chat log's URL holds a password: from the Secret, never a literal in prefect.yaml
-    assert container["envFrom"] == [{"secretRef": {"name": "castbot-chatlog", "optional": True}}]
-    assert not any("CHATLOG" in e["name"] for e in container["env"])
+    # the chat log's URL and MLflow's credentials: from Secrets, never a literal in prefect.yaml
+    assert container["envFrom"] == [{"secretRef": {"name": "castbot-chatlog", "optional": True}},
+                                    {"secretRef": {"name": "mlflow-auth"}}]
+    assert not any("CHATLOG" in e["name"] or "MLFLOW_TRACKING_PASSWORD" in e["name"] for e in container["env"])
+    # Prefect adds its own labels to the pod (app.kubernetes.io/name among them) and keeps this one: the
+    # NetworkPolicies open MLflow, Prefect and PostgreSQL to flow runs by it
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "flow-run"
     if deployment.endswith("-monitor-k8s"):  # the monitor reads the log and the registry: no GPU to hold
         assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
         return
@@ -198,7 +155,7 @@ def test_prefect_job_template_renders_a_valid_job_gpu_for_training(deployment):
 def test_multi_gpu_job_runs_the_flow_under_accelerate():
     docs = load_all(K8S / "jobs" / "multi-gpu-train.yaml")
     profile = yaml.safe_load(by_kind(docs, "ConfigMap", "castbot-train-4gpu")["data"]["profile.yaml"])
-    from castbot.config import PipelineConfig
+    from castbot.config.profile import PipelineConfig
 
     config = PipelineConfig.model_validate(profile)
     assert config.training.processes == 4

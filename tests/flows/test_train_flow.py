@@ -107,8 +107,8 @@ def test_promotion_is_refused_when_the_champion_moved_during_the_run():
 def test_bad_data_fails_before_training_and_registers_nothing(tmp_path, case, message):
     import pandas as pd
 
-    from flows.train import train
     from castbot.common.errors import DataError
+    from flows.train import train
 
     path = tmp_path / "show.csv"
     if case == "empty":
@@ -135,8 +135,8 @@ def test_a_bad_second_transcript_fails_before_training_and_names_its_file(tmp_pa
     import pandas as pd
     import yaml
 
-    from flows.train import train
     from castbot.common.errors import DataError
+    from flows.train import train
 
     more = write_tiny_show(tmp_path / "more.csv")
     pd.read_csv(more).rename(columns={"line": "text"}).to_csv(more, index=False)
@@ -152,7 +152,7 @@ def test_a_bad_second_transcript_fails_before_training_and_names_its_file(tmp_pa
 
 def test_a_form_config_naming_another_characters_profile_is_refused(tmp_path):
     """The Prefect form skips load_profile: the flow itself checks data.also_train_on."""
-    from castbot.config import ConfigError
+    from castbot.config.profile import ConfigError
     from flows.train import train
 
     show = write_tiny_show(tmp_path / "show.csv")
@@ -218,18 +218,18 @@ def test_a_candidate_that_loops_is_refused_for_degeneracy(tmp_path, monkeypatch)
 def test_a_profile_with_data_feedback_trains_on_the_liked_turn_only(tmp_path):
     """One liked, one disliked and one unrated turn of this bot, and a liked turn of another bot: only the first
     becomes a training sample, and the run records its count and digest; validation and test stay the transcript's."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     from castbot.chatlog.store import ChatLog, TurnRecord
     from flows.train import train
     from tasks.data.feedback import feedback_digest
-    from tests.data.test_bad_input import run_data_steps
+    from tests.conftest import run_data_steps
 
     url = f"sqlite:///{tmp_path / 'chatlog.db'}"
     log = ChatLog(url)
     ratings = {"liked": 1, "disliked": -1, "unrated": None, "other-bot": 1}
     for name, rating in ratings.items():
-        log.record(TurnRecord(name, f"conversation-{name}", datetime.now(timezone.utc), "chat",
+        log.record(TurnRecord(name, f"conversation-{name}", datetime.now(UTC), "chat",
                               f"Is the rocket ready, {name}?", f"The numbers say {name}.", 1,
                               "rival-bot" if name == "other-bot" else "feedback-bot", "1", "Ada", "transformers",
                               12, 5, 0.2, None, "stop"))
@@ -238,7 +238,8 @@ def test_a_profile_with_data_feedback_trains_on_the_liked_turn_only(tmp_path):
     log.close()
 
     data = write_tiny_show(tmp_path / "show.csv")
-    config = tiny_config(data, **{"registry.model_name": "feedback-bot", "data.feedback": {"enabled": True, "url": url}})
+    config = tiny_config(data, **{"registry.model_name": "feedback-bot",
+                                  "data.feedback": {"enabled": True, "url": url}})
     result = train(config)
 
     run = MlflowClient().get_run(result["run_id"])

@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 import pandas as pd
 import pytest
 
-from castbot.config import MonitorConfig, load_profile
+from castbot.config.monitor import MonitorConfig
+from castbot.config.profile import load_profile
 from castbot.scores.drift import health_checks, reply_checks, window_checks
 from tasks.data.freshness import INPUTS_TAG, inputs_key, unchanged_since
 from tasks.release.trained_on import build_reference, oov_rate, user_side

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import WORDS
 
 from castbot.model.bot import Bot
-from castbot.config import OfflineModelConfig
+from castbot.config.training import OfflineModelConfig
 from castbot.model.dialogue import DialogueFormat
 
 pytestmark = pytest.mark.unit
@@ -239,7 +239,8 @@ def engine(request, bot):
     """The continuous-batching engines: transformers' and OpenVINO GenAI's (the tiny model exported in fp32 by
     .venv-openvino's optimum-intel, once per model)."""
     from castbot.serve.engines.continuous import ContinuousEngine
-    from castbot.serve.engines.openvino import OpenVINOEngine, export_openvino
+    from castbot.serve.engines.openvino import OpenVINOEngine
+    from tasks.release.openvino_export import export_openvino
 
     if request.param == "continuous":
         engine = ContinuousEngine(bot, max_batch_size=4, max_new_tokens=16)
@@ -300,13 +301,19 @@ def test_a_batched_stream_joins_to_its_reply_and_leaving_early_cancels_it(bot, e
 
 
 @pytest.mark.parametrize("kind", ["continuous", "adaptive", "openvino"])
-def test_an_engine_whose_threads_stopped_is_not_ready_and_refuses_work(bot, kind):
+def test_an_engine_whose_threads_stopped_is_not_ready_and_refuses_work(bot, kind, tmp_path):
     """The service's /readyz answers from engine.ready(): a dead engine must say so, and fail requests, not hang."""
     import asyncio
+    import shutil
 
     from castbot.serve.engines import EngineError, make_engine
     from castbot.serve.schemas import ServeLimits
+    from tasks.release.openvino_export import export_for_cpu
 
+    if kind == "openvino":  # the engine serves the export a Bento build places in the model folder
+        shutil.copytree(bot.folder, tmp_path / "model")
+        export_for_cpu(tmp_path / "model", "fp32", None, 0.01)
+        bot = Bot.load(str(tmp_path / "model"), fmt=bot.format, max_length=96, weights=False)
     engine = make_engine(kind, bot, ServeLimits(max_batch_size=4, max_new_tokens=16))
     try:
         assert engine.ready()
@@ -345,18 +352,27 @@ def test_transformers_still_has_the_continuous_batching_internals_the_engine_tou
     assert "self.active_requests: dict" in inspect.getsource(scheduler)
 
 
-def test_a_test_split_is_encoded_once_per_tokenizer_and_format(bot):
-    from tasks.evaluate.perplexity import encode_samples
+def test_a_test_split_is_encoded_once_for_the_models_that_share_a_tokenizer_and_format(bot):
+    """The run's EvalSet: the base it was encoded with and the candidate (same tokenizer, same format) score the
+    same rows without tokenising again; a champion in another format gets its own encoding."""
+    from tasks.evaluate.perplexity import EvalSet, measure_perplexity
 
     samples = [{"episode": "E1", "context": ["the rocket needs fuel"], "speakers": ["Bram"],
                 "response": "science is never simple"}]
-    first = encode_samples(bot, samples, 96)
-    assert first == [bot.encode(s, 96) for s in samples]
-    same = Bot(bot.tokenizer, bot.model, bot.format, 96)  # e.g. the base model of the candidate
-    assert encode_samples(same, samples, 96) is first
-    other = Bot(bot.tokenizer, bot.model, DialogueFormat(bot.format.style, "Bram", "The Tiny Show"), 96)
-    again = encode_samples(other, samples, 96)
-    assert again is not first and again == [other.encode(s, 96) for s in samples]
+    calls = []
+
+    class Counting(Bot):
+        def encode(self, sample, max_length):
+            calls.append(self.format.style)
+            return super().encode(sample, max_length)
+
+    base = Counting(bot.tokenizer, bot.model, bot.format, 96)
+    test = EvalSet.encode(samples, base, 96)
+    assert list(test.rows) == [bot.encode(s, 96) for s in samples] and len(calls) == 1
+    candidate = Counting(bot.tokenizer, bot.model, bot.format, 96)
+    assert measure_perplexity(candidate, test) == measure_perplexity(base, test) and len(calls) == 1
+    other = Counting(bot.tokenizer, bot.model, DialogueFormat(bot.format.style, "Bram", "The Tiny Show"), 96)
+    assert test.rows_for(other) == [other.encode(s, 96) for s in samples] and len(calls) == 3
 
 
 def test_serving_dtype_fast_is_bf16_only_where_the_cpu_multiplies_it():
@@ -369,21 +385,44 @@ def test_serving_dtype_fast_is_bf16_only_where_the_cpu_multiplies_it():
     assert pick_device("cpu", "bfloat16") == ("cpu", torch.bfloat16)
 
 
-def test_the_continuous_engine_serves_a_bf16_model(bot):
+BF16_LOGIT_TOLERANCE = 0.02  # bf16 moves these models' logits by under 0.003; 1 token in 300 is within 0.05 of the top
+
+
+def test_the_continuous_engine_serves_a_bf16_model_that_picks_the_fp32_models_tokens(bot):
+    """Every token the engine picks greedily from a bf16 copy of the model is the fp32 model's likeliest next token,
+    or within bf16 rounding of it, so its replies are the fp32 argmax replies up to the first near-tie."""
+    import asyncio
     import copy
 
     import torch
 
+    from castbot.model.bot import assemble_reply
     from castbot.serve.engines.continuous import ContinuousEngine
 
     half = Bot(bot.tokenizer, copy.deepcopy(bot.model).to(torch.bfloat16), bot.format, bot.max_length)
     engine = ContinuousEngine(half, max_batch_size=4, max_new_tokens=16)
+    prompts = [bot.prompt(chat, GREEDY["max_new_tokens"]) for chat in CHATS]
+
+    async def generated_ids(prompt: list[int]) -> list[int]:  # the ids reply() decodes (BatchingEngine's protocol)
+        return [ids async for ids in engine._generated(prompt, False, **GREEDY)][-1]
+
     try:
         replies = engine.replies(CHATS, **GREEDY)
+        generated = [asyncio.run(generated_ids(prompt)) for prompt in prompts]
     finally:
         engine.close()
-    assert all(1 <= r.new_tokens <= GREEDY["max_new_tokens"] for r in replies)
-    assert [r.prompt_tokens for r in replies] == [len(bot.prompt(c, GREEDY["max_new_tokens"])) for c in CHATS]
+    for prompt, reply, ids in zip(prompts, replies, generated):
+        assert assemble_reply(bot.tokenizer, len(prompt), ids) == reply  # greedy: the same ids both times
+        assert reply.prompt_tokens == len(prompt) and 1 <= reply.new_tokens <= GREEDY["max_new_tokens"]
+        ids = ids[:reply.new_tokens]
+        with torch.inference_mode():  # (new, vocab): the fp32 model's logits for each picked token, teacher-forced
+            logits = bot.model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1]
+            logits[0, bot.tokenizer.eos_token_id] = -math.inf  # min_new_tokens=1: a reply is never empty
+        behind = logits.max(-1).values - logits[torch.arange(len(ids)), ids]
+        assert (behind <= BF16_LOGIT_TOLERANCE).all(), f"fp32 logits behind the top, per picked token: {behind}"
+        tied = (logits.topk(2).values.diff(dim=-1)[:, 0].abs() <= BF16_LOGIT_TOLERANCE).nonzero()
+        first_tie = int(tied[0]) if len(tied) else len(ids)
+        assert ids[:first_tie] == argmax_reply(bot, prompt, GREEDY["max_new_tokens"])[:first_tie]
 
 
 def test_evaluated_perplexity_is_token_weighted_over_a_padded_batch(bot):
@@ -392,7 +431,7 @@ def test_evaluated_perplexity_is_token_weighted_over_a_padded_batch(bot):
     import torch
 
     from castbot.model.dialogue import IGNORE_INDEX
-    from tasks.evaluate.perplexity import measure_perplexity
+    from tasks.evaluate.perplexity import EvalSet, measure_perplexity
 
     samples = [{"context": ["The rocket needs fuel."], "speakers": ["Bram"], "episode": "E1",
                 "response": " ".join(WORDS[:20])},
@@ -405,15 +444,15 @@ def test_evaluated_perplexity_is_token_weighted_over_a_padded_batch(bot):
             n = int((labels[0, 1:] != IGNORE_INDEX).sum())
             expected_loss += bot.model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * n
             expected_tokens += n
-    result = measure_perplexity(bot, samples, 96)
-    assert result["sample_tokens"][0] > 3 * result["sample_tokens"][1], "lengths differ, so the batch is padded"
-    assert result["tokens"] == expected_tokens
-    assert result["perplexity"] == pytest.approx(math.exp(expected_loss / expected_tokens), rel=1e-4)
+    result = measure_perplexity(bot, EvalSet.encode(samples, bot, 96))
+    assert result.sample_tokens[0] > 3 * result.sample_tokens[1], "lengths differ, so the batch is padded"
+    assert result.tokens == expected_tokens
+    assert result.perplexity == pytest.approx(math.exp(expected_loss / expected_tokens), rel=1e-4)
 
 
 def test_a_model_the_exporter_cannot_read_is_a_clear_error_before_any_request(tmp_path):
     from castbot.serve.engines import EngineError
-    from castbot.serve.engines.openvino import export_openvino
+    from tasks.release.openvino_export import export_openvino
 
     (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
     with pytest.raises(EngineError, match="OpenVINO export of .* failed"):
@@ -427,9 +466,9 @@ SCORED = [{"context": ["The rocket needs fuel."], "speakers": ["Bram"], "episode
 
 
 def test_the_exported_model_scores_as_the_torch_model_does(eos_bot):
-    """The served weights' perplexity (castbot.serve.engines.openvino.exported_losses) on the fp32 export equals the
+    """The served weights' perplexity (tasks.release.openvino_export.exported_losses) on the fp32 export equals the
     torch model's own per-sample losses."""
-    from castbot.serve.engines.openvino import export_openvino, exported_losses
+    from tasks.release.openvino_export import export_openvino, exported_losses
     from tasks.evaluate.perplexity import encode_samples
 
     encoded = encode_samples(eos_bot, SCORED, 96)
@@ -445,9 +484,9 @@ def test_a_build_keeps_int8_weights_only_within_the_perplexity_limit(eos_bot, tm
 
     from castbot.serve.engines.openvino import built_export, read_built_card
     from tasks.release.bento import TestSplit, export_for_cpu
-    from tasks.evaluate.perplexity import measure_perplexity
+    from tasks.evaluate.perplexity import EvalSet, measure_perplexity
 
-    own = measure_perplexity(eos_bot, SCORED, 96)["perplexity"]
+    own = measure_perplexity(eos_bot, EvalSet.encode(SCORED, eos_bot, 96)).perplexity
     cards = {}
     for limit in (1.0, 0.0):  # a 100 % rise allowed, then none
         folder = tmp_path / f"limit-{limit}"

@@ -34,7 +34,7 @@ def test_a_study_prunes_a_bad_trial_nests_trials_in_mlflow_and_trains_the_winner
     import optuna
     from prefect.client.orchestration import get_client
 
-    from castbot.config import load_profile
+    from castbot.config.profile import load_profile
     from flows.tune import tune
 
     profile = write_profile(tmp_path, "tuned-bot", TUNE)

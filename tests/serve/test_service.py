@@ -186,7 +186,7 @@ def test_flow_builds_a_bento_and_tags_the_model_version(trained):
     assert labels["character"] == CHARACTER
     assert bento.info.args == {"model": str(model_tag)}
     src = Path(bento.path) / "src"
-    assert (src / "castbot" / "dialogue.py").is_file() and (src / "web" / "chat.html").is_file()
+    assert (src / "castbot" / "model" / "dialogue.py").is_file() and (src / "web" / "chat.html").is_file()
     # the OpenVINO export made at build time, its test perplexity measured beside the model's own
     card = read_built_card(bentoml.models.get(model_tag).path)
     assert card["weights"] == "fp32" and card["reference_perplexity"] == pytest.approx(trained["perplexity"])
@@ -217,30 +217,6 @@ def test_standalone_command_builds_for_a_given_version(trained):
                            timeout=300)
     assert other.returncode == 1 and "already imported with OpenVINO weights fp32, not int8" in other.stderr
     assert MlflowClient().get_model_version("serve-bot", trained["version"]).tags["castbot.bento"] == tag
-
-
-# ---- prompt construction (the code the service runs) --------------------------------------------------------
-
-
-def test_chat_prompt_puts_history_first_and_message_last():
-    from castbot.serve.schemas import ChatRequest, chat_prompt
-
-    request = ChatRequest(history=[{"speaker": "Bram", "text": "Fuel?"}, {"speaker": "Ada", "text": " Full. "}],
-                          message="Then fly.", temperature=0)
-    prompt = chat_prompt(request)
-    assert prompt.named_turns() == [("Bram", "Fuel?"), ("Ada", "Full."), ("", "Then fly.")]
-    assert prompt.temperature == 0 and prompt.max_new_tokens == 40
-
-
-def test_limits_come_from_the_environment_and_bad_values_are_refused():
-    from pydantic import ValidationError
-
-    from castbot.serve.schemas import load_limits
-
-    limits = load_limits({"CASTBOT_SERVE_MAX_CONCURRENCY": "7", "CASTBOT_SERVE_BATCHING": "false"})
-    assert limits.max_concurrency == 7 and limits.batching is False
-    with pytest.raises(ValidationError, match="max_new_tokens"):
-        load_limits({"CASTBOT_SERVE_MAX_NEW_TOKENS": "0"})
 
 
 # ---- the served Bento ---------------------------------------------------------------------------------------
@@ -895,7 +871,7 @@ def browser(tmp_path):
     """Headless Chromium with remote debugging on a free loopback port: the page target's DevTools client."""
     exe = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
     if exe is None:
-        pytest.fail("chromium is not installed: apt-get install -y chromium")
+        pytest.fail("chromium is not installed: `make system-packages` installs it (apt-get install -y chromium)")
     port = free_port()
     proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                              "--disable-component-update", "--disable-sync", "--no-first-run",

@@ -4,22 +4,22 @@ import logging
 import shutil
 
 import pytest
-from tests.conftest import tiny_config
 
-from castbot.config import ConfigError, load_profile
+from castbot.config.profile import ConfigError, load_profile
+from tasks.train.batches import LengthBucketSampler
 from tasks.train.checkpoints import CHECKPOINTS, checkpoint_problem, latest_checkpoint
 from tasks.train.finetune import train_model
-from tasks.train.batches import LengthBucketSampler
+from tests.conftest import tiny_config
 
 
 @pytest.fixture
 def tiny_data(tiny_show):
     """Config, base model folder and tokenised splits of the tiny show."""
     from flows.train import training_texts
-    from tasks.train.base_model import prepare_base_model
     from tasks.data.dialogues import build_dialogues
     from tasks.data.ingest import load_transcript
     from tasks.data.tokenize import tokenize_dialogues
+    from tasks.train.base_model import prepare_base_model
 
     config = tiny_config(tiny_show, **{"training.early_stopping_patience": 0})
     splits = build_dialogues.fn(load_transcript.fn(config.data), config.character, config.dialogue, 42)
@@ -33,7 +33,8 @@ def scored_perplexity(folder: str, dataset) -> float:
     from castbot.model.dialogue import DialogueFormat
     from castbot.scores.quality import pooled_perplexity
 
-    return pooled_perplexity(Bot(load_tokenizer(folder), load_weights(folder), DialogueFormat()).score(dataset.to_list()))
+    bot = Bot(load_tokenizer(folder), load_weights(folder), DialogueFormat())
+    return pooled_perplexity(bot.score(dataset.to_list()))
 
 
 def padding(lengths, batches):
@@ -76,7 +77,8 @@ def test_a_corrupt_or_partial_checkpoint_is_skipped_with_a_warning_and_training_
     with caplog.at_level(logging.WARNING, logger="castbot.finetune"):
         assert latest_checkpoint(checkpoints) == str(checkpoints / "checkpoint-6")
     warnings = caplog.text
-    assert "checkpoint-18: no trainer_state.json" in warnings and "checkpoint-12: model.safetensors is truncated" in warnings
+    assert "checkpoint-18: no trainer_state.json" in warnings
+    assert "checkpoint-12: model.safetensors is truncated" in warnings
     assert len(list(checkpoints.glob("skipped-checkpoint-*"))) == 2 and not partial.exists()
 
     resumed = train_model(base, datasets, config.training, str(tmp_path))
@@ -134,7 +136,8 @@ def test_bf16_training_learns_and_reports_its_precision(tiny_data, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"training.method": "lora", "training.lora.r": 0}, "training.lora.r"),
     ({"training.lora.dropout": 0.9}, "training.lora.dropout"),
-    ({"training.eval_steps": 4, "training.save_steps": 6}, "save_steps (6) must be a multiple of training.eval_steps (4)"),
+    ({"training.eval_steps": 4, "training.save_steps": 6},
+     "save_steps (6) must be a multiple of training.eval_steps (4)"),
     ({"training.early_stopping_patience": -1}, "training.early_stopping_patience"),
 ])
 def test_bad_training_settings_are_refused_naming_the_key(tmp_path, overrides, message):
@@ -169,15 +172,17 @@ def test_fp16_on_a_cpu_is_refused_and_auto_picks_a_supported_precision():
 
 @pytest.mark.flow
 def test_sample_replies_are_reproducible_text_for_every_fixed_prompt(tiny_data, tmp_path):
+    from castbot.model.bot import Bot
     from tasks.evaluate.replies import PROMPTS, replies_to_prompts, samples_markdown
 
     config, base, datasets = tiny_data
     model_path = train_model(base, datasets, config.training.model_copy(update={"max_steps": 6}),
                              str(tmp_path))["model_path"]
-    replies = replies_to_prompts(model_path)
+    bot = Bot.load(model_path)
+    replies = replies_to_prompts(bot)
     assert len(replies) == len(PROMPTS) and all(isinstance(r, str) for r in replies)
     assert any(replies), "a trained model says something"
-    assert replies_to_prompts(model_path) == replies
+    assert replies_to_prompts(bot) == replies == replies_to_prompts(Bot.load(model_path))  # seeded, not stateful
     table = samples_markdown("Ada", PROMPTS, replies)
     assert table.count("\n| ") == len(PROMPTS) + 1 and "top_p=0.7" in table and PROMPTS[0] in table
 

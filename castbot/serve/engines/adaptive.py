@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from castbot.model.bot import Bot, Reply
 from castbot.model.dialogue import DECODING_DEFAULTS, Turn
-from castbot.serve.engines import EngineBusy, EngineError, Stream
+from castbot.serve.engines.base import EngineBusy, EngineError, Stream
 
 TIMED_OUT = object()  # the dispatcher's answer for a request it dropped after max_latency
 
@@ -37,6 +37,8 @@ class _Job:
 
 class AdaptiveEngine:
     """A Bot answering concurrent requests in adaptive static batches of up to max_batch_size, one at a time."""
+
+    needs_weights = True
 
     def __init__(self, bot: Bot, max_batch_size: int = 32, max_latency_s: float = 30.0,
                  on_batch: Callable[[int], None] = lambda size: None):
@@ -117,8 +119,8 @@ class AdaptiveEngine:
         """The reply's text piece by piece, from a generate() call of its own; closing the stream stops it at the
         next token."""
         max_new = decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
-        prompt = self.bot.prompt(turns, max_new)
-        return Stream(self.bot.tokenizer, len(prompt), self._tokens(turns, decoding))
+        return Stream(self.bot.tokenizer, lambda: self.bot.prompt(turns, max_new),  # counted; generate() builds it
+                      lambda prompt: self._tokens(turns, decoding))
 
     async def _tokens(self, turns: list[Turn], decoding: dict) -> AsyncIterator[list[int]]:
         """The reply's generated ids so far, once per new token, from Bot.generate in a thread."""

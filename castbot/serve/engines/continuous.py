@@ -14,15 +14,14 @@ min_new_tokens=1 (never an empty reply) is put back by compat.never_empty_proces
 """
 
 import asyncio
-import contextlib
 import math
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from castbot.model.bot import Bot, Reply, assemble_reply, sampling_settings
-from castbot.model.dialogue import DECODING_DEFAULTS, Turn
-from castbot.serve.engines import EngineError, Stream
+from castbot.model.bot import Bot, sampling_settings
+from castbot.model.dialogue import DECODING_DEFAULTS
+from castbot.serve.engines.base import BatchingEngine, EngineError
 from castbot.serve.engines.compat import add_first_processor, decoding_steps, never_empty_processor, running_requests
 
 PAGE_SIZE = 64  # tokens per KV-cache page on CPU; on a GPU transformers sizes the cache from free memory
@@ -36,7 +35,7 @@ def request_settings(vocab_size: int, **decoding) -> dict:
     return {**sampled, "top_k": sampled["top_k"] or vocab_size}  # top_k 0 means all tokens, as in generate()
 
 
-class ContinuousEngine:
+class ContinuousEngine(BatchingEngine):
     """A Bot behind transformers' continuous batching; up to max_batch_size requests decode together."""
 
     def __init__(self, bot: Bot, max_batch_size: int = 32, max_new_tokens: int = 128):
@@ -109,9 +108,9 @@ class ContinuousEngine:
         self.manager.stop(block=True, timeout=30)
         self._closed.set()
 
-    async def _outputs(self, prompt: list[int], streaming: bool, **decoding) -> AsyncIterator:
-        """The request's outputs as the manager's thread delivers them: every token when streaming, else the last.
-        Leaving early (a client that went away) cancels the request."""
+    async def _generated(self, prompt: list[int], streaming: bool, **decoding) -> AsyncIterator[list[int]]:
+        """The reply's token ids as the manager's thread delivers them: after every token when streaming, else once
+        at the end. Leaving early (a client that went away) cancels the request."""
         max_new = decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
         outputs: asyncio.Queue = asyncio.Queue()
         request_id = uuid.uuid4().hex
@@ -129,37 +128,9 @@ class ContinuousEngine:
                 if output.error:
                     raise EngineError(f"generation failed: {output.error}")
                 finished = output.is_finished()
-                yield output
+                yield list(output.generated_tokens)
         finally:
             with self._lock:
                 del self._waiting[request_id]
             if not finished:
                 self.manager.cancel_request(request_id)
-
-    def _prompt(self, turns: list[Turn], decoding: dict) -> list[int]:
-        return self.bot.prompt(turns, decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"]))
-
-    def stream(self, turns: list[Turn], **decoding) -> Stream:
-        """The reply's text piece by piece as it is generated; closing the stream cancels the request."""
-        prompt = self._prompt(turns, decoding)
-
-        async def generated() -> AsyncIterator[list[int]]:
-            async with contextlib.aclosing(self._outputs(prompt, streaming=True, **decoding)) as outputs:
-                async for output in outputs:
-                    yield list(output.generated_tokens)
-
-        return Stream(self.bot.tokenizer, len(prompt), generated())
-
-    async def reply(self, turns: list[Turn], **decoding) -> Reply:
-        prompt = self._prompt(turns, decoding)
-        async for output in self._outputs(prompt, streaming=False, **decoding):
-            pass
-        return assemble_reply(self.bot.tokenizer, len(prompt), list(output.generated_tokens))
-
-    def replies(self, conversations: list[list[Turn]], **decoding) -> list[Reply]:
-        """One reply per conversation, all submitted at once (for benchmarks and tests, outside an event loop)."""
-
-        async def all_replies():
-            return await asyncio.gather(*(self.reply(turns, **decoding) for turns in conversations))
-
-        return asyncio.run(all_replies())

@@ -1,89 +1,34 @@
-"""OpenVINO GenAI's continuous batching (paged attention on CPU) behind the engine interface.
+"""OpenVINO GenAI's continuous batching (paged attention on CPU) behind the engine interface: serving only.
 
-    engine = OpenVINOEngine(bot, export_openvino(bot.folder))
+    engine = OpenVINOEngine(bot, built_export(bot.folder))
     reply = await engine.reply([("Morty", "Rick, where are we going?")], temperature=0)
 
-A Bento build exports the model to OpenVINO IR into the servable folder (tasks/release/bento.py, with the weights'
-measured test perplexity), so serving starts without exporting; a folder without one, or CASTBOT_OPENVINO_WEIGHTS
-naming other weights, is exported at start-up, once per content (its weights' sha256), into the state folder.
-optimum-intel 2.2 needs transformers < 5.6, so the exporter runs in a Python of its own (CASTBOT_OPENVINO_EXPORTER,
-default .venv-openvino/bin/python in the working folder: `make cpu-engines` builds it); serving needs only the
-openvino-genai wheel. The pipeline runs in a process of its own (GenAI's step() holds the GIL throughout): it
-admits new requests, runs the decoding steps and sends each step's new tokens back. Per request: temperature,
-top_p, top_k and max_new_tokens hold. no_repeat_ngram_size does not: GenAI applies it in beam search only (greedy
-and sampled decoding ignore it, measured on 2026.4.1), so it is not passed, as with transformers' continuous
-batching.
+The model is exported to OpenVINO IR when the Bento is built (tasks/release/openvino_export.py, with the weights'
+measured test perplexity), into the servable folder (built_export); this engine serves that export and exports
+nothing itself (optimum-intel's exporter needs a Python of its own). Serving needs only the openvino-genai wheel.
+The pipeline runs in a process of its own (GenAI's step() holds the GIL throughout): it admits new requests, runs
+the decoding steps and sends each step's new tokens back. Per request: temperature, top_p, top_k and
+max_new_tokens hold. no_repeat_ngram_size does not: GenAI applies it in beam search only (greedy and sampled
+decoding ignore it, measured on 2026.4.1), so it is not passed, as with transformers' continuous batching.
 """
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import multiprocessing
 import os
-import shutil
-import subprocess
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from castbot.model.bot import Bot, Reply, assemble_reply, sampling_settings
-from castbot.model.dialogue import DECODING_DEFAULTS, IGNORE_INDEX, Turn
-from castbot.serve.engines import EngineError, Stream
-from castbot.model.pretrained import sha256_file
-from castbot.common.settings import STATE_DIR
+from castbot.model.bot import Bot, sampling_settings
+from castbot.model.dialogue import DECODING_DEFAULTS
+from castbot.serve.engines.base import BatchingEngine, EngineError
 
-EXPORTER_ENV = "CASTBOT_OPENVINO_EXPORTER"
-WEIGHTS_ENV = "CASTBOT_OPENVINO_WEIGHTS"
+WEIGHTS_ENV = "CASTBOT_OPENVINO_WEIGHTS"  # the weights the service expects the Bento's export to hold
 KV_CACHE_GB = 1
 BUILT_FOLDER, BUILT_CARD = "openvino", "castbot-openvino.json"  # the IR a Bento build puts in the model folder
-
-
-def folder_digest(folder: Path) -> str:
-    """sha256 over the folder's weight and config files: a new model version is a new export."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*")):
-        if path.suffix in (".safetensors", ".json"):
-            digest.update(f"{path.name} {sha256_file(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def exporter() -> Path:
-    """The Python that runs optimum-intel's exporter (CASTBOT_OPENVINO_EXPORTER, default .venv-openvino's)."""
-    return Path(os.environ.get(EXPORTER_ENV, ".venv-openvino/bin/python")).absolute()
-
-
-def export_openvino(folder: str | Path, weights: str | None = None, target: Path | None = None) -> Path:
-    """The model folder as OpenVINO IR with its tokenizer (weights int8 or fp32), exported once per content into
-    the state folder; with target, also placed there (hard links where the filesystem allows)."""
-    folder, weights = Path(folder), weights or os.environ.get(WEIGHTS_ENV, "fp32")
-    if weights not in ("int8", "fp32"):
-        raise EngineError(f"{WEIGHTS_ENV}={weights}: choose int8 or fp32")
-    cached = STATE_DIR / "engines" / f"openvino-{weights}-{folder_digest(folder)[:16]}"
-    if not (cached / ".complete").exists():
-        python = exporter()
-        if not python.exists():
-            raise EngineError(f"no OpenVINO exporter at {python}: run `make cpu-engines` or set {EXPORTER_ENV} to "
-                              "a Python with optimum-intel[openvino]")
-        done = subprocess.run([str(python), "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model",
-                               str(folder), "--task", "text-generation-with-past", "--weight-format", weights,
-                               str(cached)], capture_output=True, text=True)
-        if done.returncode:
-            last = done.stderr.strip().splitlines()[-5:]
-            raise EngineError(f"the OpenVINO export of {folder} failed: " + " / ".join(last))
-        (cached / ".complete").touch()
-    if target is None:
-        return cached
-    shutil.copytree(cached, target, copy_function=link_or_copy)
-    return target
-
-
-def link_or_copy(source: str, dest: str) -> None:
-    try:
-        os.link(source, dest)
-    except OSError:  # another filesystem
-        shutil.copy2(source, dest)
 
 
 def built_export(folder: str | Path) -> Path | None:
@@ -97,36 +42,18 @@ def read_built_card(folder: str | Path) -> dict:
     return json.loads((Path(folder) / BUILT_FOLDER / BUILT_CARD).read_text())
 
 
-def exported_losses(folder: Path, encoded: list[dict]) -> list[tuple[float, int]]:
-    """(sum of token losses in nats, target tokens) per encoded sample, from the exported model's own logits (as
-    castbot.model.bot.sample_losses does for torch): the served weights' perplexity. One sample at a time: the IR keeps
-    its KV cache as state, reset before each."""
-    import numpy as np
-    import openvino
-    from scipy.special import logsumexp
-
-    request = openvino.Core().compile_model(str(Path(folder) / "openvino_model.xml"), "CPU").create_infer_request()
-    results = []
-    for row in encoded:
-        ids = np.array([row["input_ids"]], dtype=np.int64)
-        request.reset_state()
-        logits = request.infer({"input_ids": ids, "attention_mask": np.array([row["attention_mask"]], dtype=np.int64),
-                                "position_ids": np.arange(ids.shape[1])[None], "beam_idx": np.zeros(1, np.int32)},
-                               share_outputs=True)["logits"][0, :-1].astype(np.float64)  # position t predicts t + 1
-        labels = np.array(row["labels"][1:])
-        target = labels != IGNORE_INDEX
-        logits, labels = logits[target], labels[target]
-        log_z = logsumexp(logits, axis=-1)  # (targets,)
-        results.append((float((log_z - logits[np.arange(len(labels)), labels]).sum()), int(target.sum())))
-    return results
-
-
-def served_folder(folder: Path) -> Path:
-    """The IR to serve: the Bento's own, unless CASTBOT_OPENVINO_WEIGHTS asks for other weights (exported now)."""
+def served_export(folder: str | Path) -> Path:
+    """The IR to serve: the Bento's own; an EngineError naming the fix when there is none, or when
+    CASTBOT_OPENVINO_WEIGHTS asks for other weights than it holds."""
     built, wanted = built_export(folder), os.environ.get(WEIGHTS_ENV)
-    if built and wanted in (None, read_built_card(folder)["weights"]):
-        return built
-    return export_openvino(folder, wanted)
+    if built is None:
+        raise EngineError(f"{folder} holds no OpenVINO export: build the Bento with one (python -m tasks.release.bento "
+                          "--openvino fp32) or serve with CASTBOT_SERVE_ENGINE=continuous")
+    held = read_built_card(folder)["weights"]
+    if wanted not in (None, held):
+        raise EngineError(f"{WEIGHTS_ENV}={wanted}, but the Bento's OpenVINO export holds {held} weights: build it "
+                          f"with --openvino {wanted}, or unset {WEIGHTS_ENV}")
+    return built
 
 
 def generation_settings(eos_token_id: int, max_new_tokens: int, **decoding) -> dict:
@@ -203,10 +130,12 @@ class Request:
             self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
 
 
-class OpenVINOEngine:
+class OpenVINOEngine(BatchingEngine):
     """A Bot's model exported to OpenVINO, behind GenAI's ContinuousBatchingPipeline in a process of its own
     (run_pipeline); up to max_batch_size requests decode together. A thread here reads each step's new tokens
     and hands them to their requests."""
+
+    needs_weights = False  # the pipeline runs the exported model: torch's copy of the weights would only take memory
 
     def __init__(self, bot: Bot, folder: Path, max_batch_size: int = 32, threads: int = 0):
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
@@ -229,7 +158,7 @@ class OpenVINOEngine:
     @classmethod
     def from_limits(cls, bot: Bot, limits, on_batch) -> "OpenVINOEngine":
         """As the service builds it (no static batches: on_batch is never called)."""
-        return cls(bot, served_folder(bot.folder), limits.max_batch_size, limits.torch_threads)
+        return cls(bot, served_export(bot.folder), limits.max_batch_size, limits.torch_threads)
 
     def _send(self, message: tuple) -> None:
         with self._send_lock:
@@ -270,7 +199,7 @@ class OpenVINOEngine:
             self.process.kill()
         self._thread.join(timeout=30)
 
-    async def _outputs(self, prompt: list[int], **decoding) -> AsyncIterator[list[int]]:
+    async def _generated(self, prompt: list[int], streaming: bool, **decoding) -> AsyncIterator[list[int]]:
         """The reply's token ids so far, after every step that added some; leaving early cancels the request."""
         if not self.ready():
             raise EngineError("the OpenVINO engine's pipeline is not running (stopped or failed)")
@@ -294,26 +223,3 @@ class OpenVINOEngine:
             if not finished and self._active.pop(request_id, None) is not None and self.ready():
                 with contextlib.suppress(OSError):
                     self._send(("cancel", request_id, None))
-
-    def _prompt(self, turns: list[Turn], decoding: dict) -> list[int]:
-        return self.bot.prompt(turns, decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"]))
-
-    def stream(self, turns: list[Turn], **decoding) -> Stream:
-        """The reply's text piece by piece as it is generated; closing the stream cancels the request."""
-        prompt = self._prompt(turns, decoding)
-        return Stream(self.bot.tokenizer, len(prompt), self._outputs(prompt, **decoding))
-
-    async def reply(self, turns: list[Turn], **decoding) -> Reply:
-        prompt = self._prompt(turns, decoding)
-        generated = []
-        async for generated in self._outputs(prompt, **decoding):
-            pass
-        return assemble_reply(self.bot.tokenizer, len(prompt), generated)
-
-    def replies(self, conversations: list[list[Turn]], **decoding) -> list[Reply]:
-        """One reply per conversation, all submitted at once (for benchmarks and tests, outside an event loop)."""
-
-        async def all_replies():
-            return await asyncio.gather(*(self.reply(turns, **decoding) for turns in conversations))
-
-        return asyncio.run(all_replies())

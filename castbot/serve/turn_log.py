@@ -1,0 +1,85 @@
+"""The served turns in the conversation log (castbot/chatlog/store.py): each turn's ids, its row, and when it is
+committed. Every route's turn is written here, once, whatever its finish_reason.
+
+A turn is committed before its reply goes out (an acknowledged reply survives a crash), in a worker thread; a
+turn the client abandoned is written without waiting. A failed write is counted and logged, never raised: the
+reply still goes out.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from castbot.chatlog.store import ChatLog, TurnRecord
+from castbot.model.bot import Reply
+from castbot.serve.metrics import CHATLOG_ERRORS, CHATLOG_WRITE
+from castbot.serve.schemas import Prompt
+
+logger = logging.getLogger("castbot.service")
+
+
+def open_chatlog() -> ChatLog | None:
+    """The conversation log from CASTBOT_CHATLOG*, or None when it is off or cannot be opened (logged, counted:
+    the service answers without it rather than not at all)."""
+    try:
+        return ChatLog.from_env()
+    except Exception as exc:  # a bad URL, a database down: the error names it without the password
+        CHATLOG_ERRORS.inc()
+        logger.error("conversation log unavailable, turns are not logged: %s", exc)
+        return None
+
+
+def new_turn(conversation_id: str | None) -> dict[str, str]:
+    """Ids of a turn about to be answered: its own, and its conversation's (the client's, or a new one)."""
+    return {"turn_id": uuid.uuid4().hex, "conversation_id": conversation_id or uuid.uuid4().hex}
+
+
+class TurnLog:
+    """Writes the finished turns of one served model and engine to the conversation log (None: the log is off)."""
+
+    def __init__(self, chatlog: ChatLog | None, identity: dict[str, str], engine_name: str):
+        self.chatlog, self.identity, self.engine_name = chatlog, identity, engine_name
+
+    async def record(self, endpoint: str, prompt: Prompt, reply: Reply, started: float, first_piece_at: float | None,
+                     turn: dict[str, str]) -> None:
+        """started and first_piece_at are time.perf_counter() readings."""
+        if self.chatlog is None:
+            return
+        row = self.row(endpoint, prompt, reply, started, first_piece_at, turn)
+        if reply.finish_reason == "cancelled":
+            asyncio.get_running_loop().run_in_executor(None, self._write, row)
+        else:
+            await asyncio.to_thread(self._write, row)
+
+    def row(self, endpoint: str, prompt: Prompt, reply: Reply, started: float, first_piece_at: float | None,
+            turn: dict[str, str]) -> TurnRecord:
+        """The conversation log's row for a finished turn."""
+        now = time.perf_counter()
+        return TurnRecord(
+            **turn, time=datetime.now(UTC) - timedelta(seconds=now - started), endpoint=endpoint.lstrip("/"),
+            message=prompt.named_turns()[-1][1], reply=reply.reply, history_turns=len(prompt.turns) - 1,
+            **self.identity, engine=self.engine_name, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens,
+            latency_s=now - started, ttft_s=None if first_piece_at is None else first_piece_at - started,
+            finish_reason=reply.finish_reason)
+
+    def _write(self, row: TurnRecord) -> None:
+        started = time.perf_counter()
+        try:
+            self.chatlog.record(row)
+        except Exception as exc:
+            CHATLOG_ERRORS.inc()
+            logger.error("turn %s not logged: %s", row.turn_id, type(exc).__name__)
+            return
+        CHATLOG_WRITE.observe(time.perf_counter() - started)
+
+    async def rate(self, turn_id: str, rating: int, comment: str | None) -> bool:
+        """Store a rating of a logged turn (the log is on); False when the turn is not in the log. The store's
+        error is counted, logged without the user's words, and raised."""
+        try:
+            return await asyncio.to_thread(self.chatlog.add_feedback, turn_id, rating, comment)
+        except Exception as exc:
+            CHATLOG_ERRORS.inc()
+            logger.error("feedback not stored: %s", type(exc).__name__)
+            raise
