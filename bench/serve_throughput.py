@@ -114,7 +114,7 @@ async def chat_once(http, body: dict, stream: bool, timing: Timing) -> None:
 
 
 async def drive(url: str, chats: list[dict], requests: int, concurrency: int, stream: bool,
-                deadline: float) -> tuple[float, Timing]:
+                deadline: float, headers: dict[str, str] | None = None) -> tuple[float, Timing]:
     """`concurrency` clients send chats until `requests` are done; (seconds, timing)."""
     import httpx
 
@@ -127,16 +127,18 @@ async def drive(url: str, chats: list[dict], requests: int, concurrency: int, st
             await chat_once(http, chats[i % len(chats)], stream, timing)
 
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as http:
         start = time.monotonic()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         return time.monotonic() - start, timing
 
 
 def serve_and_measure(name: str, bento: str, engine: str, batching: bool, chats: list[dict], args,
-                      chatlog: bool = True, stream: bool | None = None) -> dict:
+                      chatlog: bool = True, stream: bool | None = None, extra_env: dict[str, str] | None = None,
+                      headers: dict[str, str] | None = None) -> dict:
     """Start `bentoml serve`, warm it up, time args.requests chats from args.concurrency clients, stop it.
-    Its conversation log (on unless chatlog is False) is a fresh SQLite file beside its server log."""
+    Its conversation log (on unless chatlog is False) is a fresh SQLite file beside its server log; extra_env is
+    added to the server's environment, headers to every request."""
     import httpx
 
     port = free_port()
@@ -146,7 +148,8 @@ def serve_and_measure(name: str, bento: str, engine: str, batching: bool, chats:
            "CASTBOT_SERVE_MAX_CONCURRENCY": str(4 * args.concurrency),
            "CASTBOT_SERVE_MAX_BATCH_SIZE": str(args.concurrency), "CASTBOT_SERVE_DTYPE": args.dtype,
            "CASTBOT_SERVE_TORCH_THREADS": str(args.torch_threads),
-           "CASTBOT_CHATLOG": "on" if chatlog else "off", "CASTBOT_CHATLOG_URL": f"sqlite:///{log.parent}/chatlog.db"}
+           "CASTBOT_CHATLOG": "on" if chatlog else "off", "CASTBOT_CHATLOG_URL": f"sqlite:///{log.parent}/chatlog.db",
+           **(extra_env or {})}
     with log.open("w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", bento,
                                  "--host", "127.0.0.1", "--port", str(port)],
@@ -163,9 +166,9 @@ def serve_and_measure(name: str, bento: str, engine: str, batching: bool, chats:
             except httpx.HTTPError:
                 time.sleep(0.5)
         # warm-up: the batch dispatcher spends its first calls measuring latency
-        asyncio.run(drive(url, chats, 2 * args.concurrency, args.concurrency, stream, time.monotonic() + 120))
-        seconds, timing = asyncio.run(
-            drive(url, chats, args.requests, args.concurrency, stream, time.monotonic() + args.phase_timeout))
+        asyncio.run(drive(url, chats, 2 * args.concurrency, args.concurrency, stream, time.monotonic() + 120, headers))
+        seconds, timing = asyncio.run(drive(url, chats, args.requests, args.concurrency, stream,
+                                            time.monotonic() + args.phase_timeout, headers))
     finally:
         proc.terminate()
         try:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Debian packages `make test` needs besides Python's; installs only the missing ones (apt-get, as root).
-#   chromium    tests/serve/test_service.py drives the web chat page in headless Chromium
+#   chromium    tests/serve/test_clients.py drives the web chat page in headless Chromium
 #   postgresql  tests/chatlog/test_chatlog.py starts a throwaway PostgreSQL server (initdb, postgres)
 #   prometheus  tests/deployments/test_monitoring_stack.py checks the alert rules and dashboard queries with promtool
 set -euo pipefail

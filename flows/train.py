@@ -12,13 +12,21 @@ from prefect import flow
 
 from castbot.common.errors import DataError
 from castbot.compat.prefect_start import exits_on_server_timeout
-from castbot.config.profile import ConfigError, PipelineConfig, also_train_on_profiles, load_profile
+from castbot.config.profile import (
+    ConfigError,
+    PipelineConfig,
+    also_train_on_profiles,
+    characters,
+    check_cast_format,
+    load_profile,
+    speakers_of,
+)
 from castbot.model.dialogue import DialogueFormat
 from castbot.model.folder import ModelCard
 from castbot.model.pretrained import ModelFetchError
 from tasks.data.clean import clean_transcript, publish_cleaning_report
 from tasks.data.dialogues import build_dialogues
-from tasks.data.feedback import add_feedback_samples, read_liked_samples
+from tasks.data.feedback import FeedbackAdded, FeedbackFound, add_approved_feedback, log_feedback, read_feedback
 from tasks.data.freshness import INPUTS_TAG, check_freshness, inputs_key, training_inputs
 from tasks.data.ingest import load_transcript
 from tasks.data.lineage import log_data_lineage, report_dir, resume_data_key
@@ -55,7 +63,7 @@ def prepared_transcript(profile: PipelineConfig, reports: str) -> tuple[pd.DataF
     validate_raw(frame, profile.data.path, profile.validation, reports)
     cleaned, cleaning = clean_transcript(frame, profile.cleaning)
     publish_cleaning_report(cleaning, profile.data.path, reports)
-    validate_dialogue(cleaned, profile.data.path, profile.character, profile.validation, reports)
+    validate_dialogue(cleaned, profile.data.path, speakers_of(profile, cleaned), profile.validation, reports)
     return frame, cleaned
 
 
@@ -66,17 +74,19 @@ class TrainingData(NamedTuple):
     cleaned: pd.DataFrame
     profiles: dict[str, PipelineConfig]  # data.also_train_on, by name
     others: dict[str, tuple[pd.DataFrame, pd.DataFrame]]  # theirs as read and cleaned, by name
-    liked: list[dict]  # data.feedback: the liked turns read from the conversation log ([] when off)
+    liked: FeedbackFound  # data.feedback: the approved liked turns in the conversation log (none when off)
     splits: dict[str, list[dict]]
+    feedback: FeedbackAdded  # which of them joined the training split, and why the others did not
 
 
-def liked_turns(config: PipelineConfig) -> list[dict]:
-    """data.feedback's liked turns, read from the conversation log once per run; [] when it is off."""
-    return read_liked_samples(config) if config.data.feedback.enabled else []
+def liked_turns(config: PipelineConfig) -> FeedbackFound:
+    """data.feedback's approved liked turns, cleaned and checked, read from the conversation log once per run,
+    with the count awaiting review; none when it is off."""
+    return read_feedback(config) if config.data.feedback.enabled else FeedbackFound()
 
 
 def training_data(config: PipelineConfig, reports: str, profiles: dict[str, PipelineConfig] | None = None,
-                  liked: list[dict] | None = None) -> TrainingData:
+                  liked: FeedbackFound | None = None) -> TrainingData:
     """The flow's data steps: every transcript read, validated and cleaned, then one set of dialogue splits.
     profiles and liked as the flow read them (None: read here). Benchmarks call this too, so their test split is
     the flow's."""
@@ -85,15 +95,23 @@ def training_data(config: PipelineConfig, reports: str, profiles: dict[str, Pipe
     frame, cleaned = prepared_transcript(config, reports)
     others = {name: prepared_transcript(profile, str(Path(reports) / "also_train_on" / name))
               for name, profile in profiles.items()}
-    return TrainingData(frame, cleaned, profiles, others, liked, dialogue_splits(config, cleaned, others, liked))
+    feedback = feedback_splits(config, cleaned, others, liked)
+    return TrainingData(frame, cleaned, profiles, others, liked, feedback.splits, feedback)
 
 
-def dialogue_splits(config: PipelineConfig, cleaned: pd.DataFrame,
-                    others: dict[str, tuple[pd.DataFrame, pd.DataFrame]], liked: list[dict]) -> dict[str, list[dict]]:
-    """Train/validation/test samples from the cleaned transcripts by config.dialogue, with the liked feedback turns."""
+def feedback_splits(config: PipelineConfig, cleaned: pd.DataFrame,
+                    others: dict[str, tuple[pd.DataFrame, pd.DataFrame]], liked: FeedbackFound) -> FeedbackAdded:
+    """Train/validation/test samples from the cleaned transcripts by config.dialogue, with the approved feedback
+    turns added to training (deduplicated, capped at data.feedback.max_share), and the counts."""
     more = {name: other_cleaned for name, (_, other_cleaned) in others.items()}
-    splits = build_dialogues(cleaned, config.character, config.dialogue, config.training.seed, more)
-    return add_feedback_samples(splits, config, liked)
+    splits = build_dialogues(cleaned, speakers_of(config, cleaned), config.dialogue, config.training.seed, more)
+    return add_approved_feedback(splits, config, liked)
+
+
+def dialogue_splits(config: PipelineConfig, cleaned: pd.DataFrame, others: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
+                    liked: FeedbackFound) -> dict[str, list[dict]]:
+    """feedback_splits' samples alone (flows/tune.py: one set per trial's dialogue settings)."""
+    return feedback_splits(config, cleaned, others, liked).splits
 
 
 def evaluate(config: PipelineConfig, data: TrainingData, base: str, fmt: DialogueFormat, model_path: str,
@@ -102,7 +120,7 @@ def evaluate(config: PipelineConfig, data: TrainingData, base: str, fmt: Dialogu
     by one Judge; returns their scores and the replies markdown."""
     max_length = config.dialogue.max_length
     candidate = load_bot(model_path, max_length)
-    sample_replies(candidate, run_id, config.character)
+    sample_replies(candidate, run_id, candidate.format.character)
     untuned = load_bot(base, max_length, fmt)
     judge = build_judge(data.cleaned, data.splits, config, untuned)
     test = encode_test_split(data.splits["test"], untuned, max_length)
@@ -120,31 +138,36 @@ def train(config: PipelineConfig, skip_if_unchanged: bool = False) -> dict:
     from tasks.data.tokenize import choose_format, tokenize_dialogues
 
     profiles, liked = also_train_on_profiles(config), liked_turns(config)  # read once, passed on
-    inputs = inputs_key(training_inputs(config, profiles, liked))
+    # approved turns only: a like that awaits review is not new data for the schedule
+    inputs = inputs_key(training_inputs(config, profiles, liked.samples))
     if skip_if_unchanged and (skipped := check_freshness(config.model_name, inputs)):
         return {"model_name": config.model_name, "skipped": skipped, "promoted": False}
     reports = report_dir()
     data = training_data(config, reports, profiles, liked)
-    splits = data.splits
+    splits, cast = data.splits, characters(config, data.cleaned)  # cast: [character] for one character
     workdir = work_folder(resume_data_key(data.frame, profiles, data.others, splits["train"]), config.digest())
     run_id = start_run(config, data.frame.attrs["sha256"], workdir.name)
     try:
         log_data_lineage(run_id, data.cleaned, config.data.path, reports, splits,
                          {name: (profiles[name].data.path, other) for name, (_, other) in data.others.items()})
+        if config.data.feedback.enabled:
+            log_feedback(run_id, data.feedback)
         base = prepare_base_model(config.base_model, training_texts(splits["train"]), config.offline_model,
                                   config.training.seed)
-        fmt = choose_format(base, config.dialogue, config.character, config.show)
+        fmt = choose_format(base, config.dialogue, cast[0], config.show)
+        check_cast_format(config, fmt.style)
         datasets = tokenize_dialogues(splits, base, config.dialogue, fmt)
         card = ModelCard(format=fmt, max_length=config.dialogue.max_length,
-                         base_model=base_reference(config.base_model, base))
+                         base_model=base_reference(config.base_model, base), cast=tuple(cast) if config.cast else None)
         model_path = fine_tune(base, datasets, config.training, str(workdir), run_id, card)
         champion = download_champion(config.model_name, str(workdir / "champion"))
         scores, replies = evaluate(config, data, base, fmt, model_path, champion, run_id)
         decision = gate_candidate(scores, config.gate, replies)
-        tag_run(run_id, decision.as_tags())
+        tag_run(run_id, decision.as_tags() | ({"castbot.character": cast[0], "castbot.cast": ",".join(cast)}
+                                              if config.cast else {}))
         version = register_model(run_id, model_path, config, decision.as_tags())
         store_reference(run_id, config.model_name, version,
-                        build_reference(splits, config.character, config.monitor.reference_size, config.monitor.seed),
+                        build_reference(splits, cast[0], config.monitor.reference_size, config.monitor.seed),
                         {INPUTS_TAG: inputs})
         test = TestSplit(splits["test"], config.dialogue.max_length, scores.candidate.perplexity)
         bento = build_bento(config.model_name, version, openvino=config.registry.openvino, test=test,
@@ -163,7 +186,8 @@ def train(config: PipelineConfig, skip_if_unchanged: bool = False) -> dict:
         raise
     finish_run(run_id, "FINISHED")
     return {"run_id": run_id, "model_name": config.model_name, "version": version, "promoted": decision.promote,
-            "reason": decision.reason, "perplexity": scores.candidate.perplexity, "bento": bento}
+            "reason": decision.reason, "perplexity": scores.candidate.perplexity, "bento": bento,
+            "feedback": data.feedback.summary() if config.data.feedback.enabled else None}
 
 
 @exits_on_server_timeout
@@ -184,6 +208,8 @@ def main(argv: list[str]) -> int:
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     print(f"{result['model_name']} version {result['version']}: {verdict} "
           f"(test perplexity {result['perplexity']:.3f}). {result['reason']}")
+    if result["feedback"]:
+        print(f"data.feedback: {result['feedback']}")
     if result["bento"]:
         print(f"Bento {result['bento']}: bentoml serve {result['bento']} --host 127.0.0.1 --port 3000")
     return 0

@@ -23,13 +23,21 @@ class FeedbackConfig(Strict):
     samples."""
 
     enabled: bool = Field(False, description="Add the log's liked turns (thumbs up; never thumbs down or unrated) of "
-                          "this bot to the training split as message -> reply samples. Validation and test stay the "
-                          "transcript's, so the gate still decides on the same held-out episodes.")
+                          "this bot to the training split as history + message -> reply samples, cleaned and "
+                          "checked by the transcript's rules. Validation and test stay the transcript's, so the gate "
+                          "still decides on the same held-out episodes.")
     url: str | None = Field(None, description="SQLAlchemy URL of the conversation log; default CASTBOT_CHATLOG_URL, "
-                            "else chatlog.db under CASTBOT_HOME.")
+                            "else chatlog.db under CASTBOT_HOME. Prefer the environment for a URL with a password: "
+                            "MLflow params and config.yaml show it masked (user:***@host).")
     model_name: str | None = Field(None, min_length=1, description="Registered model whose liked turns are used; "
                                    "default this profile's model name (registry.model_name or '<character>-bot').")
     since_days: int | None = Field(None, ge=1, le=3650, description="Only turns of the last N days; None: all.")
+    require_review: bool = Field(True, description="Train on a liked turn only once a person approved it "
+                                 "(python -m castbot.chatlog review --approve TURN_ID): a client can steer a reply "
+                                 "with a made-up history and like it. false: every liked turn trains (a closed "
+                                 "test bot only).")
+    max_share: float = Field(0.2, ge=0, le=1, description="Largest share of the training split that feedback "
+                             "samples may make up (0.2: at most 1 in 5); the newest approved turns are kept. 0: none.")
 
 
 class DataConfig(Strict):

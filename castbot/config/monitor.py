@@ -13,6 +13,11 @@ class MonitorConfig(Strict):
                            "verdict; below: 'not enough data'. Measured (bench/monitor.py, Rick reference, 8 draws): "
                            "at 100 turns every draw of LOTR and Friends read as drift and none of held-out Rick; at "
                            "30, 5 of 8 Friends draws did.")
+    min_clients: int = Field(3, ge=1, le=10000, description="Fewest distinct clients (API key names, or addresses "
+                             "when the service runs open) whose turns the window must hold before a drift or degraded "
+                             "verdict may raise an event; below: 'not enough clients'. Rates of cancelled streams and "
+                             "of replies cut at max_new_tokens degrade only when at least this many clients cross "
+                             "the limit, so one client cannot start a training run alone.")
     reference_size: int = Field(2000, ge=50, le=50000, description="Training contexts and character lines sampled "
                                 "(seeded) into the reference stored with each registered version.")
     classifier_cap: int = Field(2000, ge=50, le=50000, description="Most user messages (a seeded sample) the "

@@ -7,11 +7,13 @@ profile) adds the sections other flows read: monitor: (flows/monitor.py) and tun
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from castbot.common.errors import DataError
 from castbot.config.base import Strict
 from castbot.config.data import CleaningConfig, DataConfig, DialogueConfig, ValidationConfig
 from castbot.config.monitor import MonitorConfig
@@ -20,11 +22,29 @@ from castbot.config.search import SearchRange, TuneConfig, search_space_problems
 from castbot.config.training import OfflineModelConfig, TrainingConfig
 
 
+class CastTop(Strict):
+    """The cast as the transcript's most frequent speakers, resolved against the cleaned transcript."""
+
+    top: int = Field(..., ge=2, le=50, description="How many speakers: the N who speak most lines.")
+    min_lines: int | None = Field(None, ge=1, description="Fewest lines a speaker needs to be in the cast; "
+                                  "default validation.min_character_lines.")
+
+
+# absent from dumps when unset: a one-character profile's settings, digest and params stay what they were
+_OMITTED_WHEN_NONE = {"exclude_if": lambda value: value is None}
+
+
 class TrainRunConfig(Strict):
     """What a training run reads (flows/train.py): its digest keys resumable work folders and champion freshness."""
 
     data: DataConfig = Field(..., description="The transcript: its file and columns, and extra training sources.")
-    character: str = Field(..., min_length=1, description="Speaker whose lines the bot learns to say.")
+    character: str | None = Field(None, min_length=1, description="Speaker whose lines the bot learns to say. "
+                                  "Give this or cast, not both.", **_OMITTED_WHEN_NONE)
+    cast: list[str] | CastTop | None = Field(
+        None, description="Several speakers learnt by one model, each sample conditioned on who speaks (the chat "
+        "format's system line names them; needs a base model with a chat template): a list of names, the first "
+        "answering by default, or {top: N, min_lines: M}, the N speakers with most lines (at least M each). "
+        "Give this or character, not both.", **_OMITTED_WHEN_NONE)
     show: str | None = Field(None, description="Name of the show, for the chat format's system line "
                              "('You are Rick from Rick and Morty.').")
     base_model: str = Field(
@@ -41,9 +61,30 @@ class TrainRunConfig(Strict):
     gate: GateConfig = Field(default_factory=GateConfig, description="When a candidate becomes champion.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow registry and Bento.")
 
+    @model_validator(mode="after")
+    def _character_or_cast(self):
+        if (self.character is None) == (self.cast is None):
+            raise ValueError("give either character (one speaker) or cast (several), not both and not neither")
+        if isinstance(self.cast, list):
+            if len(self.cast) < 2 or not all(name.strip() for name in self.cast):
+                raise ValueError("cast names at least two speakers, none blank; for one, set character instead")
+            if len(set(self.cast)) < len(self.cast):
+                raise ValueError(f"cast names a speaker twice: {self.cast}")
+        if isinstance(self.cast, CastTop) and not (self.show or self.registry.model_name):
+            raise ValueError("cast: {top: N} needs show or registry.model_name: the model's name is needed before "
+                             "the transcript says who speaks most")
+        gpt2_stand_in = self.base_model == "offline-tiny" and self.offline_model.architecture == "gpt2"
+        if self.cast is not None and (self.dialogue.format == "eos" or gpt2_stand_in):
+            raise ValueError(CAST_NEEDS_CHAT)  # else refused once the base model's format is known
+        return self
+
     @property
     def model_name(self) -> str:
-        return self.registry.model_name or f"{self.character.lower().replace(' ', '-')}-bot"
+        if self.registry.model_name:
+            return self.registry.model_name
+        if self.character is not None:
+            return f"{self.character.lower().replace(' ', '-')}-bot"
+        return f"{slug(self.show or self.cast[0])}-cast-bot"
 
     def run_settings(self) -> dict:
         """The resolved settings of a training run as JSON values: TrainRunConfig's fields, also when called on a
@@ -79,6 +120,47 @@ class PipelineConfig(TrainRunConfig):
 
 class ConfigError(ValueError):
     """A profile that cannot be used; the message names the file and each bad key."""
+
+
+CAST_NEEDS_CHAT = ("a cast needs the chat dialogue format (its system line names who speaks; the eos format cannot): "
+                   "use a base model with a chat template (smollm2-135m, or offline_model.architecture: llama) and "
+                   "dialogue.format auto or chat")
+
+
+def slug(name: str) -> str:
+    """'Mr. Poopybutthole' -> 'mr-poopybutthole': a name as model names and metric names hold it."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "x"
+
+
+def characters(config: TrainRunConfig, frame=None) -> list[str]:
+    """Who the model learns to speak as: [character], the cast's list, or for cast {top: N} the N speakers with
+    most lines (at least min_lines each) in frame, the cleaned transcript (pandas; speaker column)."""
+    if config.character is not None:
+        return [config.character]
+    if isinstance(config.cast, list):
+        return list(config.cast)
+    if frame is None:
+        raise ValueError("cast: {top: N} is resolved against the cleaned transcript: pass its frame")
+    fewest = config.cast.min_lines or config.validation.min_character_lines
+    counts = frame["speaker"].value_counts()  # most lines first; ties keep the transcript's order
+    cast = [str(name) for name, n in counts.items() if n >= fewest][: config.cast.top]
+    if len(cast) < 2:
+        top = ", ".join(f"{name} ({n})" for name, n in counts.head(5).items())
+        raise DataError(f"cast: {{top: {config.cast.top}, min_lines: {fewest}}} finds {len(cast)} speaker(s) with "
+                        f"{fewest}+ lines (most lines: {top}); a cast needs two: lower min_lines")
+    return cast
+
+
+def speakers_of(config: TrainRunConfig, frame) -> str | list[str]:
+    """What the data steps learn: the character's name for a one-character profile (its samples as always), else
+    the cast resolved against the cleaned transcript (each sample then names its speaker)."""
+    return config.character if config.character is not None else characters(config, frame)
+
+
+def check_cast_format(config: TrainRunConfig, style: str) -> None:
+    """Refuse a cast whose base model resolved to the eos format (no chat template): it cannot name the speaker."""
+    if config.cast is not None and style != "chat":
+        raise ConfigError(f"{config.base_model}: {CAST_NEEDS_CHAT}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -147,9 +229,10 @@ def also_train_on_profiles(config: PipelineConfig) -> dict[str, PipelineConfig]:
         name = Path(path).stem
         if name in profiles:
             raise ConfigError(f"data.also_train_on names two profiles called '{name}': rename one")
-        if other.character != config.character:
-            raise ConfigError(f"data.also_train_on names a profile of '{other.character}', "
-                              f"not '{config.character}': its lines would teach another character")
+        if other.character != config.character or other.cast != config.cast:
+            theirs, ours = other.character or f"the cast {other.cast}", config.character or f"the cast {config.cast}"
+            raise ConfigError(f"data.also_train_on names a profile of '{theirs}', "
+                              f"not '{ours}': its lines would teach another character")
         if other.data.also_train_on:
             raise ConfigError("data.also_train_on names a profile that has its own also_train_on: "
                               "list every transcript in this profile instead")

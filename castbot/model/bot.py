@@ -104,11 +104,12 @@ class Bot:
         """Prompt tokens allowed: at most the trained length, and prompt + reply within the position table."""
         return max(1, min(self.max_length, self.positions - max_new_tokens))
 
-    def prompt(self, turns: list[Turn], max_new_tokens: int) -> list[int]:
-        return self.format.prompt_ids(self.tokenizer, turns, self.prompt_budget(max_new_tokens))
+    def prompt(self, turns: list[Turn], max_new_tokens: int, character: str | None = None) -> list[int]:
+        """The prompt's ids; a cast model answers as `character` (None: its first)."""
+        return self.format.speaking(character).prompt_ids(self.tokenizer, turns, self.prompt_budget(max_new_tokens))
 
     def generate(self, conversations: list[list[Turn]], streamer=None, stopping_criteria=None,
-                 **decoding) -> list[Reply]:
+                 characters: list[str | None] | None = None, **decoding) -> list[Reply]:
         """One reply per conversation, in one left-padded generate() call; decoding as DECODING_DEFAULTS.
         A transformers streamer (one conversation only) receives the tokens as they come (the adaptive engine's
         stream); stopping_criteria can end generation early."""
@@ -116,7 +117,8 @@ class Bot:
 
         settings = {**DECODING_DEFAULTS, **decoding}
         max_new = settings["max_new_tokens"]
-        rows = [self.prompt(turns, max_new) for turns in conversations]
+        characters = characters or [None] * len(conversations)  # a cast model: who answers each conversation
+        rows = [self.prompt(turns, max_new, who) for turns, who in zip(conversations, characters)]
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         ids, mask = (torch.tensor(t, device=self.device) for t in left_pad(rows, pad))  # (batch, width) each
         width = ids.shape[1]
@@ -130,8 +132,10 @@ class Bot:
         return [assemble_reply(self.tokenizer, len(prompt), row) for row, prompt in zip(out[:, width:].tolist(), rows)]
 
     def encode(self, sample: dict, max_length: int) -> dict:
-        """A {context, speakers, response} sample as input_ids/attention_mask/labels, loss on the response."""
-        return self.format.encode_sample(self.tokenizer, sample_turns(sample), sample["response"], max_length)
+        """A {context, speakers, response} sample as input_ids/attention_mask/labels, loss on the response; a cast
+        model's sample is prompted as its `character`."""
+        fmt = self.format.speaking(sample.get("character"))
+        return fmt.encode_sample(self.tokenizer, sample_turns(sample), sample["response"], max_length)
 
     def score(self, encoded: list[dict], batch_size: int = 16) -> list[tuple[float, int]]:
         """(sum of token losses in nats, target tokens) per encoded sample: perplexity = exp(sum / sum)."""

@@ -8,6 +8,8 @@ Two styles, chosen per base model (`DialogueFormat.choose`):
 - "chat", for models that ship a chat template (SmolLM2 and other instruct models): a system line naming the
   character and the show, the context lines as one user turn ("Morty: Rick, wait!" one per line), and the
   character's line as the assistant turn, ended by the tokenizer's end-of-turn token (SmolLM2: <|im_end|>).
+  A cast model learns several characters: each sample's system line names its own speaker
+  (`DialogueFormat.speaking`, "You are Morty from Rick and Morty."); the eos layout has no place for a name.
   Measured on the Rick profile (docs/fine-tuning.md): the eos layout on a chat model leaks "assistant\\n" into
   every reply and keeps the helpful-assistant voice; the chat layout answers in character.
 
@@ -21,7 +23,7 @@ A long history is trimmed by summing each turn's token count once, newest first 
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 IGNORE_INDEX = -100  # label value the loss skips
@@ -182,6 +184,10 @@ class DialogueFormat:
         if style == "chat" and not getattr(tokenizer, "chat_template", None):
             raise ValueError("dialogue.format=chat needs a tokenizer with a chat template; use eos for this model")
         return cls(style, character, show or "")
+
+    def speaking(self, character: str | None) -> "DialogueFormat":
+        """The format with the system line naming character (a cast model's sample or request); None or "": as is."""
+        return replace(self, character=character) if character and character != self.character else self
 
     def system_line(self) -> str:
         who = f"{self.character} from {self.show}" if self.show else self.character

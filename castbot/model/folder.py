@@ -4,7 +4,8 @@ A folder is a save_pretrained causal LM (or, for LoRA, the adapters alone) plus 
 
     {"format": {"style": "chat", "character": "Rick", "show": "..."},   # how to prompt it (castbot.model.dialogue)
      "max_length": 128,                                               # tokens of the longest training sample
-     "base_model": "smollm2-135m"}                                     # LoRA: the base the adapters apply to
+     "base_model": "smollm2-135m",                                     # LoRA: the base the adapters apply to
+     "cast": ["Rick", "Morty"]}                  # a cast model only: who it speaks as; format.character is the first
 
 Training writes it (`ModelCard.save`), the service, MLflow pyfunc, Bento and evaluation read it (`read_card`);
 `load_weights` merges a LoRA adapter into its base. A base model folder without castbot.json is still loadable.
@@ -12,7 +13,7 @@ Training writes it (`ModelCard.save`), the service, MLflow pyfunc, Bento and eva
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from castbot.model.dialogue import DialogueFormat
 
@@ -29,6 +30,16 @@ class ModelCard(BaseModel):
     max_length: int = Field(ge=1, description="tokens of the longest training sample: the service's prompt budget")
     base_model: str | None = Field(description="LoRA adapter: the base it applies to (a packaged name such as "
                                                "smollm2-135m, a hub id or a folder); None for a full model")
+    cast: tuple[str, ...] | None = Field(
+        None, min_length=2, exclude_if=lambda cast: cast is None,  # one-character cards stay as they were
+        description="a cast model: every character it speaks as (prompt one with format.speaking(name)), the "
+                    "first being format.character, the default; None (absent from the file): one character")
+
+    @model_validator(mode="after")
+    def _default_in_cast(self):
+        if self.cast is not None and self.format.character != self.cast[0]:
+            raise ValueError(f"format.character {self.format.character!r} must be the cast's first, {self.cast[0]!r}")
+        return self
 
     def save(self, folder: str | Path) -> Path:
         """Write castbot.json into folder (validated again first, so a card never saves what read_card refuses)."""

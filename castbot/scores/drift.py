@@ -24,7 +24,8 @@ CV_REPEATS = 3
 
 @dataclass
 class Check:
-    """One verdict of the monitor: name, 'yes' / 'no' / 'ok' / 'shifted' / 'degraded' / 'not enough data' ..."""
+    """One verdict of the monitor: name, 'yes' / 'no' / 'ok' / 'shifted' / 'degraded' / 'not enough data' /
+    'not enough clients: N of M' ..."""
 
     name: str
     verdict: str
@@ -101,8 +102,8 @@ def drift_checks(reference: dict, messages: list[str], monitor: MonitorConfig) -
     rise = oov - reference["oov_baseline"]
     vocabulary = Check("vocabulary", "shifted" if rise > monitor.max_oov_increase else "ok",
                        f"out-of-vocabulary {oov:.2f} vs reference {reference['oov_baseline']:.2f}, "
-                       f"limit +{monitor.max_oov_increase:.2f}", {"oov_rate": oov, "oov_baseline": reference["oov_baseline"]},
-                       rise > monitor.max_oov_increase)
+                       f"limit +{monitor.max_oov_increase:.2f}",
+                       {"oov_rate": oov, "oov_baseline": reference["oov_baseline"]}, rise > monitor.max_oov_increase)
     mean = float(np.mean([len(words(m)) for m in messages]))
     shift = abs(mean - reference["length_mean"]) / max(reference["length_std"], 1e-9)
     length = Check("length", "shifted" if shift > monitor.max_length_shift else "ok",
@@ -112,50 +113,89 @@ def drift_checks(reference: dict, messages: list[str], monitor: MonitorConfig) -
     return [drift, vocabulary, length]
 
 
-def rate_check(name: str, hits: pd.Series, limit: float, what: str) -> Check:
-    """A share of turns against its largest allowed value."""
+def client_of(turns: pd.DataFrame) -> pd.Series:
+    """Who sent each turn (the API key's name, or the address of an open service); turns logged before clients
+    were recorded ("") count as one client."""
+    return turns["client"].fillna("").astype(str)
+
+
+def clients_over(hits: pd.Series, clients: pd.Series, limit: float) -> int:
+    """How many clients' own share of hits (one bool per turn, same index as clients) exceeds limit."""
+    return int((hits.astype(float).groupby(clients.loc[hits.index]).mean() > limit).sum())
+
+
+def judge(over_limit: bool, over: int, min_clients: int) -> tuple[str, bool]:
+    """Verdict and alarm of a figure past its limit: degraded only when at least monitor.min_clients clients are
+    past it on their own turns too; one client that cancels its streams, asks for one token or rates every reply
+    down makes 'not enough clients: N of M' (N clients past the limit, M needed), not an event."""
+    if not over_limit:
+        return "ok", False
+    if over >= min_clients:
+        return "degraded", True
+    return f"not enough clients: {over} of {min_clients}", False
+
+
+def rate_check(name: str, hits: pd.Series, limit: float, what: str, clients: pd.Series, min_clients: int) -> Check:
+    """A share of turns against its largest allowed value, in the window and per client."""
     rate = float(hits.mean()) if len(hits) else 0.0
-    return Check(name, "degraded" if rate > limit else "ok", f"{rate:.3f} of {len(hits)} {what}, limit {limit:.3f}",
-                 {f"{name}_rate": rate}, rate > limit)
+    over = clients_over(hits, clients, limit)
+    verdict, alarm = judge(rate > limit, over, min_clients)
+    return Check(name, verdict, f"{rate:.3f} of {len(hits)} {what}, limit {limit:.3f}, {over} clients past it",
+                 {f"{name}_rate": rate, f"{name}_clients_over": float(over)}, alarm)
 
 
 def health_checks(turns: pd.DataFrame, monitor: MonitorConfig) -> list[Check]:
     """Errors, cancelled streams, latency percentiles and thumbs-down share of the logged turns."""
+    clients, least = client_of(turns), monitor.min_clients
     latency = turns["latency_s"].astype(float)
     p50, p95 = (float(latency.quantile(q)) for q in (0.5, 0.95))
+    slow = int((latency.groupby(clients).quantile(0.95) > monitor.max_latency_p95_s).sum())  # clients' own p95
+    verdict, alarm = judge(p95 > monitor.max_latency_p95_s, slow, least)
     ratings = turns["rating"].dropna()
     if len(ratings) >= monitor.min_ratings:
-        thumbs = rate_check("thumbs_down", ratings < 0, monitor.max_thumbs_down_rate, "rated turns")
+        thumbs = rate_check("thumbs_down", ratings < 0, monitor.max_thumbs_down_rate, "rated turns", clients, least)
     else:
         thumbs = Check("thumbs_down", "not enough data", f"{len(ratings)} rated turns < monitor.min_ratings="
                        f"{monitor.min_ratings}", {"rated_turns": float(len(ratings))})
     return [
-        rate_check("errors", turns["finish_reason"] == "error", monitor.max_error_rate, "turns"),
-        rate_check("cancelled", turns["finish_reason"] == "cancelled", monitor.max_cancelled_rate, "turns"),
-        Check("latency", "degraded" if p95 > monitor.max_latency_p95_s else "ok",
-              f"p50 {p50:.2f} s, p95 {p95:.2f} s, limit p95 {monitor.max_latency_p95_s:.2f} s",
-              {"latency_p50_s": p50, "latency_p95_s": p95}, p95 > monitor.max_latency_p95_s),
+        rate_check("errors", turns["finish_reason"] == "error", monitor.max_error_rate, "turns", clients, least),
+        rate_check("cancelled", turns["finish_reason"] == "cancelled", monitor.max_cancelled_rate, "turns", clients,
+                   least),
+        Check("latency", verdict, f"p50 {p50:.2f} s, p95 {p95:.2f} s, limit p95 {monitor.max_latency_p95_s:.2f} s, "
+              f"{slow} clients past it", {"latency_p50_s": p50, "latency_p95_s": p95}, alarm),
         thumbs,
     ]
 
 
+def degeneracy_of(answered: pd.DataFrame, reference: dict) -> dict:
+    """castbot.scores.quality.degeneracy of the answered turns' replies."""
+    return degeneracy(answered["reply"].astype(str).tolist(), answered["message"].astype(str).tolist(),
+                      reference["character_lines"], (answered["finish_reason"] == "length").tolist())
+
+
 def reply_checks(reference: dict, turns: pd.DataFrame, monitor: MonitorConfig) -> list[Check]:
-    """Degeneracy of the answered replies (the gate's checks) and, when the reference allows, their likeness."""
+    """Degeneracy of the answered replies (the gate's checks) and, when the reference allows, their likeness. A
+    rate past its limit counts only when monitor.min_clients clients' own replies are past it too."""
     answered = turns[turns["finish_reason"].isin(["stop", "length"])]
     if answered.empty:
         return [Check("replies", "not enough data", "no answered turns")]
     if len(answered) > DEGENERACY_CAP:
         answered = answered.sample(DEGENERACY_CAP, random_state=monitor.seed)
-    replies = answered["reply"].astype(str).tolist()
-    figures = degeneracy(replies, answered["message"].astype(str).tolist(), reference["character_lines"],
-                         (answered["finish_reason"] == "length").tolist())
+    figures = degeneracy_of(answered, reference)
     limits = {"repeat3_rate": monitor.max_repeat3_rate, "empty_rate": monitor.max_empty_rate,
               "max_tokens_rate": monitor.max_tokens_rate, "template_leak_rate": monitor.max_template_leak_rate}
-    over = [f"{key} {figures[key]:.3f} > {limit:.3f}" for key, limit in limits.items() if figures[key] > limit]
-    shown = ", ".join(f"{key} {figures[key]:.3f}" for key in limits)
-    checks = [Check("degeneracy", "degraded" if over else "ok",
-                    ("; ".join(over) if over else shown) + f", {len(replies)} replies", figures, bool(over))]
-    checks.append(likeness_check(reference, replies, monitor))
+    past = [key for key, limit in limits.items() if figures[key] > limit]
+    over = dict.fromkeys(past, 0)  # clients past each crossed limit on their own replies
+    for _, own in (answered.groupby(client_of(answered)) if past else []):
+        mine = degeneracy_of(own, reference)
+        for key in past:
+            over[key] += mine[key] > limits[key]
+    # degraded when some crossed limit is crossed by enough clients on their own replies
+    verdict, alarm = judge(bool(past), max(over.values(), default=0), monitor.min_clients)
+    detail = ("; ".join(f"{key} {figures[key]:.3f} > {limits[key]:.3f} ({over[key]} clients)" for key in past)
+              if past else ", ".join(f"{key} {figures[key]:.3f}" for key in limits))
+    checks = [Check("degeneracy", verdict, f"{detail}, {len(answered)} replies", figures, alarm)]
+    checks.append(likeness_check(reference, answered["reply"].astype(str).tolist(), monitor))
     return checks
 
 
@@ -176,10 +216,20 @@ def likeness_check(reference: dict, replies: list[str], monitor: MonitorConfig) 
 
 
 def window_checks(reference: dict, turns: pd.DataFrame, monitor: MonitorConfig) -> list[Check]:
-    """Every check on a window of the champion's turns, or one 'not enough data' below monitor.min_turns."""
+    """Every check on a window of the champion's turns, or one 'not enough data' below monitor.min_turns. With
+    turns from fewer distinct clients than monitor.min_clients, no check raises an event: one that would reads
+    'not enough clients: N of M' (N clients in the window, M needed), its figures kept."""
     if len(turns) < monitor.min_turns:
         return [Check("window", "not enough data", f"{len(turns)} turns < monitor.min_turns={monitor.min_turns}",
                       {"turns": float(len(turns))})]
     messages = turns["message"].astype(str).tolist()
-    return [*drift_checks(reference, messages, monitor), *reply_checks(reference, turns, monitor),
-            *health_checks(turns, monitor)]
+    checks = [*drift_checks(reference, messages, monitor), *reply_checks(reference, turns, monitor),
+              *health_checks(turns, monitor)]
+    clients = client_of(turns).nunique()
+    short = f"not enough clients: {clients} of {monitor.min_clients}"
+    if clients < monitor.min_clients:
+        checks = [Check(c.name, short, f"would read {c.verdict}: {c.detail}", c.figures) if c.alarm else c
+                  for c in checks]
+    return [*checks, Check("clients", short if clients < monitor.min_clients else "ok",
+                           f"{clients} distinct clients in the window, monitor.min_clients={monitor.min_clients}",
+                           {"clients": float(clients)})]

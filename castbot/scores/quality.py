@@ -1,7 +1,8 @@
 """Does the bot sound like its character? Model-free checks of generated replies and of evaluation losses.
 
-Everything here is pure and fast (no model, no Prefect): a style classifier trained on the transcript,
-degeneracy rates of a set of replies, bootstrap intervals for perplexity, and a side-by-side table.
+Everything here is pure and fast (no model, no Prefect): a style classifier trained on the transcript (for a cast,
+an attribution classifier telling its members apart, and its confusion matrix as a picture), degeneracy rates of a
+set of replies, bootstrap intervals for perplexity, and a side-by-side table.
 """
 
 import difflib
@@ -11,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from castbot.model.bot import exp_mean
 from castbot.common.text import markdown_cell
+from castbot.model.bot import exp_mean
 
 # Chat-template and role tokens a reply must never contain: ChatML (<|im_start|>, <|im_end|>), GPT-2's
 # <|endoftext|> and any other <|...|> special token, Llama's <s> </s>, and a line that opens a role turn.
@@ -112,6 +113,90 @@ def likeness(classifier: CharacterClassifier, bot_replies: list[str], character_
                          "train it on more lines or use more anchor lines")
     return {"likeness": (raw - ref_other) / scale, "likeness_raw": raw,
             "likeness_ref_character": ref_character, "likeness_ref_other": ref_other}
+
+
+@dataclass
+class CastClassifier:
+    """A fitted attribution classifier: which cast member a line sounds like (N-way, chance 1/N)."""
+
+    cast: list[str]
+    pipeline: Any  # sklearn Pipeline: tf-idf features -> multinomial logistic regression, refit on every line
+    heldout_accuracy: float  # on a seeded, stratified 20% of the given lines, before the refit
+    heldout_balanced_accuracy: float  # mean of per-member recalls: 1/N is chance whatever the members' shares
+    train_seconds: float
+
+    def attribute(self, texts: list[str]) -> list[str]:
+        """The cast member each text sounds most like."""
+        return [str(name) for name in self.pipeline.predict(list(texts))] if texts else []
+
+
+def train_cast_classifier(lines: list[tuple[str, str]], cast: list[str], seed: int = 0) -> CastClassifier:
+    """Fit which-cast-member on the cast's (speaker, text) pairs from training episodes (other speakers' lines
+    are left out); check it on a stratified 20% first."""
+    import time
+    from collections import Counter
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+
+    lines = [(speaker, text) for speaker, text in lines if speaker in cast]
+    counts = Counter(speaker for speaker, _ in lines)
+    if thin := [f"{name} ({counts[name]})" for name in cast if counts[name] < 5]:
+        raise ValueError(f"need at least 5 training lines of every cast member for the attribution classifier; "
+                         f"got {', '.join(thin)}")
+    started = time.perf_counter()
+    texts, labels = [text for _, text in lines], np.array([speaker for speaker, _ in lines])
+    features = character_features()
+    matrix = features.fit_transform(texts)  # (lines, n-grams), sparse; unlabelled, so the check stays fair
+
+    def model():  # class_weight balanced: a member with few lines is not out-voted by the lead
+        return LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000, random_state=seed)
+
+    fit_rows, check_rows = train_test_split(np.arange(len(texts)), test_size=0.2, stratify=labels, random_state=seed)
+    predicted = model().fit(matrix[fit_rows], labels[fit_rows]).predict(matrix[check_rows])
+    pipeline = make_pipeline(features, model().fit(matrix, labels))
+    return CastClassifier(list(cast), pipeline, float(accuracy_score(labels[check_rows], predicted)),
+                          float(balanced_accuracy_score(labels[check_rows], predicted)), time.perf_counter() - started)
+
+
+def attribution(asked: list[str], attributed: list[str], cast: list[str]) -> dict:
+    """Share of replies attributed to the member they were asked of (all replies pooled), and chance, 1/N."""
+    if not asked or len(asked) != len(attributed):
+        raise ValueError(f"attribution needs one attributed member per reply; got {len(asked)} replies and "
+                         f"{len(attributed)} attributions")
+    return {"attribution": float(np.mean([a == b for a, b in zip(asked, attributed)])),
+            "attribution_chance": 1 / len(cast)}
+
+
+def confusion_matrix(asked: list[str], attributed: list[str], cast: list[str]) -> np.ndarray:
+    """(members, members) counts: row = the member a reply was asked of, column = the member it sounds like."""
+    index = {name: i for i, name in enumerate(cast)}
+    matrix = np.zeros((len(cast), len(cast)), dtype=int)
+    for a, b in zip(asked, attributed):
+        matrix[index[a], index[b]] += 1
+    return matrix
+
+
+def confusion_figure(matrix: np.ndarray, cast: list[str], title: str):
+    """The confusion matrix as a matplotlib Figure (no pyplot: no global state), each cell its count and row share."""
+    from matplotlib.figure import Figure
+
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # (members, members), rows sum to 1
+    figure = Figure(figsize=(1.2 * len(cast) + 2.5, 1.0 * len(cast) + 2), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    axes.set_xticks(range(len(cast)), cast, rotation=30, ha="right")
+    axes.set_yticks(range(len(cast)), cast)
+    axes.set_xlabel("sounds like (attribution classifier)")
+    axes.set_ylabel("asked to speak as")
+    axes.set_title(title)
+    for (row, column), count in np.ndenumerate(matrix):
+        axes.text(column, row, f"{count}\n{shares[row, column]:.0%}", ha="center", va="center",
+                  color="white" if shares[row, column] > 0.6 else "black", fontsize=8)
+    figure.colorbar(image, ax=axes, label="share of the row's replies")
+    return figure
 
 
 def words(text: str) -> list[str]:

@@ -12,6 +12,7 @@ dropped first when the prompt is over the token budget). The last message must b
 """
 
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, ValidationError
@@ -31,7 +32,8 @@ Stops = Annotated[Annotated[StopString, Tag("str")]
 class OpenAIError(Exception):
     """A refusal in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 409: "invalid_request_error",
+             404: "invalid_request_error", 413: "invalid_request_error",
              415: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -170,11 +172,14 @@ def _turns(messages: list[Message]) -> list[Turn | str]:
     return turns[-(LIMITS.max_history_turns + 1):]  # the oldest beyond the limit would be cut by the token budget
 
 
-def to_prompt(request: ChatCompletionRequest, model_name: str) -> tuple[Prompt, list[str]]:
-    """The castbot Prompt of an OpenAI request and its stop strings; OpenAIError for what castbot refuses."""
-    if request.model != model_name:
-        raise OpenAIError(404, f"the model {request.model!r} does not exist: this service serves {model_name!r} "
-                          "(GET /v1/models)", "model", "model_not_found")
+def to_prompt(request: ChatCompletionRequest, model_name: str,
+              cast: Sequence[str] = ()) -> tuple[Prompt, list[str]]:
+    """The castbot Prompt of an OpenAI request and its stop strings; OpenAIError for what castbot refuses. A cast
+    model also answers as MODEL/Character for every member (the reply path checks the name)."""
+    name, _, character = request.model.partition("/")
+    if name != model_name or (character and len(cast) < 2):
+        raise OpenAIError(404, f"the model {request.model!r} does not exist: this service serves "
+                          f"{', '.join(model_ids(model_name, cast))} (GET /v1/models)", "model", "model_not_found")
     if request.messages[-1].role != "user":
         raise OpenAIError(400, "messages: the last message must be the user's; castbot replies to it as the character",
                           f"messages[{len(request.messages) - 1}].role", "invalid_value")
@@ -188,7 +193,7 @@ def to_prompt(request: ChatCompletionRequest, model_name: str) -> tuple[Prompt, 
         decoding["top_k"] = max(request.top_k, 0)
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     try:
-        prompt = Prompt(turns=_turns(request.messages), **decoding)
+        prompt = Prompt(turns=_turns(request.messages), character=character or None, **decoding)
     except ValidationError as exc:  # a limit the checks above do not name (e.g. a speaker name)
         raise OpenAIError(400, f"messages: {exc.errors()[0]['msg']}", "messages", "invalid_value") from None
     return prompt, [s for s in stops if s]
@@ -307,8 +312,17 @@ def chunk(turn: dict[str, str], model: str, created: int, delta: dict, reason: s
     return body
 
 
-def models_list(identity: dict[str, str], created: int | None = None) -> dict:
-    """GET /v1/models: the one served model, with castbot's version and character."""
-    return {"object": "list", "data": [{
-        "id": identity["model_name"], "object": "model", "created": created or int(time.time()),
-        "owned_by": "castbot", "version": identity["model_version"], "character": identity["character"]}]}
+def model_ids(model_name: str, cast: Sequence[str] = ()) -> list[str]:
+    """The served model's names: MODEL, and MODEL/Character for each member of a cast."""
+    return [model_name, *(f"{model_name}/{member}" for member in cast if len(cast) > 1)]
+
+
+def models_list(identity: dict[str, str], created: int | None = None, cast: Sequence[str] = ()) -> dict:
+    """GET /v1/models: the served model, with castbot's version and (default) character; a cast model also as
+    MODEL/Character for each member."""
+    created = created or int(time.time())
+    characters = [identity["character"], *(member for member in cast if len(cast) > 1)]
+    return {"object": "list", "data": [
+        {"id": model_id, "object": "model", "created": created, "owned_by": "castbot",
+         "version": identity["model_version"], "character": character}
+        for model_id, character in zip(model_ids(identity["model_name"], cast), characters)]}

@@ -20,8 +20,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from castbot.model.bot import Reply
 from castbot.serve import openai_protocol as openai_api
 from castbot.serve.engines import EngineBusy, EngineError
-from castbot.serve.replies import Replies
-from castbot.serve.turn_log import new_turn
+from castbot.serve.replies import Replies, UnknownCharacter
+from castbot.serve.turn_log import NotYours
 
 ENDPOINT = "/v1/chat/completions"
 logger = logging.getLogger("castbot.service")
@@ -59,7 +59,7 @@ class CompletionEvents:
 @app.get("/models", include_in_schema=False)
 async def models(replies: Served) -> JSONResponse:
     """OpenAI's model list: the one served model, with its version and character."""
-    return JSONResponse(openai_api.models_list(replies.identity))
+    return JSONResponse(openai_api.models_list(replies.identity, cast=replies.cast))
 
 
 @app.post("/chat/completions", include_in_schema=False)
@@ -71,8 +71,16 @@ async def chat_completions(request: Request, replies: Served) -> Response:
             parsed = openai_api.parse_request(json.loads(await request.body()))
         except ValueError as exc:  # not JSON
             raise openai_api.OpenAIError(400, f"the body is not valid JSON: {exc}") from None
-        prompt, stops = openai_api.to_prompt(parsed, model)
-        turn = new_turn(parsed.conversation_id)
+        prompt, stops = openai_api.to_prompt(parsed, model, replies.cast)
+        try:
+            replies.speaker(prompt.character)
+        except UnknownCharacter as exc:
+            raise openai_api.OpenAIError(404, str(exc), "model", "model_not_found") from None
+        model = parsed.model  # MODEL, or MODEL/Character of a cast model: echoed as asked
+        try:
+            turn = await replies.turns.open_turn(parsed.conversation_id)
+        except NotYours as exc:
+            raise openai_api.OpenAIError(409, str(exc), "conversation_id") from None
         if parsed.stream:
             usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             events = CompletionEvents(turn, model, created, usage)

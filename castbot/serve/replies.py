@@ -59,33 +59,56 @@ def cut(reply: Reply, stops: Sequence[str]) -> Reply:
     return dataclasses.replace(reply, reply=text, finish_reason="stop") if stopped else reply
 
 
-class Replies:
-    """The served model's engine, as every route reaches it; identity is the model's name, version and character."""
+class UnknownCharacter(LookupError):
+    """A request names someone outside the served model's cast (the routes answer 404 and name the cast)."""
 
-    def __init__(self, engine: Engine, character: str, identity: dict[str, str], turns: TurnLog):
-        self.engine, self.character, self.identity, self.turns = engine, character, identity, turns
+
+class Replies:
+    """The served model's engine, as every route reaches it; identity is the model's name, version and (default)
+    character; cast is everyone the model speaks as, the first being the default (one character: just that one)."""
+
+    def __init__(self, engine: Engine, cast: Sequence[str], identity: dict[str, str], turns: TurnLog):
+        self.engine, self.cast, self.identity, self.turns = engine, tuple(cast), identity, turns
+        self.character = self.cast[0]
         self.metrics = EngineMetrics(engine)
+
+    def speaker(self, requested: str | None) -> str:
+        """The cast member a request names (any case), or the first; UnknownCharacter names the cast."""
+        if requested is None:
+            return self.character
+        found = [name for name in self.cast if name.casefold() == requested.strip().casefold()]
+        if not found:
+            raise UnknownCharacter(f"{self.identity['model_name']} does not speak as {requested!r}: its cast is "
+                                   f"{', '.join(self.cast)}")
+        return found[0]
+
+    def identity_of(self, character: str) -> dict[str, str]:
+        """The model's identity as one member of its cast answers."""
+        return {**self.identity, "character": character}
 
     async def reply(self, endpoint: str, prompt: Prompt, turn: dict[str, str], stops: Sequence[str] = ()) -> Reply:
         """One reply, cut at the first stop string. Engine errors (EngineBusy: a 503) reach the route, which answers
         them in its own shape, after the turn is logged as an error."""
+        character = self.speaker(prompt.character)  # before anything runs or is logged
         started = time.perf_counter()
         reply = Reply("", 0, 0, "error")
         try:
-            reply = cut(await self.engine.reply(conversation(prompt, self.character), **prompt.decoding()), stops)
+            reply = cut(await self.engine.reply(conversation(prompt, character), character=character,
+                                                **prompt.decoding()), stops)
         except asyncio.CancelledError:  # the client left (or the request timed out)
             reply = Reply("", 0, 0, "cancelled")
             raise
         finally:
-            await self._finished(endpoint, prompt, reply, started, None, turn)
+            await self._finished(endpoint, prompt, character, reply, started, None, turn)
         return reply
 
     async def stream(self, endpoint: str, prompt: Prompt, turn: dict[str, str], events: StreamEvents,
                      stops: Sequence[str] = ()) -> AsyncGenerator[str, None]:
         """The reply as the route's events: start once the prompt is built, a piece as text arrives (held back
         while it may begin a stop string; the stream ends at one), then done. A client that leaves cancels it."""
+        character = self.speaker(prompt.character)
         started, first_piece_at = time.perf_counter(), None
-        stream = self.engine.stream(conversation(prompt, self.character), **prompt.decoding())
+        stream = self.engine.stream(conversation(prompt, character), character=character, **prompt.decoding())
         cutter, failed, begun = StopCutter(list(stops)), True, False
         try:
             await stream.prompted()
@@ -112,12 +135,12 @@ class Replies:
                                             finish_reason="stop")
             elif failed:
                 reply = dataclasses.replace(reply, finish_reason="error")
-            await self._finished(endpoint, prompt, reply, started, first_piece_at, turn)
+            await self._finished(endpoint, prompt, character, reply, started, first_piece_at, turn)
         for event in events.done(reply, cutter.stopped):
             yield event
 
-    async def _finished(self, endpoint: str, prompt: Prompt, reply: Reply, started: float,
+    async def _finished(self, endpoint: str, prompt: Prompt, character: str, reply: Reply, started: float,
                         first_piece_at: float | None, turn: dict[str, str]) -> None:
         """Every finished turn passes here once: logged (committed before the reply goes out), then counted."""
-        await self.turns.record(endpoint, prompt, reply, started, first_piece_at, turn)
+        await self.turns.record(endpoint, prompt, character, reply, started, first_piece_at, turn)
         self.metrics.turn_finished(reply.new_tokens, None if first_piece_at is None else first_piece_at - started)

@@ -88,8 +88,13 @@ class Decoding(BaseModel):
                                       "adaptive engine only: transformers' continuous batching has no such "
                                       "processor, and OpenVINO GenAI applies it in beam search only.")
 
+    character: str | None = Field(None, min_length=1, max_length=64, pattern=NOT_BLANK,
+                                  description="A cast model: the member who answers (any case; default: the first "
+                                  "of the cast). GET /v1/models lists them as MODEL/Character.")
+
     def decoding(self) -> dict:
-        return self.model_dump(include=set(Decoding.model_fields))
+        """The engine's settings (the character is resolved against the cast by the reply path)."""
+        return self.model_dump(include=set(Decoding.model_fields) - {"character"})
 
 
 class Turn(BaseModel):
@@ -180,7 +185,7 @@ def speaker_name(label: str, character: str) -> str:
 def chat_prompt(request: ChatRequest) -> Prompt:
     """The /generate prompt for a chat: history then the message (the user's), with the request's decoding.
     Speakers are resolved (bot -> the character) by conversation()."""
-    return Prompt(turns=[*request.history, request.message], **request.decoding())
+    return Prompt(turns=[*request.history, request.message], character=request.character, **request.decoding())
 
 
 def conversation(prompt: Prompt, character: str) -> list[tuple[str, str]]:

@@ -3,7 +3,8 @@ committed. Every route's turn is written here, once, whatever its finish_reason.
 
 A turn is committed before its reply goes out (an acknowledged reply survives a crash), in a worker thread; a
 turn the client abandoned is written without waiting. A failed write is counted and logged, never raised: the
-reply still goes out.
+reply still goes out. Each turn records its client (castbot/serve/access.py: CLIENT) and the history that produced
+it; a conversation belongs to the client that started it, and only that client may add to it, rate it or delete it.
 """
 
 import asyncio
@@ -12,10 +13,17 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from castbot.chatlog.store import ChatLog, TurnRecord
+from castbot.chatlog.store import ChatLog, ChatLogUnavailable, NotOwner, TurnRecord
 from castbot.model.bot import Reply
+from castbot.serve.access import CLIENT
 from castbot.serve.metrics import CHATLOG_ERRORS, CHATLOG_WRITE
-from castbot.serve.schemas import Prompt
+from castbot.serve.schemas import Prompt, conversation
+
+PURGE_EVERY_S = 3600.0  # the retention (CASTBOT_CHATLOG_RETENTION_DAYS, default 30) is applied hourly
+
+
+class NotYours(LookupError):
+    """A conversation_id that another client started (the route answers 409)."""
 
 logger = logging.getLogger("castbot.service")
 
@@ -24,7 +32,10 @@ def open_chatlog() -> ChatLog | None:
     """The conversation log from CASTBOT_CHATLOG*, or None when it is off or cannot be opened (logged, counted:
     the service answers without it rather than not at all)."""
     try:
-        return ChatLog.from_env()
+        log = ChatLog.from_env(lazy=True)  # a database down at start-up is reached once it comes back
+        if log is not None:
+            log.start_purging(PURGE_EVERY_S)
+        return log
     except Exception as exc:  # a bad URL, a database down: the error names it without the password
         CHATLOG_ERRORS.inc()
         logger.error("conversation log unavailable, turns are not logged: %s", exc)
@@ -42,25 +53,46 @@ class TurnLog:
     def __init__(self, chatlog: ChatLog | None, identity: dict[str, str], engine_name: str):
         self.chatlog, self.identity, self.engine_name = chatlog, identity, engine_name
 
-    async def record(self, endpoint: str, prompt: Prompt, reply: Reply, started: float, first_piece_at: float | None,
-                     turn: dict[str, str]) -> None:
+    async def open_turn(self, conversation_id: str | None) -> dict[str, str]:
+        """new_turn(), after checking that a conversation the client names is its own (NotYours otherwise). A log
+        that is off or down cannot tell, and the turn goes on (its write will be counted as failed)."""
+        turn = new_turn(conversation_id)
+        if conversation_id and self.chatlog is not None:
+            try:
+                await asyncio.to_thread(self.chatlog.claim, conversation_id, CLIENT.get())
+            except NotOwner:
+                raise NotYours(f"conversation {conversation_id} belongs to another client: omit conversation_id "
+                               "to start a new one") from None
+            except Exception as exc:
+                CHATLOG_ERRORS.inc()
+                logger.error("conversation %s not claimed: %s", conversation_id, type(exc).__name__)
+        return turn
+
+    def ready(self) -> bool:
+        """False while the log is on but unreachable (the replica's turns would not be kept)."""
+        return self.chatlog is None or self.chatlog.ping()
+
+    async def record(self, endpoint: str, prompt: Prompt, character: str, reply: Reply, started: float,
+                     first_piece_at: float | None, turn: dict[str, str]) -> None:
         """started and first_piece_at are time.perf_counter() readings."""
         if self.chatlog is None:
             return
-        row = self.row(endpoint, prompt, reply, started, first_piece_at, turn)
+        row = self.row(endpoint, prompt, character, reply, started, first_piece_at, turn)
         if reply.finish_reason == "cancelled":
             asyncio.get_running_loop().run_in_executor(None, self._write, row)
         else:
             await asyncio.to_thread(self._write, row)
 
-    def row(self, endpoint: str, prompt: Prompt, reply: Reply, started: float, first_piece_at: float | None,
-            turn: dict[str, str]) -> TurnRecord:
+    def row(self, endpoint: str, prompt: Prompt, character: str, reply: Reply, started: float,
+            first_piece_at: float | None, turn: dict[str, str]) -> TurnRecord:
         """The conversation log's row for a finished turn."""
         now = time.perf_counter()
         return TurnRecord(
             **turn, time=datetime.now(UTC) - timedelta(seconds=now - started), endpoint=endpoint.lstrip("/"),
             message=prompt.named_turns()[-1][1], reply=reply.reply, history_turns=len(prompt.turns) - 1,
-            **self.identity, engine=self.engine_name, prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens,
+            client=CLIENT.get(), history=conversation(prompt, character)[:-1],
+            **{**self.identity, "character": character}, engine=self.engine_name,
+            prompt_tokens=reply.prompt_tokens, new_tokens=reply.new_tokens,
             latency_s=now - started, ttft_s=None if first_piece_at is None else first_piece_at - started,
             finish_reason=reply.finish_reason)
 
@@ -75,11 +107,21 @@ class TurnLog:
         CHATLOG_WRITE.observe(time.perf_counter() - started)
 
     async def rate(self, turn_id: str, rating: int, comment: str | None) -> bool:
-        """Store a rating of a logged turn (the log is on); False when the turn is not in the log. The store's
-        error is counted, logged without the user's words, and raised."""
+        """Store the client's rating of a turn of its own (the log is on; the latest rating replaces the earlier);
+        False when the turn is not in the log or not the client's. The store's error is counted, logged without
+        the user's words, and raised (ChatLogUnavailable: the log is down)."""
+        return await self._call(self.chatlog.add_feedback, turn_id, rating, comment, CLIENT.get())
+
+    async def forget(self, conversation_id: str) -> int:
+        """Delete the client's own conversation (its turns and ratings); the turns deleted, 0 when it has none."""
+        return await self._call(self.chatlog.delete_conversation, conversation_id, CLIENT.get())
+
+    async def _call(self, method, *args):
         try:
-            return await asyncio.to_thread(self.chatlog.add_feedback, turn_id, rating, comment)
+            return await asyncio.to_thread(method, *args)
         except Exception as exc:
             CHATLOG_ERRORS.inc()
-            logger.error("feedback not stored: %s", type(exc).__name__)
-            raise
+            logger.error("%s failed: %s", method.__name__, type(exc).__name__)
+            if isinstance(exc, ChatLogUnavailable):
+                raise
+            raise ChatLogUnavailable(f"the conversation log failed: {type(exc).__name__}") from None

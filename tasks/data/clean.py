@@ -5,23 +5,24 @@ Rows are never reordered (episode order and scenes are kept); rules only rewrite
 when the length stays the same; for a dropped row, the length of its line.
 """
 
-import html
 from pathlib import Path
 
 import pandas as pd
 from prefect import task
 
-from castbot.config.data import CleaningConfig
 from castbot.common.cache import announce_cache_hit, content_policy
-from tasks.data.lineage import publish_markdown
 from castbot.common.text import markdown_cell, shorten
-
-HTML_TAG = r"</?[A-Za-z][^<>]{0,300}>"
-BBCODE = r"(?i)\[/?(?:b|i|u|s|url|quote|color|size|img|code|spoiler)(?:=[^\]]*)?\]"
-DIRECTION = r"\[[^\[\]]*\]|\([^()]*\)|(?<!\w)\*[^*\n]{1,200}\*(?!\w)"  # [..], (..), forum-style *action*
-# a direction cut in two by the scrape: 'throws the bottle) Let's go' / 'Let's go. (presses a button.'
-DIRECTION_FRAGMENT = r"^\s*[a-z][^()\[\]]{0,120}[)\]]|[(\[][^()\[\]]*$"
-LEFTOVER_MARKUP = r"[\[\]()<>*]|&[a-z]+;"  # what the cleaned-dialogue suite bounds
+from castbot.config.data import CleaningConfig
+from tasks.data import line_rules
+from tasks.data.line_rules import (
+    LEFTOVER_MARKUP,
+    fix_mojibake,
+    normalize_whitespace,
+    strip_directions,
+    strip_label_colon,
+    strip_markup,
+)
+from tasks.data.lineage import publish_markdown
 
 
 def _changed_chars(before: pd.Series, after: pd.Series) -> int:
@@ -63,55 +64,6 @@ class Cleaner:
         self.rules.append({"rule": rule, "rows": rows, "chars": chars, "example": example})
 
 
-def fix_mojibake(lines: pd.Series) -> pd.Series:
-    """ftfy on non-ASCII lines only (ASCII text cannot hold mojibake); quotes and widths left alone."""
-    import ftfy
-
-    config = ftfy.TextFixerConfig(unescape_html=False, uncurl_quotes=False, fix_latin_ligatures=False,
-                                  fix_character_width=False, fix_line_breaks=False, explain=False)
-    fixed = [s if s.isascii() else ftfy.fix_text(s, config) for s in lines.tolist()]
-    return pd.Series(fixed, index=lines.index, dtype=object)
-
-
-def only_where(lines: pd.Series, candidates: str, fix) -> pd.Series:
-    """fix() applied to the lines holding one of `candidates` (a cheap vectorised pre-filter)."""
-    mask = lines.str.contains(candidates, regex=True)
-    out = lines.astype(object)
-    if mask.any():
-        out[mask] = fix(lines[mask]).astype(object)
-    return out
-
-
-def strip_markup(lines: pd.Series) -> pd.Series:
-    """HTML tags and entities, BBCode tags."""
-    def fix(part: pd.Series) -> pd.Series:
-        part = part.str.replace(HTML_TAG, " ", regex=True).str.replace(BBCODE, " ", regex=True)
-        return pd.Series([html.unescape(s) if "&" in s else s for s in part.tolist()], index=part.index, dtype=object)
-
-    return only_where(lines, r"[<\[&]", fix)
-
-
-def strip_directions(lines: pd.Series) -> pd.Series:
-    """Inline [..], (..) and *..* directions (twice, for one level of nesting), then cut-off fragments."""
-    def fix(part: pd.Series) -> pd.Series:
-        for pattern in (DIRECTION, DIRECTION, DIRECTION_FRAGMENT):
-            part = part.str.replace(pattern, " ", regex=True)
-        return part
-
-    return only_where(lines, r"[\[\]()*]", fix)
-
-
-def normalize_whitespace(lines: pd.Series) -> pd.Series:
-    """NBSP, tabs, newlines and runs of spaces to one space; trimmed."""
-    return lines.str.replace(r"\s+", " ", regex=True).str.strip()
-
-
-def strip_label_colon(lines: pd.Series) -> pd.Series:
-    """The colon a scrape left at the start of a line when it split 'Rick: Every 10th.' into label and text
-    (': Every 10th.'); a colon not followed by a space (':)') stays."""
-    return lines.str.replace(r"^\s*:\s+", "", regex=True)
-
-
 def trim_labels(speakers: pd.Series) -> pd.Series:
     """Outer spaces, inner runs of spaces and trailing colons ('Rick:' -> 'Rick')."""
     return speakers.str.replace(r"\s+", " ", regex=True).str.strip().str.rstrip(":").str.strip()
@@ -137,7 +89,9 @@ def apply_aliases(speakers: pd.Series, aliases: dict[str, list[str]]) -> pd.Seri
     return speakers.map(lambda s: lookup.get(s.casefold(), s))
 
 
-@task(name="clean_transcript", cache_policy=content_policy(__file__), on_completion=[announce_cache_hit])
+# the key covers line_rules.py too: a changed rule must not reuse an earlier cleaned transcript
+@task(name="clean_transcript", cache_policy=content_policy(__file__, line_rules.__file__),
+      on_completion=[announce_cache_hit])
 def clean_transcript(frame: pd.DataFrame, rules: CleaningConfig) -> tuple[pd.DataFrame, dict]:
     """Apply the cleaning rules in order; return the cleaned frame and a per-rule report."""
     cleaner = Cleaner(frame)

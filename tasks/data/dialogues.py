@@ -1,4 +1,4 @@
-"""Turn a transcript into context/response samples for one character, split by episode."""
+"""Turn a transcript into context/response samples for one character or a cast, split by episode."""
 
 import hashlib
 import re
@@ -7,22 +7,25 @@ from collections import Counter
 import pandas as pd
 from prefect import task
 
-from castbot.config.data import DialogueConfig
 from castbot.common.errors import DataError
 from castbot.common.logs import run_logger
+from castbot.config.data import DialogueConfig
 
 
-def samples_for(frame: pd.DataFrame, character: str, context_turns: int) -> list[dict]:
-    """One sample per line of the character; context = previous lines of the same episode and scene."""
+def samples_for(frame: pd.DataFrame, character: str | list[str], context_turns: int) -> list[dict]:
+    """One sample per line of the character; context = previous lines of the same episode and scene. A list of
+    names (a cast): a sample per line of each, in transcript order, each carrying its speaker as `character`."""
+    cast = None if isinstance(character, str) else set(character)
     samples = []
     for (episode, _scene), turns in frame.groupby(["episode", "scene"], sort=False, dropna=False):
         lines, speakers = turns["line"].tolist(), turns["speaker"].tolist()
         for i, speaker in enumerate(speakers):
-            if speaker != character:
+            if speaker != character if cast is None else speaker not in cast:
                 continue
             start = max(0, i - context_turns) if context_turns else i
-            samples.append({"episode": str(episode), "context": lines[start:i], "speakers": speakers[start:i],
-                            "response": lines[i]})
+            sample = {"episode": str(episode), "context": lines[start:i], "speakers": speakers[start:i],
+                      "response": lines[i]}
+            samples.append(sample if cast is None else {**sample, "character": speaker})
     return samples
 
 
@@ -77,17 +80,21 @@ def new_episodes(other: pd.DataFrame, known: pd.DataFrame, max_shared: float = 0
 
 
 @task(name="build_dialogues")
-def build_dialogues(frame: pd.DataFrame, character: str, config: DialogueConfig, seed: int,
+def build_dialogues(frame: pd.DataFrame, character: str | list[str], config: DialogueConfig, seed: int,
                     more: dict[str, pd.DataFrame] | None = None) -> dict[str, list[dict]]:
-    """Samples for the character, split train/validation/test by episode (no episode in two splits).
+    """Samples for the character (a list: for every cast member, each sample naming its `character`), split
+    train/validation/test by episode (no episode in two splits, for every cast member alike).
 
     `more` maps a source name to another cleaned transcript of the same show: its episodes that `frame` does
     not hold are added to training only, so validation and test stay this transcript's.
     """
     frame = frame.assign(scene=frame["scene"].fillna("").astype(str))
     samples = samples_for(frame, character, config.context_turns)
-    if not samples:
-        raise DataError(f"character '{character}' has no lines to learn from")
+    silent = [name for name in ([character] if isinstance(character, str) else character)
+              if not any(s.get("character", character) == name for s in samples)]
+    if silent:
+        raise DataError(f"character '{silent[0]}' has no lines to learn from")
+    # one split of the pooled samples' episodes: a cast member's test episode is no one's training episode
     splits = split_episodes([s["episode"] for s in samples], config, seed)
     result = {name: [s for s in samples if s["episode"] in episodes] for name, episodes in splits.items()}
     for source, other in (more or {}).items():

@@ -3,13 +3,16 @@
 A turn becomes a sample only when its user liked it (last rating +1), its reply is complete, and, with
 data.feedback.require_review (default true), a person approved it (python -m castbot.chatlog review). The sample
 keeps the history that produced the reply as its context lines (the last dialogue.context_turns, as transcript
-samples), whitespace normalised as the cleaning step does; the same context and reply count once; a held-out reply
-is left out; and the samples are capped at data.feedback.max_share of the training split they join.
+samples). Its lines go through the transcript's line rules (tasks/data/line_rules.py, as the profile's cleaning
+section sets them) and the dialogue suite's limits (validation.max_line_chars, validation.max_markup_share); the
+same context and reply count once; a held-out reply is left out; and the samples are capped at
+data.feedback.max_share of the training split they join. The run logs the samples it trained on as feedback.jsonl.
 """
 
 import hashlib
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,9 +23,9 @@ from prefect.cache_policies import NO_CACHE
 
 from castbot.chatlog.schema import COMPLETE
 from castbot.common.logs import run_logger
+from castbot.config.data import CleaningConfig, ValidationConfig
 from castbot.config.profile import PipelineConfig
-
-DEFAULT_MAX_SHARE = 0.2
+from tasks.data.line_rules import LEFTOVER_MARKUP, clean_lines
 
 
 def _line(text: str) -> str:
@@ -30,27 +33,47 @@ def _line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def liked_samples(turns: pd.DataFrame, require_review: bool = True, context_turns: int | None = None) -> list[dict]:
+def cleaned_texts(liked: pd.DataFrame, rules: CleaningConfig) -> dict[str, str]:
+    """Each distinct message, reply and history text of the liked turns -> that text after the transcript's line
+    rules, then on one line whatever cleaning.normalize_whitespace says (the guard above)."""
+    texts = sorted({*liked["message"].astype(str), *liked["reply"].astype(str),
+                    *(str(text) for history in liked["history"] for _, text in history)})
+    return dict(zip(texts, map(_line, clean_lines(texts, rules)), strict=True))
+
+
+def liked_samples(turns: pd.DataFrame, require_review: bool = True, context_turns: int | None = None,
+                  cleaning: CleaningConfig | None = None) -> list[dict]:
     """One sample per liked, complete (and, with require_review, approved) turn, oldest first, each context and
-    reply once: context = the history then the user's message; `turn_id` and `client` mark it as feedback."""
-    liked = turns[(turns["rating"] == 1) & turns["finish_reason"].isin(COMPLETE)
-                  & turns["reply"].map(_line).astype(bool)]
+    reply once: context = the history then the user's message, cleaned by `cleaning` (default: the default rules);
+    `turn_id` and `client` mark it as feedback. A reply the rules leave empty is dropped, as the cleaning step
+    drops a transcript row left empty."""
+    liked = turns[(turns["rating"] == 1) & turns["finish_reason"].isin(COMPLETE)]
     if require_review:
         liked = liked[liked["review"] == "approved"]
+    text = cleaned_texts(liked, cleaning or CleaningConfig())
     samples, seen = [], set()
     for row in liked.itertuples(index=False):
-        turns_before = [(speaker, _line(text)) for speaker, text in row.history if _line(text)]
-        context = [*turns_before, ("", _line(row.message))]
+        context = [(speaker, text[str(said)]) for speaker, said in [*row.history, ("", row.message)]
+                   if text[str(said)]]
         if context_turns is not None:
             context = context[-max(context_turns, 1):]  # always the message itself
-        sample = {"episode": f"feedback:{row.conversation_id}", "context": [text for _, text in context],
-                  "speakers": [speaker for speaker, _ in context], "response": _line(row.reply),
+        response = text[str(row.reply)]
+        sample = {"episode": f"feedback:{row.conversation_id}", "context": [line for _, line in context],
+                  "speakers": [speaker for speaker, _ in context], "response": response,
                   "turn_id": row.turn_id, "client": row.client}
-        key = (tuple(sample["context"]), sample["response"])
-        if key not in seen:
+        key = (tuple(sample["context"]), response)
+        if response and context and key not in seen:
             seen.add(key)
             samples.append(sample)
     return samples
+
+
+def refused(sample: dict, rules: ValidationConfig) -> bool:
+    """Whether the dialogue suite's limits (tasks/data/validate.py) refuse the sample's lines: one longer than
+    validation.max_line_chars, or a larger share than validation.max_markup_share still holding markup."""
+    lines = [*sample["context"], sample["response"]]
+    markup = sum(bool(re.search(LEFTOVER_MARKUP, line)) for line in lines)
+    return any(len(line) > rules.max_line_chars for line in lines) or markup / len(lines) > rules.max_markup_share
 
 
 def awaiting_review(turns: pd.DataFrame) -> int:
@@ -91,26 +114,29 @@ def write_feedback_jsonl(samples: list[dict], folder: str | Path) -> Path:
 
 @dataclass
 class FeedbackFound:
-    """What the log holds for training: the samples, and the liked turns still awaiting review."""
+    """What the log holds for training: the samples, the liked turns still awaiting review, and the approved
+    samples the validation limits refused."""
 
     samples: list[dict] = field(default_factory=list)
     pending: int = 0
+    refused: int = 0
 
 
 def read_feedback(config: PipelineConfig) -> FeedbackFound:
-    """The bot's trainable liked turns in the conversation log that data.feedback names, and how many await review."""
+    """The bot's trainable liked turns in the conversation log that data.feedback names, cleaned and checked by
+    the profile's rules, and how many await review."""
     from castbot.chatlog.store import ChatLog, default_url
 
     settings = config.data.feedback
     since = datetime.now(UTC) - timedelta(days=settings.since_days) if settings.since_days else None
-    require_review = getattr(settings, "require_review", True)
     log = ChatLog(settings.url or default_url())
     try:
         turns = log.turns(model_name=settings.model_name or config.model_name, since=since)
     finally:
         log.close()
-    return FeedbackFound(liked_samples(turns, require_review, config.dialogue.context_turns),
-                         awaiting_review(turns) if require_review else 0)
+    samples = liked_samples(turns, settings.require_review, config.dialogue.context_turns, config.cleaning)
+    kept = [sample for sample in samples if not refused(sample, config.validation)]
+    return FeedbackFound(kept, awaiting_review(turns) if settings.require_review else 0, len(samples) - len(kept))
 
 
 def read_liked_samples(config: PipelineConfig) -> list[dict]:
@@ -128,11 +154,16 @@ class FeedbackAdded:
     pending: int = 0  # liked turns awaiting review (python -m castbot.chatlog review)
     held_out: int = 0  # left out: the reply is a validation or test response
     over_cap: int = 0  # left out: beyond data.feedback.max_share of the training split
+    refused: int = 0  # left out: over the validation limits once cleaned
+
+    def counts(self) -> dict[str, int]:
+        return {"added": self.added, "pending": self.pending, "held_out": self.held_out, "over_cap": self.over_cap,
+                "refused": self.refused}
 
     def summary(self) -> str:
         return (f"{self.added} feedback samples added to training, {self.pending} liked turns await review "
                 f"(python -m castbot.chatlog review); left out: {self.held_out} held-out replies, {self.over_cap} "
-                "over the max_share cap")
+                f"over the max_share cap, {self.refused} refused by the validation limits")
 
 
 def merge_feedback(splits: dict[str, list[dict]], found: FeedbackFound, max_share: float) -> FeedbackAdded:
@@ -143,7 +174,8 @@ def merge_feedback(splits: dict[str, list[dict]], found: FeedbackFound, max_shar
     cap = feedback_cap(len(splits["train"]), max_share)
     capped = kept[-cap:] if cap else []
     return FeedbackAdded({**splits, "train": splits["train"] + capped}, added=len(capped), pending=found.pending,
-                         held_out=len(found.samples) - len(kept), over_cap=len(kept) - len(capped))
+                         held_out=len(found.samples) - len(kept), over_cap=len(kept) - len(capped),
+                         refused=found.refused)
 
 
 @task(name="add_approved_feedback", cache_policy=NO_CACHE)  # the log changes between runs: always read it
@@ -151,12 +183,15 @@ def add_approved_feedback(splits: dict[str, list[dict]], config: PipelineConfig,
                           found: FeedbackFound | None = None) -> FeedbackAdded:
     """With data.feedback.enabled, the splits with the bot's approved liked turns added to training only, and the
     counts; else the splits unchanged. found: read_feedback(config) as the flow read it (None: read here)."""
-    if not config.data.feedback.enabled:
+    from castbot.chatlog.settings import safe_url
+
+    settings = config.data.feedback
+    if not settings.enabled:
         return FeedbackAdded(splits)
-    max_share = getattr(config.data.feedback, "max_share", DEFAULT_MAX_SHARE)
-    added = merge_feedback(splits, read_feedback(config) if found is None else found, max_share)
-    model_name = config.data.feedback.model_name or config.model_name
-    run_logger("castbot.feedback").info("data.feedback (%s): %s", model_name, added.summary())
+    added = merge_feedback(splits, read_feedback(config) if found is None else found, settings.max_share)
+    where = f" from {safe_url(settings.url)}" if settings.url else ""  # the password masked (user:***@host)
+    run_logger("castbot.feedback").info("data.feedback (%s%s): %s", settings.model_name or config.model_name,
+                                        where, added.summary())
     return added
 
 
@@ -166,3 +201,17 @@ def add_feedback_samples(splits: dict[str, list[dict]], config: PipelineConfig,
     """add_approved_feedback's splits alone; liked: read_liked_samples(config) as the flow read it (None: read here;
     the count awaiting review is then not reported)."""
     return add_approved_feedback.fn(splits, config, None if liked is None else FeedbackFound(liked)).splits
+
+
+@task(name="log_feedback", retries=2, retry_delay_seconds=2)
+def log_feedback(run_id: str, added: FeedbackAdded) -> None:
+    """The run's data.feedback counts as MLflow params (feedback.added, feedback.pending, feedback.held_out,
+    feedback.over_cap, feedback.refused) and the samples it trains on as the artifact feedback.jsonl (empty when
+    none): the users' words a model learned, by turn id and client."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in added.counts().items():
+        client.log_param(run_id, f"feedback.{key}", value)
+    with tempfile.TemporaryDirectory() as folder:
+        client.log_artifact(run_id, str(write_feedback_jsonl(feedback_samples(added.splits["train"]), folder)))

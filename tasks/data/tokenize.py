@@ -49,8 +49,8 @@ def encode_split(samples: list[dict], tokenizer, config: DialogueConfig, fmt: Di
     from datasets import Dataset
 
     tokenizer = PreEncoded(tokenizer, [turn for s in samples for turn in [*s["context"], s["response"]]])
-    encoded = [fmt.encode_sample(tokenizer, sample_turns(s), s["response"], config.max_length, config.loss_on)
-               for s in samples]
+    encoded = [fmt.speaking(s.get("character")).encode_sample(  # a cast's sample: its speaker's system line
+        tokenizer, sample_turns(s), s["response"], config.max_length, config.loss_on) for s in samples]
     return Dataset.from_dict({key: [e[key] for e in encoded] for key in ("input_ids", "attention_mask", "labels")})
 
 

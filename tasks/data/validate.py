@@ -1,7 +1,7 @@
 """Validate transcripts against the Great Expectations suites in expectations/, with Data Docs for each run.
 
 raw_transcript: the file's structure after ingest (columns, types, row count, null share).
-dialogue: the cleaned lines (lengths, leftover markup, the character's lines and episodes).
+dialogue: the cleaned lines (lengths, leftover markup, the character's lines and episodes; a cast: each member's).
 """
 
 import difflib
@@ -11,27 +11,39 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
+from castbot.common.errors import DataError
 from castbot.config.data import ValidationConfig
 from tasks.data.clean import LEFTOVER_MARKUP
-from castbot.common.errors import DataError
 from tasks.data.lineage import publish_markdown
 
 SUITES = Path(__file__).resolve().parents[2] / "expectations"
 SHOWN_ROWS = 3  # offending rows quoted per failed expectation
 
 
-def load_suite(name: str, substitutions: dict[str, str]):
-    """The suite from expectations/NAME.json with ${key} placeholders in string kwargs filled in."""
+def load_suite(name: str, substitutions: dict[str, str], each: dict[str, list[str]] | None = None):
+    """The suite from expectations/NAME.json with ${key} placeholders in string kwargs filled in. each maps a
+    placeholder to several values: an expectation that holds it is checked once per value (a cast's members)."""
     import great_expectations as gx
 
     raw = json.loads((SUITES / f"{name}.json").read_text(encoding="utf-8"))
+    expectations = []
     for expectation in raw["expectations"]:
-        for key, value in expectation["kwargs"].items():
-            if isinstance(value, str):
-                for placeholder, text in substitutions.items():
-                    value = value.replace(f"${{{placeholder}}}", text)
-                expectation["kwargs"][key] = value
-    return gx.ExpectationSuite(**raw)
+        texts = [value for value in expectation["kwargs"].values() if isinstance(value, str)]
+        repeated = [key for key in each or {} if any(f"${{{key}}}" in text for text in texts)]
+        for values in ([{key: value} for key in repeated for value in each[key]] or [{}]):
+            expectations.append(_filled(expectation, {**substitutions, **values}))
+    return gx.ExpectationSuite(**{**raw, "expectations": expectations})
+
+
+def _filled(expectation: dict, substitutions: dict[str, str]) -> dict:
+    """A copy of the expectation with ${key} in its string kwargs replaced."""
+    kwargs = dict(expectation["kwargs"])
+    for key, value in kwargs.items():
+        if isinstance(value, str):
+            for placeholder, text in substitutions.items():
+                value = value.replace(f"${{{placeholder}}}", text)
+            kwargs[key] = value
+    return {**expectation, "kwargs": kwargs}
 
 
 def run_suite(frame: pd.DataFrame, suite, parameters: dict, docs_dir: str | None = None):
@@ -83,7 +95,8 @@ def describe_failures(result, frame: pd.DataFrame) -> list[str]:
             shown = [f"row {i}: {frame.at[i, 'speaker']!s}: {_cut(frame.at[i, column])}" for i in rows[:SHOWN_ROWS]]
             observed += f", e.g. {'; '.join(shown)}" if shown else ""
         setting = (config.meta or {}).get("setting")  # the profile key behind the threshold, from the suite
-        lines.append(f"{config.type} [{where}]: observed {observed}" + (f" (limit set by {setting})" if setting else ""))
+        limit = f" (limit set by {setting})" if setting else ""
+        lines.append(f"{config.type} [{where}]: observed {observed}{limit}")
     return lines
 
 
@@ -100,8 +113,8 @@ def publish_validation(name: str, source: str, result, docs_dir: str) -> str:
 
 
 def _check(frame: pd.DataFrame, name: str, substitutions: dict, parameters: dict, source: str, docs_dir: str,
-           hint: str = "") -> dict:
-    result = run_suite(frame, load_suite(name, substitutions), parameters, str(Path(docs_dir) / name))
+           hint: str = "", each: dict[str, list[str]] | None = None) -> dict:
+    result = run_suite(frame, load_suite(name, substitutions, each), parameters, str(Path(docs_dir) / name))
     index = publish_validation(name, source, result, str(Path(docs_dir) / name))
     if not result.success:
         failures = "\n  ".join(describe_failures(result, frame))
@@ -131,13 +144,19 @@ def character_hint(frame: pd.DataFrame, character: str) -> str:
 
 
 @task(name="validate_dialogue")
-def validate_dialogue(frame: pd.DataFrame, source: str, character: str, rules: ValidationConfig, docs_dir: str) -> dict:
-    """The cleaned dialogue (suite dialogue): lengths, leftover markup, the character's lines and episodes."""
+def validate_dialogue(frame: pd.DataFrame, source: str, character: str | list[str], rules: ValidationConfig,
+                      docs_dir: str) -> dict:
+    """The cleaned dialogue (suite dialogue): lengths, leftover markup, the character's lines and episodes; for a
+    cast (a list of names), every member's lines and episodes, a failure naming the member."""
     parameters = {"max_line_chars": rules.max_line_chars, "no_markup_share": 1.0 - rules.max_markup_share,
                   "min_character_lines": rules.min_character_lines,
                   "min_character_episodes": rules.min_character_episodes}
-    substitutions = {"character": json.dumps(character), "leftover_markup": LEFTOVER_MARKUP}
-    spoken = frame[frame["speaker"] == character]
-    short = len(spoken) < rules.min_character_lines or spoken["episode"].nunique() < rules.min_character_episodes
-    hint = character_hint(frame, character) if short else ""
-    return _check(frame, "dialogue", substitutions, parameters, source, docs_dir, hint)
+    cast = [character] if isinstance(character, str) else list(character)
+    substitutions = {"leftover_markup": LEFTOVER_MARKUP}
+    each = {"character": [json.dumps(name) for name in cast]}
+    hint = ""
+    for name in cast:
+        spoken = frame[frame["speaker"] == name]
+        if len(spoken) < rules.min_character_lines or spoken["episode"].nunique() < rules.min_character_episodes:
+            hint += character_hint(frame, name)
+    return _check(frame, "dialogue", substitutions, parameters, source, docs_dir, hint, each)

@@ -2,7 +2,6 @@
 loaded once, the test split encoded once, every model's figures logged to MLflow."""
 
 import hashlib
-from dataclasses import replace
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -10,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from castbot.model.bot import Bot, exp_mean
 from castbot.model.dialogue import DialogueFormat
 from castbot.scores.quality import perplexity_ci, pooled_perplexity
-from tasks.evaluate.scores import Sample, Scores, ScoreSet
+from tasks.evaluate.scores import CharacterScores, Sample, Scores, ScoreSet
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -94,7 +93,26 @@ def measure_perplexity(bot: Bot, test: EvalSet) -> Scores:
                   perplexity_low=interval["low"], perplexity_high=interval["high"],  # 95%, bootstrap over episodes
                   tokens=tokens, loss=total_loss / max(tokens, 1), total_loss=total_loss, format=bot.format.style,
                   sample_losses=[loss for loss, _ in losses], sample_tokens=[n for _, n in losses],
-                  sample_chars=chars, sample_episodes=episodes)
+                  sample_chars=chars, sample_episodes=episodes,
+                  sample_characters=[s.character for s in samples] if samples and samples[0].character else [],
+                  characters=character_scores(samples, losses))
+
+
+def character_scores(samples: tuple[Sample, ...], losses: list[tuple[float, int]]) -> tuple[CharacterScores, ...]:
+    """A cast model's perplexity per cast member, over the test samples that member speaks, with the 95% bootstrap
+    interval over their episodes (as the whole split's); () for a one-character model's samples."""
+    cast = list(dict.fromkeys(s.character for s in samples if s.character))  # first-seen order
+    figures = []
+    for name in cast:
+        rows = [i for i, s in enumerate(samples) if s.character == name]
+        mine = [losses[i] for i in rows]
+        total, tokens = sum(loss for loss, _ in mine), sum(n for _, n in mine)
+        interval = perplexity_ci([loss for loss, _ in mine], [n for _, n in mine], [samples[i].episode for i in rows],
+                                 seed=0) if tokens else {"low": float("nan"), "high": float("nan")}
+        figures.append(CharacterScores(name, len(rows), tokens, pooled_perplexity(mine), interval["low"],
+                                       interval["high"], exp_mean(total, sum(len(samples[i].response.split())
+                                                                              for i in rows))))
+    return tuple(figures)
 
 
 @task(name="evaluate_model", cache_policy=NO_CACHE)
@@ -102,19 +120,42 @@ def evaluate_model(bot: Bot, test: EvalSet, judge) -> Scores:
     """Test perplexity (with its interval and per-sample losses) and the judged replies of one loaded model."""
     from tasks.evaluate.judge import judge_replies
 
-    return replace(measure_perplexity(bot, test), said=judge_replies(bot, judge))
+    return measure_perplexity(bot, test).judged(judge_replies(bot, judge))
 
 
 @task(name="log_scores", retries=2, retry_delay_seconds=2)
 def log_scores(run_id: str, scores: ScoreSet) -> None:
-    """Every finite figure as an MLflow metric test_<figure>_<model>, e.g. test_perplexity_candidate."""
+    """Every finite figure as an MLflow metric test_<figure>_<model>, e.g. test_perplexity_candidate; a cast model's
+    also per member, test_<figure>_<model>_<member slug>, and the candidate's attribution confusion matrix as
+    attribution_confusion.png."""
     import time
 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    from castbot.config.profile import slug
+
     now = int(time.time() * 1000)  # ms
     metrics = [Metric(f"test_{key}_{name}", value, now, 0) for name, score in scores.named().items()
                for key, value in score.metrics().items()]
+    metrics += [Metric(f"test_{key}_{name}_{slug(member.character)}", value, now, 0)
+                for name, score in scores.named().items() for member in score.characters
+                for key, value in member.metrics().items()]
     metrics.append(Metric("test_target_tokens", float(scores.candidate.tokens), now, 0))
-    MlflowClient().log_batch(run_id, metrics=metrics)
+    client = MlflowClient()
+    client.log_batch(run_id, metrics=metrics)
+    if (figure := attribution_picture(scores)) is not None:
+        client.log_figure(run_id, figure, "attribution_confusion.png")
+
+
+def attribution_picture(scores: ScoreSet):
+    """The candidate's attribution confusion matrix as a matplotlib Figure; None when it was not measured."""
+    from castbot.scores.quality import confusion_figure, confusion_matrix
+
+    said = scores.candidate.said
+    if said is None or not said.attributed:
+        return None
+    cast = list(scores.cast)
+    share = f"{said.attribution:.0%}" if said.attribution is not None else "?"
+    return confusion_figure(confusion_matrix(list(said.speakers), list(said.attributed), cast), cast,
+                            f"candidate's replies: {share} attributed right (chance {1 / len(cast):.0%})")

@@ -1,13 +1,14 @@
 """What evaluation hands from step to step: the test split's samples (Sample; tasks.evaluate.perplexity.EvalSet
 encodes them once per run), one model's figures (Scores) with what it said (Replies), and a run's models side by
-side (ScoreSet).
+side (ScoreSet). A cast model's figures are also split by cast member (CharacterScores).
 
 A figure's field name is the middle of its MLflow metric, test_<figure>_<model>: Scores.perplexity of the candidate
-is logged as test_perplexity_candidate.
+is logged as test_perplexity_candidate; a cast member's as test_<figure>_<model>_<member slug>
+(test_perplexity_candidate_morty).
 """
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from castbot.model.dialogue import Turn
 
@@ -20,13 +21,14 @@ class Sample:
     context: tuple[str, ...]
     speakers: tuple[str, ...]  # one per context line; "" for an unnamed user
     response: str
+    character: str = ""  # a cast model's sample: who speaks the response; "" for a one-character model
 
     @classmethod
     def of(cls, sample: dict) -> "Sample":
         """A split's dict (tasks.data.dialogues) as a Sample; samples built before speakers were kept have none."""
         context = tuple(sample["context"])
         return cls(sample["episode"], context, tuple(sample.get("speakers") or [""] * len(context)),
-                   sample["response"])
+                   sample["response"], sample.get("character", ""))
 
     def turns(self) -> list[Turn]:
         """(speaker, text) of each context line."""
@@ -34,8 +36,9 @@ class Sample:
 
     def as_dict(self) -> dict:
         """The dict a split holds, as Bot.encode reads it."""
-        return {"episode": self.episode, "context": list(self.context), "speakers": list(self.speakers),
-                "response": self.response}
+        as_dict = {"episode": self.episode, "context": list(self.context), "speakers": list(self.speakers),
+                   "response": self.response}
+        return {**as_dict, "character": self.character} if self.character else as_dict
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,11 @@ class Replies:
     empty_rate: float | None = None  # ...with no letter or digit
     max_tokens_rate: float | None = None  # ...stopped by max_new_tokens
     template_leak_rate: float | None = None  # ...holding template or role tokens
+    attribution: float | None = None  # a cast model: share of replies the attribution classifier gives to the
+    attribution_chance: float | None = None  # cast member they were asked of; and chance, 1 / cast size
+    cast: tuple[str, ...] = ()  # a cast model: its members, in the profile's order
+    speakers: tuple[str, ...] = ()  # a cast model: the member each reply was asked of, one per text
+    attributed: tuple[str, ...] = ()  # ... and the member the attribution classifier gives it to
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,9 @@ class Scores:
     sample_tokens: list[int] = field(default_factory=list, repr=False)
     sample_chars: list[int] = field(default_factory=list, repr=False)
     sample_episodes: list[str] = field(default_factory=list, repr=False)
+    sample_characters: list[str] = field(default_factory=list, repr=False)  # a cast model's: who speaks each
     said: Replies | None = None  # None: not judged (no contexts to answer)
+    characters: tuple["CharacterScores", ...] = ()  # a cast model: figures per cast member, in cast order
 
     def figure(self, name: str) -> float | None:
         """A figure by its metric name, this model's own or its replies'; None where it was not measured."""
@@ -94,9 +104,49 @@ class Scores:
         return {name: float(value) for name, value in figures.items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
 
+    def judged(self, said: Replies | None) -> "Scores":
+        """These figures with the replies, and each cast member's attribution taken from them."""
+        if said is None or not said.cast:
+            return replace(self, said=said)
+        measured = {c.character: c for c in self.characters}
+        nan = math.nan  # a member with no test sample: no perplexity, perhaps still replies
+        return replace(self, said=said, characters=tuple(
+            measured.get(name, CharacterScores(name, 0, 0, nan, nan, nan, nan)).with_replies(said)
+            for name in said.cast))
 
-SCORE_FIELDS = tuple(f.name for f in fields(Scores) if f.name != "said")
-REPLY_FIGURES = tuple(f.name for f in fields(Replies) if f.name != "texts")
+
+@dataclass(frozen=True)
+class CharacterScores:
+    """One cast member's figures for one model: perplexity on the test samples that member speaks, with its 95%
+    bootstrap interval over episodes, and the share of the replies asked of that member that the attribution
+    classifier gives to that member (nan: none judged)."""
+
+    character: str
+    samples: int
+    tokens: int  # target tokens
+    perplexity: float  # exp(loss / tokens) over this member's samples
+    perplexity_low: float
+    perplexity_high: float
+    word_perplexity: float
+    replies: int = 0
+    attribution: float = math.nan
+
+    def with_replies(self, said: Replies) -> "CharacterScores":
+        """With the number of replies asked of this member and the share of them attributed to this member."""
+        replies = sum(asked == self.character for asked in said.speakers)
+        mine = [attributed for asked, attributed in zip(said.speakers, said.attributed) if asked == self.character]
+        share = sum(a == self.character for a in mine) / len(mine) if mine else math.nan  # nan: not attributed
+        return replace(self, replies=replies, attribution=share)
+
+    def metrics(self) -> dict[str, float]:
+        """The finite figures by the middle of their metric name (test_<figure>_<model>_<member>)."""
+        figures = {name: getattr(self, name) for name in CHARACTER_FIGURES}
+        return {name: float(value) for name, value in figures.items() if math.isfinite(value)}
+
+
+SCORE_FIELDS = tuple(f.name for f in fields(Scores) if f.name not in ("said", "characters"))
+REPLY_FIGURES = tuple(f.name for f in fields(Replies) if f.name not in ("texts", "cast", "speakers", "attributed"))
+CHARACTER_FIGURES = ("perplexity", "perplexity_low", "perplexity_high", "word_perplexity", "attribution")
 
 
 @dataclass(frozen=True)
@@ -111,3 +161,8 @@ class ScoreSet:
         """candidate, base and (if any) champion by the names metrics and tables use."""
         named = {"candidate": self.candidate, "base": self.base, "champion": self.champion}
         return {name: scores for name, scores in named.items() if scores is not None}
+
+    @property
+    def cast(self) -> tuple[str, ...]:
+        """The cast members the candidate was measured on, in cast order; () for a one-character model."""
+        return tuple(c.character for c in self.candidate.characters)

@@ -2,7 +2,7 @@
 history), publish them to Prefect, and emit the events that start a retraining."""
 
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +36,7 @@ def read_window(url: str, model_name: str, version: str, hours: float) -> tuple[
     window held (left out: they were answered by another model)."""
     from castbot.chatlog.store import ChatLog
 
-    turns = ChatLog(url).turns(model_name, since=datetime.now(timezone.utc) - timedelta(hours=hours))
+    turns = ChatLog(url).turns(model_name, since=datetime.now(UTC) - timedelta(hours=hours))
     mine = turns["model_version"].astype(str) == str(version)
     return turns[mine].reset_index(drop=True), int((~mine).sum())
 

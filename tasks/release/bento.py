@@ -60,6 +60,8 @@ def import_model(model_version, openvino: str | None = None, test: TestSplit | N
     labels = {"mlflow_model": model_version.name, "mlflow_version": str(model_version.version),
               "mlflow_run_id": model_version.run_id or "",
               "character": model_version.tags.get("castbot.character", "")}
+    if cast := model_version.tags.get("castbot.cast"):  # a cast model: its members, comma-joined, first = character
+        labels["cast"] = cast
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(folder) if folder else hf_folder(mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{model_version.name}/{model_version.version}", dst_path=tmp))

@@ -4,7 +4,9 @@ Checked in order, the first failure refuses with its figure and threshold:
 1. perplexity <= max_perplexity;
 2. what it says: character likeness, fluency (reply perplexity under the reference model), degeneracy rates;
 3. it beats the untuned base model by min_improvement;
-4. against the champion: better by min_improvement, and beyond the noise (the paired bootstrap interval of the
+4. a cast model, per member: no member worse than under the base model or the champion beyond the noise (the
+   paired bootstrap interval of the loss difference on that member's samples lies above zero);
+5. against the champion: better by min_improvement, and beyond the noise (the paired bootstrap interval of the
    per-sample loss difference lies below zero), and its likeness no lower than the champion's minus a tolerance.
 """
 
@@ -59,7 +61,21 @@ class GateDecision:
             table = (f"| figure | {' | '.join(names)} |\n|---|{'---|' * len(names)}\n" + "".join(
                 f"| {label} | {' | '.join(_cell(named[n].figure(key)) for n in names)} |\n"
                 for key, label in TABLE_ROWS if any(named[n].figure(key) is not None for n in names)))
+            table += "".join(f"| {label} | {' | '.join(cells)} |\n" for label, cells in cast_rows(scores, names))
         return f"### Gate: {verdict}\n\n{self.reason}\n\n{table}"
+
+
+def cast_rows(scores: ScoreSet, names: list[str]) -> list[tuple[str, list[str]]]:
+    """A cast model's table rows: each member's perplexity with its interval, and its replies' attribution."""
+    rows = []
+    for member in scores.cast:
+        figures = [{c.character: c for c in scores.named()[n].characters}.get(member) for n in names]
+        rows.append((f"{member}: perplexity per token [95% interval]", [
+            "" if f is None else f"{f.perplexity:.3f} [{f.perplexity_low:.3f}, {f.perplexity_high:.3f}]"
+            for f in figures]))
+        rows.append((f"{member}: replies attributed to {member} (chance {1 / len(scores.cast):.2f})",
+                     ["" if f is None or not f.replies else f"{f.attribution:.2f} of {f.replies}" for f in figures]))
+    return rows
 
 
 def _cell(value) -> str:
@@ -93,6 +109,33 @@ def noise_failure(candidate: Scores, champion: Scores, gate: GateConfig, unit: s
             f"(gate.noise_confidence; it must lie below 0)")
 
 
+def cast_failure(scores: ScoreSet, gate: GateConfig, unit: str) -> str | None:
+    """A cast model: refusal naming the first member whose samples the candidate makes worse than the base model's
+    or the champion's beyond the noise (paired bootstrap on that member's samples); None otherwise, and for a
+    one-character model."""
+    candidate = scores.candidate
+    if not gate.noise_confidence or not candidate.sample_characters or not candidate.sample_losses:
+        return None
+    denominators = candidate.sample_tokens if unit == "token" else candidate.sample_chars
+    for member in scores.cast or dict.fromkeys(candidate.sample_characters):
+        rows = [i for i, name in enumerate(candidate.sample_characters) if name == member]
+        if not rows:
+            continue
+        for label, reference in (("the base model", scores.base), ("the champion", scores.champion)):
+            if reference is None or len(reference.sample_losses) != len(candidate.sample_losses):
+                continue
+            episodes = [candidate.sample_episodes[i] for i in rows] if candidate.sample_episodes else None
+            paired = paired_improvement([candidate.sample_losses[i] for i in rows],
+                                        [reference.sample_losses[i] for i in rows], [denominators[i] for i in rows],
+                                        episodes, seed=0, confidence=gate.noise_confidence)
+            if paired["low"] > 0:  # the whole interval above 0: worse, beyond the noise
+                return (f"candidate makes {member} worse than {label} beyond the noise: on {member}'s {len(rows)} "
+                        f"test samples the {gate.noise_confidence:.0%} paired bootstrap interval of the loss "
+                        f"difference is [{paired['low']:+.4f}, {paired['high']:+.4f}] nats per {unit} "
+                        f"(gate.noise_confidence; it must not lie above 0)")
+    return None
+
+
 def decide(scores: ScoreSet, gate: GateConfig) -> GateDecision:
     """Promote iff every check in the module docstring passes. Per token when all tokenizers match, else per
     character."""
@@ -118,6 +161,8 @@ def decide(scores: ScoreSet, gate: GateConfig) -> GateDecision:
             return verdict(False, f"candidate perplexity {candidate:.3f} does not beat the {name}'s "
                                   f"{reference:.3f} by gate.min_improvement={gate.min_improvement:.1%} "
                                   f"(needed <= {needed:.3f}, per {unit})")
+    if failure := cast_failure(scores, gate, unit):
+        return verdict(False, failure)
     if champion is None:
         return verdict(True, f"no champion yet; the candidate ({candidate:.3f}) is within the limit and beats "
                              f"the base model ({base:.3f})")

@@ -32,8 +32,25 @@ def git_commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def shown_settings(config: TrainRunConfig) -> dict:
+    """TrainRunConfig.run_settings with any password in a URL (user:***@host) or a connection string
+    (password=***) masked: what MLflow may show. The digest (castbot.config_sha256) still hashes the real
+    settings, so it keeps its value for every profile."""
+    from castbot.chatlog.settings import mask_passwords
+
+    def masked(value):
+        if isinstance(value, dict):
+            return {key: masked(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [masked(item) for item in value]
+        return mask_passwords(value) if isinstance(value, str) else value
+
+    return masked(config.run_settings())
+
+
 def flat_params(config: TrainRunConfig) -> dict[str, str]:
-    """The training run's settings (TrainRunConfig.run_settings: what its digest covers) as dotted MLflow params."""
+    """The training run's settings (shown_settings: what its digest covers, passwords masked) as dotted MLflow
+    params."""
     flat = {}
 
     def walk(prefix, value):
@@ -43,7 +60,7 @@ def flat_params(config: TrainRunConfig) -> dict[str, str]:
         else:
             flat[prefix[:-1]] = str(value)[:500]
 
-    walk("", config.run_settings())
+    walk("", shown_settings(config))
     return flat
 
 
@@ -75,14 +92,15 @@ def start_run(config: TrainRunConfig, data_sha256: str, work_key: str = "") -> s
         else client.create_experiment(config.registry.experiment,
                                       artifact_location=experiment_artifacts(config.registry.experiment))
     )
+    settings = shown_settings(config)
     tags = {"castbot.data_sha256": data_sha256, "castbot.git_commit": git_commit(),
-            "castbot.config_sha256": config.digest(), "castbot.base_model": config.base_model,
-            "castbot.character": config.character, "castbot.work_key": work_key}
+            "castbot.config_sha256": config.digest(), "castbot.base_model": settings["base_model"],
+            "castbot.character": config.character or "", "castbot.work_key": work_key}
     run = client.create_run(experiment_id, tags=tags, run_name=f"{config.model_name}-train")
     close_interrupted_runs(client, experiment_id, work_key, run.info.run_id)
     for key, value in flat_params(config).items():
         client.log_param(run.info.run_id, key, value)
-    client.log_text(run.info.run_id, yaml.safe_dump(config.run_settings(), sort_keys=False), "config.yaml")
+    client.log_text(run.info.run_id, yaml.safe_dump(settings, sort_keys=False), "config.yaml")
     return run.info.run_id
 
 

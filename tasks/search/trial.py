@@ -43,7 +43,7 @@ def start_study_run(config: PipelineConfig, study) -> str:
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, run_name=f"{study.study_name}-study", tags={
-            "castbot.study": study.study_name, "castbot.role": "study", "castbot.character": config.character,
+            "castbot.study": study.study_name, "castbot.role": "study", "castbot.character": config.character or "",
             "castbot.base_model": config.base_model, "castbot.git_commit": git_commit()}).info.run_id
         for key, spec in config.search_space().items():
             client.log_param(run_id, f"space.{key}", json.dumps(spec.model_dump(exclude_none=True)))

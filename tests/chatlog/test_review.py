@@ -140,3 +140,23 @@ def test_a_like_is_new_training_input_for_the_schedule_only_once_approved(tmp_pa
     assert {k: v for k, v in training_inputs(config).items() if k != "feedback"} == \
         {k: v for k, v in before.items() if k != "feedback"}
     log.close()
+
+
+def test_approved_samples_go_through_the_transcripts_line_rules_and_limits(log):
+    """Markup and stage directions are stripped and a newline cannot start another speaker's line, as in a
+    transcript; a reply left empty is dropped; a sample over validation.max_line_chars, or still holding markup,
+    is refused and counted."""
+    history = [("", "Ready?\nAda: I order you to obey."), ("Ada", "<i>Almost</i> ready.")]
+    rated(log, "markup", 1, reply="<b>Yes</b> markup. [laughs]", history=history)
+    rated(log, "empty", 1, reply="(sighs)", when=NOW + timedelta(seconds=1))
+    rated(log, "long", 1, reply="Yes " * 600, when=NOW + timedelta(seconds=2))
+    rated(log, "smiley", 1, reply="Fine :)", when=NOW + timedelta(seconds=3))
+    log.set_review(["markup", "empty", "long", "smiley"], "approved")
+    config = tiny_config("show.csv", **{"data.feedback": {"enabled": True, "url": str(log.url)}})
+
+    found = read_feedback(config)
+    [sample] = found.samples
+    assert sample["context"] == ["Ready? Ada: I order you to obey.", "Almost ready.", "Ready, markup?"]
+    assert sample["response"] == "Yes markup." and found.refused == 2  # "long" (2,400 chars) and "smiley" (")")
+    added = add_approved_feedback.fn({"train": [], "validation": [], "test": []}, config, found)
+    assert "2 refused by the validation limits" in added.summary()

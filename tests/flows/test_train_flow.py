@@ -215,40 +215,71 @@ def test_a_candidate_that_loops_is_refused_for_degeneracy(tmp_path, monkeypatch)
     assert champion_version("loop-bot") is None
 
 
+def feedback_rows(run_id: str) -> list[dict]:
+    """The run's feedback.jsonl artifact, one dict per line."""
+    import json
+
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="feedback.jsonl")
+    with open(path, encoding="utf-8") as rows:
+        return [json.loads(line) for line in rows]
+
+
 def test_a_profile_with_data_feedback_trains_on_the_liked_turn_only(tmp_path):
-    """One liked, one disliked and one unrated turn of this bot, and a liked turn of another bot: only the first
-    becomes a training sample, and the run records its count and digest; validation and test stay the transcript's."""
+    """One liked, one disliked and one unrated turn of this bot, and a liked turn of another bot. Before review the
+    liked turn is not trained on (feedback.jsonl holds no row, the flow says one awaits review); approved with the
+    real review command, the next run trains on it, cleaned, with the history that produced the reply, and records
+    its count and digest; validation and test stay the transcript's."""
     from datetime import UTC, datetime
 
     from castbot.chatlog.store import ChatLog, TurnRecord
     from flows.train import train
     from tasks.data.feedback import feedback_digest
+    from tests.chatlog.conftest import cli
     from tests.conftest import run_data_steps
 
     url = f"sqlite:///{tmp_path / 'chatlog.db'}"
     log = ChatLog(url)
+    history = [("", "Is the rocket fuelled?"), ("Ada", "<i>Half</i> of it.")]  # markup the cleaning step strips
     ratings = {"liked": 1, "disliked": -1, "unrated": None, "other-bot": 1}
     for name, rating in ratings.items():
         log.record(TurnRecord(name, f"conversation-{name}", datetime.now(UTC), "chat",
-                              f"Is the rocket ready, {name}?", f"The numbers say {name}.", 1,
+                              f"Is the rocket ready, {name}?", f"The numbers say {name}.", 2,
                               "rival-bot" if name == "other-bot" else "feedback-bot", "1", "Ada", "transformers",
-                              12, 5, 0.2, None, "stop"))
+                              12, 5, 0.2, None, "stop", client="alice", history=history))
         if rating:
-            assert log.add_feedback(name, rating, None)
+            assert log.add_feedback(name, rating, None, client="alice")
     log.close()
 
     data = write_tiny_show(tmp_path / "show.csv")
     config = tiny_config(data, **{"registry.model_name": "feedback-bot",
                                   "data.feedback": {"enabled": True, "url": url}})
-    result = train(config)
-
-    run = MlflowClient().get_run(result["run_id"])
     transcript = run_data_steps(config, tmp_path / "docs")
+
+    before = train(config)
+    run = MlflowClient().get_run(before["run_id"])
+    assert feedback_rows(before["run_id"]) == []  # awaiting review: not trained on
+    assert int(run.data.params["samples.train"]) == len(transcript["train"])
+    assert (run.data.params["feedback.added"], run.data.params["feedback.pending"]) == ("0", "1")
+    assert before["feedback"].startswith("0 feedback samples added to training, 1 liked turns await review")
+
+    approved = cli("review", "--approve", "liked", url=url)  # python -m castbot.chatlog review --approve liked
+    assert approved.returncode == 0 and "approved 1 turns" in approved.stdout, approved.stderr
+
+    after = train(config)
+    run = MlflowClient().get_run(after["run_id"])
+    [row] = feedback_rows(after["run_id"])
+    context = ["Is the rocket fuelled?", "Half of it.", "Is the rocket ready, liked?"]  # history, then the message
+    assert row == {"turn_id": "liked", "client": "alice", "episode": "feedback:conversation-liked",
+                   "context": context, "speakers": ["", "Ada", ""], "response": "The numbers say liked."}
     assert int(run.data.params["samples.train"]) == len(transcript["train"]) + 1
     assert int(run.data.params["samples.train_feedback"]) == 1
+    assert (run.data.params["feedback.added"], run.data.params["feedback.pending"]) == ("1", "0")
+    assert after["feedback"].startswith("1 feedback samples added to training, 0 liked turns await review")
     for split in ("validation", "test"):
         assert int(run.data.params[f"samples.{split}"]) == len(transcript[split])
-    liked = {"turn_id": "liked", "context": ["Is the rocket ready, liked?"], "response": "The numbers say liked."}
+    liked = {"turn_id": "liked", "context": context, "response": "The numbers say liked."}
     assert run.data.tags["castbot.feedback_digest"] == feedback_digest([liked])
-    assert MlflowClient().get_model_version("feedback-bot", result["version"]).tags[
+    assert MlflowClient().get_model_version("feedback-bot", after["version"]).tags[
         "castbot.feedback_digest"] == feedback_digest([liked])  # the version names the feedback it saw

@@ -2,7 +2,7 @@
 another show or another language is; a handful of turns gives no verdict; bad replies and errors degrade."""
 
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -11,6 +11,7 @@ from castbot.config.monitor import MonitorConfig
 from castbot.config.profile import load_profile
 from castbot.scores.drift import health_checks, reply_checks, window_checks
 from tasks.data.freshness import INPUTS_TAG, inputs_key, unchanged_since
+from tasks.monitor.steps import alarms
 from tasks.release.trained_on import build_reference, oov_rate, user_side
 from tests.conftest import REPO
 
@@ -40,8 +41,9 @@ def turns_frame(messages: list[str], replies: list[str] | None = None, **columns
     """Logged turns as castbot.chatlog.store's turns() returns them (the columns the checks read)."""
     n = len(messages)
     frame = pd.DataFrame({"message": messages, "reply": replies or ["Morty, I gotta go, Morty."] * n,
-                          "time": [datetime.now(timezone.utc)] * n, "model_version": ["1"] * n,
-                          "finish_reason": ["stop"] * n, "latency_s": [0.5] * n, "rating": [float("nan")] * n})
+                          "time": [datetime.now(UTC)] * n, "model_version": ["1"] * n,
+                          "finish_reason": ["stop"] * n, "latency_s": [0.5] * n, "rating": [float("nan")] * n,
+                          "client": [f"client-{i % 5}" for i in range(n)]})  # five API keys, turn about
     return frame.assign(**columns)
 
 
@@ -63,9 +65,30 @@ def test_another_show_is_drift(rick):
     reference, _ = rick
     _, lotr, _ = splits_of("lotr.yaml")
     lines = random.Random(0).sample(lotr["line"].astype(str).tolist(), 100)
-    [drift, *_] = window_checks(reference, turns_frame(lines), MonitorConfig())
+    checks = window_checks(reference, turns_frame(lines), MonitorConfig())
+    drift = checks[0]
     assert drift.verdict == "yes" and drift.alarm, drift.line()
     assert drift.figures["drift_auc"] > drift.figures["drift_threshold"] >= MonitorConfig().min_drift_auc
+    assert checks[-1].line() == "clients: ok (5 distinct clients in the window, monitor.min_clients=3)"
+    assert alarms(checks)["drifted"] == [drift]
+
+
+def test_drift_from_fewer_clients_than_min_clients_raises_no_event(rick):
+    """The same off-show traffic sent by two API keys: the figures are kept, the verdict says why there is no
+    event, and the monitor flow's event step finds nothing to send."""
+    reference, _ = rick
+    _, lotr, _ = splits_of("lotr.yaml")
+    lines = random.Random(0).sample(lotr["line"].astype(str).tolist(), 100)
+    two = turns_frame(lines, client=["mallory", "eve"] * 50)
+    checks = window_checks(reference, two, MonitorConfig())
+    drift, clients = checks[0], checks[-1]
+    assert drift.line().startswith("drift: not enough clients: 2 of 3 (would read yes: AUC "), drift.line()
+    assert not drift.alarm and drift.figures["drift_auc"] > drift.figures["drift_threshold"]
+    assert clients.line() == "clients: not enough clients: 2 of 3 (2 distinct clients in the window, " \
+                             "monitor.min_clients=3)"
+    assert alarms(checks) == {"drifted": [], "degraded": []}
+    [drift, *_] = window_checks(reference, two, MonitorConfig(min_clients=2))
+    assert drift.verdict == "yes" and drift.alarm  # a deployment with two keys may ask for two
 
 
 def test_another_language_is_drift_and_out_of_vocabulary(rick):
@@ -114,6 +137,35 @@ def test_looping_replies_and_errors_degrade_the_bot(rick):
     assert checks["thumbs_down"].verdict == "degraded" and "0.667 of 12 rated turns" in checks["thumbs_down"].line()
     assert checks["latency"].verdict == "degraded" and checks["latency"].figures["latency_p95_s"] == 30.0
     assert checks["cancelled"].verdict == "ok"
+
+
+def test_one_client_cancelling_or_asking_for_one_token_cannot_degrade_the_bot(rick):
+    """One key cancels every stream, another asks for max_new_tokens=1 and rates every reply down: the window's
+    rates cross their limits but through one client each, so no 'degraded' event; three such clients do."""
+    reference, held_out = rick
+    n = len(held_out)
+    good = reference["character_lines"][:n]
+    # mallory sends 30% of the turns, trudy 50% (most of the answered ones), alice and bob 10% each
+    cycle = ["mallory"] * 3 + ["trudy"] * 5 + ["alice", "bob"]
+    clients = [cycle[i % len(cycle)] for i in range(n)]
+    reasons = ["cancelled" if c == "mallory" else "length" if c == "trudy" else "stop" for c in clients]
+    replies = ["Wubba" if c == "trudy" else reply for c, reply in zip(clients, good)]
+    ratings = [-1.0 if c == "trudy" else float("nan") for c in clients]
+    frame = turns_frame(held_out, replies, finish_reason=reasons, client=clients, rating=ratings)
+    checks = {c.name: c for c in [*reply_checks(reference, frame, MonitorConfig()),
+                                  *health_checks(frame, MonitorConfig())]}
+    for name in ("cancelled", "degeneracy", "thumbs_down"):
+        assert checks[name].verdict == "not enough clients: 1 of 3" and not checks[name].alarm, checks[name].line()
+    assert checks["cancelled"].figures["cancelled_rate"] > MonitorConfig().max_cancelled_rate
+    assert "max_tokens_rate 0.7" in checks["degeneracy"].line() and "> 0.500 (1 clients)" in checks["degeneracy"].line()
+    assert checks["thumbs_down"].figures["thumbs_down_rate"] == 1.0
+    assert checks["cancelled"].line().endswith(", 1 clients past it)")
+
+    three = ["mallory", "trudy", "alice"]  # now most clients' own streams are cancelled: that is the bot's doing
+    frame = turns_frame(held_out, good, finish_reason=["cancelled" if c in three else "stop" for c in clients],
+                        client=clients)
+    cancelled = next(c for c in health_checks(frame, MonitorConfig()) if c.name == "cancelled")
+    assert cancelled.verdict == "degraded" and cancelled.alarm and cancelled.figures["cancelled_clients_over"] == 3
 
 
 def test_healthy_replies_pass_and_few_ratings_are_not_judged(rick):

@@ -5,7 +5,7 @@ prints its verdicts, records an MLflow run and emits the drift event."""
 import random
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import yaml
@@ -80,16 +80,16 @@ def _rows():
 
 
 def log_turns(url: str, messages: list[str], version: str = "1") -> None:
-    """Write answered turns through the chat log's own API, as the service does."""
+    """Write answered turns through the chat log's own API, as the service does, from four API keys in turn."""
     from castbot.chatlog.store import ChatLog, TurnRecord
 
     log = ChatLog(url)
-    for message in messages:
+    for i, message in enumerate(messages):
         log.record(TurnRecord(
-            turn_id=uuid.uuid4().hex, conversation_id=uuid.uuid4().hex, time=datetime.now(timezone.utc),
+            turn_id=uuid.uuid4().hex, conversation_id=uuid.uuid4().hex, time=datetime.now(UTC),
             endpoint="chat", message=message, reply="The rocket needs fuel.", history_turns=0, model_name=MODEL,
             model_version=version, character="Ada", engine="continuous", prompt_tokens=20, new_tokens=5,
-            latency_s=0.3, ttft_s=None, finish_reason="stop"))
+            latency_s=0.3, ttft_s=None, finish_reason="stop", client=f"key-{i % 4}"))
 
 
 def drift_events(since: datetime) -> list[dict]:
@@ -119,7 +119,7 @@ def test_the_monitor_flow_on_in_and_out_of_distribution_traffic(trained, tmp_pat
     assert "window: not enough data (8 turns < monitor.min_turns=100)" in capsys.readouterr().out
 
     log_turns(url, (others * 2)[8:120])  # 120 turns of the show itself
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     assert main([str(profile)]) == 0
     out = capsys.readouterr().out
     assert "drift: no (AUC" in out and "errors: ok" in out, out

@@ -116,7 +116,7 @@ def test_monitor_and_tune_change_no_training_digest_or_param(tmp_path):
     params = flat_params(config)
     assert params["training.batch_size"] == "8" and params["character"] == config.character
     assert not [key for key in params if key.startswith(("monitor.", "tune."))]
-    assert {key.split(".")[0] for key in params} == set(TrainRunConfig.model_fields)
+    assert {key.split(".")[0] for key in params} == set(TrainRunConfig.model_fields) - {"cast"}  # one character
 
 
 def test_the_served_base_class_loads_nothing_but_pydantic():

@@ -1,4 +1,4 @@
-"""API keys and per-client rate limits, as functions (tests/serve/test_service.py drives them over HTTP)."""
+"""API keys and per-client rate limits, as functions (tests/serve/test_public.py drives them over HTTP)."""
 
 import pytest
 

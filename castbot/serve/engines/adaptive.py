@@ -29,6 +29,7 @@ TIMED_OUT = object()  # the dispatcher's answer for a request it dropped after m
 class _Job:
     turns: list[Turn]
     decoding: dict  # DECODING_DEFAULTS filled in
+    character: str | None = None  # a cast model's member (None: its first); jobs of any members share a batch
 
     def settings(self) -> tuple:
         """Jobs with equal settings share one generate() call."""
@@ -70,7 +71,7 @@ class AdaptiveEngine:
             self._dispatcher.shutdown()
         self._pool.shutdown(wait=True)
 
-    async def reply(self, turns: list[Turn], **decoding) -> Reply:
+    async def reply(self, turns: list[Turn], character: str | None = None, **decoding) -> Reply:
         """The reply, from the batch the dispatcher puts this request in."""
         from castbot.compat.bentoml_fixes import cork_dispatcher
 
@@ -82,7 +83,7 @@ class AdaptiveEngine:
             self._dispatcher = cork_dispatcher(self._run, self.max_batch_size, self.max_latency_s,
                                                fallback=lambda: TIMED_OUT)
             self._loop = asyncio.get_running_loop()
-        result = await self._dispatcher(_Job(turns, {**DECODING_DEFAULTS, **decoding}))
+        result = await self._dispatcher(_Job(turns, {**DECODING_DEFAULTS, **decoding}, character))
         if result is TIMED_OUT:
             if asyncio.current_task().cancelling():  # the caller left: not a refusal
                 raise asyncio.CancelledError
@@ -106,7 +107,9 @@ class AdaptiveEngine:
             self.on_batch(len(indices))
             self._running = len(indices)
             try:
-                replies = self.bot.generate([jobs[i].turns for i in indices], **jobs[indices[0]].decoding)
+                replies = self.bot.generate([jobs[i].turns for i in indices],
+                                            characters=[jobs[i].character for i in indices],
+                                            **jobs[indices[0]].decoding)
             except Exception as exc:  # the callers get it; the engine lives on
                 replies = [EngineError(f"generation failed: {exc}")] * len(indices)
             finally:
@@ -115,14 +118,14 @@ class AdaptiveEngine:
                 results[i] = reply
         return results
 
-    def stream(self, turns: list[Turn], **decoding) -> Stream:
+    def stream(self, turns: list[Turn], character: str | None = None, **decoding) -> Stream:
         """The reply's text piece by piece, from a generate() call of its own; closing the stream stops it at the
         next token."""
         max_new = decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"])
-        return Stream(self.bot.tokenizer, lambda: self.bot.prompt(turns, max_new),  # counted; generate() builds it
-                      lambda prompt: self._tokens(turns, decoding))
+        return Stream(self.bot.tokenizer, lambda: self.bot.prompt(turns, max_new, character),  # generate() builds it
+                      lambda prompt: self._tokens(turns, decoding, character))
 
-    async def _tokens(self, turns: list[Turn], decoding: dict) -> AsyncIterator[list[int]]:
+    async def _tokens(self, turns: list[Turn], decoding: dict, character: str | None) -> AsyncIterator[list[int]]:
         """The reply's generated ids so far, once per new token, from Bot.generate in a thread."""
         from transformers import StoppingCriteria
         from transformers.generation.streamers import BaseStreamer
@@ -154,7 +157,8 @@ class AdaptiveEngine:
 
         def work() -> None:
             try:
-                self.bot.generate([turns], streamer=Tokens(), stopping_criteria=[Stop()], **decoding)
+                self.bot.generate([turns], streamer=Tokens(), stopping_criteria=[Stop()], characters=[character],
+                                  **decoding)
             except BaseException as exc:  # surfaced below; the stream must still end, or the reader waits forever
                 send(exc)
 

@@ -74,9 +74,9 @@ class Engine(Protocol):
     def from_limits(cls, bot: Bot, limits, on_batch: Callable[[int], None]) -> "Engine":
         """As the service builds it, from its ServeLimits; on_batch(size) per static batch run."""
 
-    async def reply(self, turns: list[Turn], **decoding) -> Reply: ...
+    async def reply(self, turns: list[Turn], character: str | None = None, **decoding) -> Reply: ...
 
-    def stream(self, turns: list[Turn], **decoding) -> Stream: ...
+    def stream(self, turns: list[Turn], character: str | None = None, **decoding) -> Stream: ...
 
     def running(self) -> int:
         """Requests in the batch now decoding."""
@@ -102,16 +102,16 @@ class BatchingEngine:
     def _generated(self, prompt: list[int], streaming: bool, **decoding) -> AsyncIterator[list[int]]:
         raise NotImplementedError
 
-    def _prompt(self, turns: list[Turn], decoding: dict) -> list[int]:
-        return self.bot.prompt(turns, decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"]))
+    def _prompt(self, turns: list[Turn], decoding: dict, character: str | None) -> list[int]:
+        return self.bot.prompt(turns, decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"]), character)
 
-    def stream(self, turns: list[Turn], **decoding) -> Stream:
+    def stream(self, turns: list[Turn], character: str | None = None, **decoding) -> Stream:
         """The reply's text piece by piece as it is generated; closing the stream cancels the request."""
-        return Stream(self.bot.tokenizer, lambda: self._prompt(turns, decoding),
+        return Stream(self.bot.tokenizer, lambda: self._prompt(turns, decoding, character),
                       lambda prompt: self._generated(prompt, True, **decoding))
 
-    async def reply(self, turns: list[Turn], **decoding) -> Reply:
-        prompt = await asyncio.to_thread(self._prompt, turns, decoding)
+    async def reply(self, turns: list[Turn], character: str | None = None, **decoding) -> Reply:
+        prompt = await asyncio.to_thread(self._prompt, turns, decoding, character)
         generated = []
         async for tokens in self._generated(prompt, False, **decoding):
             generated = tokens

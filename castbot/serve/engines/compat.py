@@ -1,7 +1,7 @@
 """Where the continuous engine reaches into transformers' private continuous-batching API, each touch in one
 named function with the version and what it relies on.
 
-tests/release/test_bento.py (test_transformers_still_*) checks each relied-on detail: when transformers changes,
+tests/release/test_bento_engines.py (test_transformers_still_*) checks each relied-on detail: when transformers changes,
 that test fails here, naming the function to fix, instead of the engine failing at serve time. (Trainer overrides have
 their own compat module; this one is the engine's only.)
 """
