@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from http import HTTPStatus
 from collections.abc import AsyncGenerator
+from http import HTTPStatus
 from pathlib import Path
 
 import bentoml
@@ -31,8 +31,8 @@ from starlette.applications import Starlette
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
-from castbot.compat.bentoml_fixes import FixedOpenAPI, UnwrappedErrors
 from castbot.chatlog.store import ChatLogUnavailable
+from castbot.compat.bentoml_fixes import FixedOpenAPI, UnwrappedErrors
 from castbot.model.bot import Bot
 from castbot.model.folder import pick_device, read_card
 from castbot.serve import metrics, openai_routes

@@ -34,8 +34,8 @@ def held_out_perplexity(model_name: str) -> dict[str, float]:
     from mlflow import MlflowClient
 
     from bench.serve_throughput import DEMO_PROFILE, held_out_samples
-    from castbot.model.bot import Bot
     from castbot.config.profile import load_profile
+    from castbot.model.bot import Bot
     from tasks.evaluate.perplexity import EvalSet, measure_perplexity
     from tasks.release.registry import download_champion
 
@@ -58,8 +58,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from castbot.model.folder import native_cpu_bf16
     from castbot.common.settings import use_project_state
+    from castbot.model.folder import native_cpu_bf16
 
     use_project_state()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

@@ -26,12 +26,12 @@ def timed(results: list, stage: str, lines: int, fn, *args):
 
 def main(profile: str = "configs/friends.yaml") -> None:
     from flows.train import training_texts
-    from tasks.train.base_model import prepare_base_model
     from tasks.data.clean import clean_transcript
     from tasks.data.dialogues import build_dialogues
     from tasks.data.ingest import load_transcript
     from tasks.data.tokenize import tokenize_dialogues
     from tasks.data.validate import validate_dialogue, validate_raw
+    from tasks.train.base_model import prepare_base_model
 
     config = load_profile(profile)
     docs = tempfile.mkdtemp(prefix="castbot-bench-")
@@ -69,13 +69,13 @@ def rerun(profile: str = "configs/friends.yaml") -> None:
     from prefect import flow
 
     from flows.train import training_texts
-    from tasks.train.base_model import prepare_base_model
     from tasks.data.clean import clean_transcript, publish_cleaning_report
     from tasks.data.dialogues import build_dialogues
     from tasks.data.ingest import load_transcript
     from tasks.data.lineage import report_dir
     from tasks.data.tokenize import tokenize_dialogues
     from tasks.data.validate import validate_dialogue, validate_raw
+    from tasks.train.base_model import prepare_base_model
 
     @flow(name="data-steps")
     def data_steps(config) -> list[tuple[str, float, str]]:

@@ -17,8 +17,8 @@ from castbot.model.dialogue import DialogueFormat
 def test_split(profile: str):
     """The profile's config, base model folder and test samples, built as the flow builds them."""
     from flows.train import training_data
-    from tasks.train.base_model import prepare_base_model
     from tasks.data.lineage import report_dir
+    from tasks.train.base_model import prepare_base_model
 
     config = load_profile(profile)
     splits = training_data(config, report_dir()).splits

@@ -17,7 +17,7 @@ import random
 import tempfile
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,7 @@ def splits_of(profile: str):
 def synthetic_turns(n: int, messages: list[str], replies: list[str], seed: int) -> pd.DataFrame:
     """n logged turns in chat log columns: 2% errors, 5% cancelled, 10% rated (80% up), latencies 0.2-3 s."""
     rng = np.random.default_rng(seed)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     reasons = rng.choice(["stop", "length", "error", "cancelled"], size=n, p=[0.83, 0.10, 0.02, 0.05])
     ratings = np.where(rng.random(n) < 0.1, np.where(rng.random(n) < 0.8, 1.0, -1.0), np.nan)
     return pd.DataFrame({
@@ -49,7 +49,8 @@ def synthetic_turns(n: int, messages: list[str], replies: list[str], seed: int) 
         "message": rng.choice(messages, n), "reply": rng.choice(replies, n), "history_turns": 2,
         "model_name": "rick-bot", "model_version": "1", "character": "Rick", "engine": "continuous",
         "prompt_tokens": 60, "new_tokens": 20, "latency_s": rng.uniform(0.2, 3.0, n), "ttft_s": np.nan,
-        "finish_reason": reasons, "rating": ratings})
+        "finish_reason": reasons, "rating": ratings,
+        "client": [f"client-{i}" for i in rng.integers(0, 50, n)], "history": "[]"})
 
 
 def write_log(turns: pd.DataFrame, url: str) -> float:
@@ -60,7 +61,8 @@ def write_log(turns: pd.DataFrame, url: str) -> float:
     log, started = ChatLog(url), time.perf_counter()
     rows = turns[TURN_FIELDS].assign(time=turns["time"].dt.tz_convert(None)).to_dict("records")
     rated = turns[turns["rating"].notna()]
-    ratings = [{"turn_id": t, "rating": int(r), "comment": None, "time": datetime.now(timezone.utc).replace(tzinfo=None)}
+    ratings = [{"turn_id": t, "rating": int(r), "comment": None,
+                "time": datetime.now(UTC).replace(tzinfo=None)}
                for t, r in zip(rated["turn_id"], rated["rating"])]
     with log.engine.begin() as conn:
         conn.execute(turns_table.insert(), rows)
@@ -69,14 +71,13 @@ def write_log(turns: pd.DataFrame, url: str) -> float:
 
 
 def time_monitor(reference: dict, turns: pd.DataFrame) -> None:
-    from castbot.scores.drift import window_checks
-
     from castbot.chatlog.store import ChatLog
+    from castbot.scores.drift import window_checks
 
     url = f"sqlite:///{tempfile.mkdtemp(prefix='castbot-bench-')}/chatlog.db"
     print(f"writing {len(turns)} turns to {url}: {write_log(turns, url):.1f} s (not part of the monitor)")
     started = time.perf_counter()
-    turns = ChatLog(url).turns("rick-bot", since=datetime.now(timezone.utc) - timedelta(hours=2))
+    turns = ChatLog(url).turns("rick-bot", since=datetime.now(UTC) - timedelta(hours=2))
     read = time.perf_counter() - started
     print(f"read {len(turns)} turns back with ChatLog.turns: {read:.1f} s")
     started = time.perf_counter()

@@ -24,16 +24,16 @@ def main(argv: list[str]) -> int:
     from castbot.common.settings import use_project_state
 
     use_project_state()
-    from castbot.model.bot import Bot
     from castbot.config.profile import load_profile
+    from castbot.model.bot import Bot
     from castbot.model.dialogue import sample_turns
+    from castbot.scores.quality import pooled_perplexity
     from castbot.serve.engines.openvino import OpenVINOEngine
     from flows.train import training_data
+    from tasks.data.lineage import report_dir
+    from tasks.evaluate.perplexity import EvalSet, measure_perplexity
     from tasks.release.bento import save_servable
     from tasks.release.openvino_export import export_openvino, exported_losses
-    from tasks.evaluate.perplexity import EvalSet, measure_perplexity
-    from tasks.data.lineage import report_dir
-    from castbot.scores.quality import pooled_perplexity
     from tasks.release.registry import download_champion
 
     config = load_profile(args.profile)
@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         champion = download_champion(config.model_name, str(Path(tmp) / "champion"))
         if champion is None:
-            print(f"no champion of {config.model_name}: run python -m flows.train {args.profile} first", file=sys.stderr)
+            print(f"no champion of {config.model_name}: run python -m flows.train {args.profile} first",
+                  file=sys.stderr)
             return 1
         folder = Path(tmp) / "servable"
         save_servable(Path(champion["path"]), folder)

@@ -31,9 +31,9 @@ SHAPES = {
 def prepare(profile: str, shape_name: str):
     """Splits, base model folder and tokenised datasets for the profile with the named model shape."""
     from flows.train import training_data, training_texts
-    from tasks.train.base_model import OFFLINE, prepare_base_model
     from tasks.data.lineage import report_dir
     from tasks.data.tokenize import choose_format, tokenize_dialogues
+    from tasks.train.base_model import OFFLINE, prepare_base_model
 
     config = load_profile(profile)
     named = isinstance(SHAPES[shape_name], str)
@@ -71,9 +71,9 @@ def bare_loop(base: str, datasets, config: TrainingConfig) -> dict:
     from transformers import DataCollatorForSeq2Seq, get_scheduler
 
     from castbot.model.dialogue import IGNORE_INDEX
-    from tasks.train.finetune import load_model
-    from tasks.train.batches import LengthBucketSampler
     from castbot.model.folder import load_tokenizer
+    from tasks.train.batches import LengthBucketSampler
+    from tasks.train.finetune import load_model
 
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(base)
@@ -115,8 +115,8 @@ def quality(base: str, datasets, config: TrainingConfig) -> dict:
     """Test perplexity after the profile's full schedule in fp32 and in bf16 (evaluated in fp32)."""
     from castbot.model.bot import Bot
     from castbot.model.dialogue import DialogueFormat
-    from tasks.train.finetune import train_model
     from castbot.scores.quality import pooled_perplexity
+    from tasks.train.finetune import train_model
 
     scores = {}
     for precision in ("fp32", "bf16"):
@@ -150,7 +150,8 @@ def main() -> None:
     rows = {}
     for shape in args.models.split(","):
         profile, _, base, datasets = prepare(args.profile, shape)
-        params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(base).parameters())
+        model = __import__("transformers").AutoModelForCausalLM.from_pretrained(base)
+        params = sum(p.numel() for p in model.parameters())
         print(f"\n{shape}: {params / 1e6:.2f}M parameters, {len(datasets['train'])} training samples, "
               f"batch {profile.training.batch_size}, {args.steps} steps x {args.repeats} repeats")
         warm = bench_config(profile.training, 2, "bf16", "group_by_length")

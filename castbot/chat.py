@@ -2,7 +2,8 @@
 
     CASTBOT_API_KEY=KEY python -m castbot.chat --url http://127.0.0.1:3000
 Type a message and Enter; /good or /bad [comment] rates the last reply, /reset starts afresh, /forget deletes this
-conversation on the service (DELETE /conversations/{id}), /quit (or Ctrl-D) leaves. The key (when the service needs
+conversation on the service (DELETE /conversations/{id}), /as NAME talks to another member of a cast model,
+/quit (or Ctrl-D) leaves. The key (when the service needs
 one) comes from CASTBOT_API_KEY only, never the command line.
 """
 
@@ -56,7 +57,7 @@ def forget(client: httpx.Client, conversation_id: str | None) -> str:
 
 
 def ask(client: httpx.Client, history: list[dict], message: str, max_new_tokens: int | None, on_event,
-        conversation_id: str | None = None) -> dict:
+        conversation_id: str | None = None, character: str | None = None) -> dict:
     """POST /chat/stream; on_event(name, data) for each server-sent event; the final 'done' data, or an 'error'
     entry naming what was refused."""
     body = {"history": history, "message": message}
@@ -64,6 +65,8 @@ def ask(client: httpx.Client, history: list[dict], message: str, max_new_tokens:
         body["conversation_id"] = conversation_id
     if max_new_tokens is not None:
         body["max_new_tokens"] = max_new_tokens
+    if character is not None:
+        body["character"] = character
     with client.stream("POST", "/chat/stream", json=body) as resp:
         if resp.status_code != 200:
             resp.read()
@@ -86,12 +89,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m castbot.chat", description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:3000", help="Service URL.")
     parser.add_argument("--max-new-tokens", type=int, help="Reply length limit, in tokens.")
-    parser.add_argument("--keep", type=int, default=20, help="Turns of history to send (the server truncates by tokens).")
+    parser.add_argument("--keep", type=int, default=20,
+                        help="Turns of history to send (the server truncates by tokens).")
     parser.add_argument("--verbose", action="store_true", help="Show model version and prompt size after each reply.")
     args = parser.parse_args(argv)
 
     history: list[dict] = []
-    conversation_id = turn_id = None
+    conversation_id = turn_id = character = None
     interactive = sys.stdin.isatty()
 
     written: list[str] = []  # pieces of the reply being printed
@@ -123,13 +127,17 @@ def main(argv: list[str]) -> int:
                 history.clear()
                 conversation_id = turn_id = None
                 continue
+            if message.startswith("/as "):
+                character = message.removeprefix("/as ").strip() or None
+                print(f"(now talking to {character or 'the default character'})", flush=True)
+                continue
             if message.split(" ")[0] in RATINGS:
                 print(rate(client, turn_id, message), flush=True)
                 continue
             if not message:
                 continue
             try:
-                answer = ask(client, history, message, args.max_new_tokens, show, conversation_id)
+                answer = ask(client, history, message, args.max_new_tokens, show, conversation_id, character)
             except httpx.HTTPError as exc:
                 print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
                 return 1

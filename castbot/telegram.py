@@ -7,7 +7,8 @@ lines carry it in the URL, so they are silenced and every log line is scrubbed o
 another Bot API server (self-hosted, or a test's fake; default https://api.telegram.org): requests go to
 {root}/bot{token}/{method}. Long-polls getUpdates; updates are handled concurrently, one chat's turns in order.
 Commands: /start (who the character is), /help, /forget (or /reset: delete this chat's conversation on the service,
-DELETE /conversations/{id}), /good and /bad (rate the last reply through POST /feedback). CASTBOT_API_KEY is the
+DELETE /conversations/{id}), /as NAME (a cast model: talk to another member), /good and /bad (rate the last
+reply through POST /feedback). CASTBOT_API_KEY is the
 bot's key when the service needs one (never the command line, never logged).
 """
 
@@ -49,6 +50,9 @@ def refusal_text(resp: httpx.Response) -> str:
         return BUSY
     if resp.status_code == 429:
         return f"You're writing faster than I may answer: try again in {resp.headers.get('Retry-After', 'a few')} s."
+    if resp.status_code == 404:  # a cast model and a name outside its cast: the error lists the cast
+        with contextlib.suppress(ValueError, AttributeError):
+            return "I can't answer as that character. " + resp.json()["error"] + " (/as NAME)"
     if resp.status_code == 401:  # the bot's CASTBOT_API_KEY is missing or wrong: its operator must fix it
         return "I'm not allowed to reach my voice right now. Please tell my operator."
     if resp.status_code == 400:
@@ -69,6 +73,7 @@ class Conversation:
         self.history: deque[dict] = deque(maxlen=keep)
         self.conversation_id: str | None = None
         self.turn_id: str | None = None
+        self.character: str | None = None  # a cast model's member (/as NAME); None: the model's first
         self.lock = asyncio.Lock()  # one turn at a time per chat; other chats run meanwhile
 
     def reset(self) -> None:
@@ -79,7 +84,7 @@ class Conversation:
         self.conversation_id, self.turn_id = answer["conversation_id"], answer["turn_id"]
         self.history.append({"speaker": "user", "text": message})
         if answer["reply"].strip():
-            self.history.append({"speaker": "bot", "text": answer["reply"]})
+            self.history.append({"speaker": answer.get("character") or "bot", "text": answer["reply"]})
 
 
 class CastbotClient:
@@ -101,6 +106,8 @@ class CastbotClient:
             body["conversation_id"] = conversation.conversation_id
         if self.max_new_tokens:
             body["max_new_tokens"] = self.max_new_tokens
+        if conversation.character:
+            body["character"] = conversation.character
         return await self.http.post("/chat", json=body)
 
     async def feedback(self, turn_id: str, rating: int) -> httpx.Response:
@@ -181,6 +188,12 @@ def build_application(token: str, api_root: str, client: CastbotClient, keep: in
             conversation.reset()
         await say(update, context, "Forgotten: our conversation is deleted and we start afresh.")
 
+    async def speak_as(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        conversation, name = conversation_of(context), " ".join(context.args or []).strip()
+        async with conversation.lock:
+            conversation.character = name or None
+        await say(update, context, f"Now {name} answers." if name else "Back to the default character.")
+
     async def rate(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         conversation = conversation_of(context)
         rating = 1 if update.message.text.startswith("/good") else -1
@@ -217,6 +230,7 @@ def build_application(token: str, api_root: str, client: CastbotClient, keep: in
     app.add_handler(CommandHandler("start", start))
     app.add_handler(CommandHandler("help", help_))
     app.add_handler(CommandHandler(["forget", "reset"], forget))
+    app.add_handler(CommandHandler("as", speak_as))
     app.add_handler(CommandHandler(["good", "bad"], rate))
     app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, message))
     app.add_error_handler(failed)

@@ -1,4 +1,5 @@
-"""Write deployments/prefect.yaml from the profiles in configs/: each profile's settings become its deployments' parameters.
+"""Write deployments/prefect.yaml from the profiles in configs/: each profile's settings become its deployments'
+parameters.
 
     python -m deployments.render           # rewrite deployments/prefect.yaml
     python -m deployments.render --check   # exit 1 if the file is out of date with configs/

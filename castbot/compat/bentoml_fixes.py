@@ -1,6 +1,7 @@
 """Workarounds for BentoML behaviour, each in one named function with the version and the upstream behaviour.
 
-tests/compat/test_bentoml_fixes.py checks that each upstream behaviour is still there: when BentoML changes, that test fails
+tests/compat/test_bentoml_fixes.py checks that each upstream behaviour is still there: when BentoML changes, that
+test fails
 and the workaround can go.
 """
 
@@ -132,8 +133,8 @@ def cork_dispatcher(callback, max_batch_size: int, max_latency_s: float, fallbac
 
     BentoML 1.4.39 exposes the algorithm only through batchable APIs, which the service could reach only by calling
     itself over HTTP (a client session kept per service and a context variable to skip admission). Its class is
-    internal (bentoml._internal.marshal.dispatcher): tests/compat/test_bentoml_fixes.py fails when its constructor or its
-    `_controller` attribute change."""
+    internal (bentoml._internal.marshal.dispatcher): tests/compat/test_bentoml_fixes.py fails when its constructor or
+    its `_controller` attribute change."""
     from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
     dispatcher = CorkDispatcher(max_latency_in_ms=int(max_latency_s * 1000), max_batch_size=max_batch_size,

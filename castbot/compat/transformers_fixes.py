@@ -1,8 +1,8 @@
 """Overrides of private transformers methods, each in one place with the version and the upstream behaviour.
 
 transformers has no public hook for these; a rename or signature change upstream would silently bypass them
-(the override is simply never called). tests/compat/test_transformers_fixes.py checks each method's name and signature: when
-transformers changes, that test fails and the override is revisited here.
+(the override is simply never called). tests/compat/test_transformers_fixes.py checks each method's name and
+signature: when transformers changes, that test fails and the override is revisited here.
 
 Written against transformers 5.24. No transformers import at module level: `TrainerHooks` is a mixin placed
 before `transformers.Trainer` (`class MyTrainer(TrainerHooks, Trainer)`), so importing this module stays cheap.

@@ -12,7 +12,6 @@ from typing import Literal
 from castbot.model.dialogue import DECODING_DEFAULTS, IGNORE_INDEX, DialogueFormat, Turn, decode_reply, sample_turns
 from castbot.model.folder import load_tokenizer, load_weights, pick_device, read_card
 
-
 MIN_TEMPERATURE = 0.01  # lower temperatures decode greedily
 
 # stop: an end-of-turn token; length: max_new_tokens; cancelled: the client left (or a stop event); error: it failed
@@ -160,7 +159,7 @@ def sample_losses(model, rows: list[dict], pad_token_id: int, batch_size: int = 
             indices = order[start:start + batch_size]
             width = max(len(rows[i]["input_ids"]) for i in indices)
 
-            def pad(key, value):
+            def pad(key, value, width=width, indices=indices):
                 return torch.tensor([list(rows[i][key]) + [value] * (width - len(rows[i][key])) for i in indices],
                                     device=device)
 

@@ -149,7 +149,8 @@ def retry_after(seconds: float) -> str:
 def announce(keys: dict[str, str], limit: RateLimit | None) -> None:
     """Say at start-up who may call: the key names (never the keys), or that the service is open to anyone."""
     if keys:
-        logger.info("API keys required on every API route: %d clients (%s)", len(keys), ", ".join(sorted(keys.values())))
+        logger.info("API keys required on every API route: %d clients (%s)", len(keys),
+                    ", ".join(sorted(keys.values())))
     else:
         logger.warning("no CASTBOT_API_KEYS: the API is open to anyone who can reach it; clients are told apart by "
                        "address")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from castbot.config.data import DataConfig
 from castbot.common.errors import DataError
 from castbot.common.logs import run_logger
 from castbot.common.text import shorten
+from castbot.config.data import DataConfig
 
 CANONICAL = ["episode", "scene", "speaker", "line"]
 CHATTERBOT_PREFIX = "chatterbot:"
@@ -200,7 +200,8 @@ def load_transcript(data: DataConfig) -> pd.DataFrame:
     try:
         raw = _read_table(file, data, content)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
-        raise DataError(f"{file}: cannot be parsed as CSV ({str(exc)[:200]}); check data.delimiter and quoting") from None
+        raise DataError(f"{file}: cannot be parsed as CSV ({str(exc)[:200]}); check data.delimiter and "
+                        "quoting") from None
     if raw.empty:
         raise DataError(f"{file}: no data rows (header only?); the columns are {_short(list(raw.columns))}")
     frame = canonical_frame(raw, file, data)

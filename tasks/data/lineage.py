@@ -1,14 +1,14 @@
 """What data a training run saw: the per-run report folder, and the cleaned dataset + reports in MLflow."""
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 from prefect import task
 
-from castbot.config.profile import PipelineConfig
 from castbot.common.settings import STATE_DIR
+from castbot.config.profile import PipelineConfig
 
 
 def report_dir() -> str:
@@ -16,7 +16,7 @@ def report_dir() -> str:
     from prefect.runtime import flow_run
 
     run = flow_run.get_id() or uuid.uuid4().hex[:12]
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = STATE_DIR / "reports" / f"{stamp}-{run}"
     folder.mkdir(parents=True, exist_ok=False)
     return str(folder)

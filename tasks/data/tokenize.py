@@ -2,11 +2,11 @@
 
 from prefect import task
 
-from castbot.model import dialogue
+from castbot.common.cache import announce_cache_hit, content_policy
 from castbot.config.data import DialogueConfig
+from castbot.model import dialogue
 from castbot.model.dialogue import DialogueFormat, sample_turns
 from castbot.model.folder import load_tokenizer
-from castbot.common.cache import announce_cache_hit, content_policy
 
 
 def choose_format(tokenizer_path: str, config: DialogueConfig, character: str, show: str | None) -> DialogueFormat:

@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import run_data_steps, tiny_config, tiny_show_rows, write_tiny_show
 from castbot.common.errors import DataError
+from tests.conftest import run_data_steps, tiny_config, tiny_show_rows, write_tiny_show
 
 pytestmark = pytest.mark.flow
 
@@ -136,8 +136,8 @@ def bad_profile(folder: Path) -> Path:
 def test_bad_input_through_the_flow_and_cli_registers_nothing(prefect_harness, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from castbot.config.profile import load_profile
     from castbot.common.settings import STATE_DIR
+    from castbot.config.profile import load_profile
     from flows.train import main, train
 
     reports = STATE_DIR / "reports"

@@ -71,8 +71,8 @@ def test_prefect_run_links_the_cleaning_report_and_data_docs(reruns):
 def test_russian_dialogue_end_to_end(prefect_harness, tmp_path):
     import mlflow
 
-    from flows.train import train
     from castbot.model.folder import load_tokenizer
+    from flows.train import train
 
     config = tiny_config("chatterbot:russian", character="Bot", **{"registry.model_name": "russian-bot",
                                                                     "validation.min_character_lines": 30})

@@ -70,7 +70,8 @@ class Prefect:
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run([PREFECT, "--no-prompt", *args], cwd=REPO, env=self.env, capture_output=True,
                                 text=True, timeout=timeout)
-        assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        output = result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.returncode == 0, f"prefect {' '.join(args)} failed:\n{output}"
         return result
 
     def wait_healthy(self, log: Path, timeout: float = 150) -> None:
@@ -99,7 +100,8 @@ class Prefect:
             if run["state"]["type"] in FINAL_STATES:
                 return run
             time.sleep(2)
-        pytest.fail(f"flow run {run_id} not finished after {timeout:.0f} s (state {run['state']['type']}):\n{tail(log)}")
+        pytest.fail(f"flow run {run_id} not finished after {timeout:.0f} s (state {run['state']['type']}):\n"
+                    f"{tail(log)}")
 
     def stop_all(self) -> None:
         for proc, interrupts, grace in reversed(self.procs):  # worker before server
@@ -145,7 +147,8 @@ def test_prefect_yaml_is_rendered_from_the_profiles():
     assert monitor["entrypoint"] == render.MONITOR_ENTRYPOINT and monitor["parameters"]["profile"] == "demo"
     assert monitor["schedules"][0]["cron"] == render.MONITOR_CRON
     study = next(d for d in deployments if d["name"] == "demo-study")
-    assert study["entrypoint"] == render.STUDY_ENTRYPOINT and study["parameters"] == {"config": demo["parameters"]["config"]}
+    assert study["entrypoint"] == render.STUDY_ENTRYPOINT
+    assert study["parameters"] == {"config": demo["parameters"]["config"]}
     assert study["schedules"] == [{"cron": "0 2 * * 6", "timezone": render.TIMEZONE, "active": False}]  # paused
 
 
@@ -209,7 +212,8 @@ def test_triggered_run_trains_promotes_and_links_mlflow(prefect):
     assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{tail(prefect.worker_log)}"
 
     version = MlflowClient().get_model_version_by_alias("smoke-bot", "champion")
-    artifacts = prefect.http.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+    wanted = {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+    artifacts = prefect.http.post("/artifacts/filter", json=wanted).json()
     by_key = {a["key"]: a["data"] for a in artifacts}
     assert "| candidate |" in by_key["gate-decision"] and "**promoted**" in by_key["gate-decision"]
     assert f"/runs/{version.run_id})" in by_key["mlflow-links"]
@@ -227,7 +231,8 @@ def emit(prefect: Prefect, event: str, model_name: str) -> None:
 
 
 def runs_of(prefect: Prefect, deployment: dict) -> list[dict]:
-    response = prefect.http.post("/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}})
+    wanted = {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}
+    response = prefect.http.post("/flow_runs/filter", json=wanted)
     response.raise_for_status()
     return response.json()
 

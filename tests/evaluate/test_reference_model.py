@@ -3,8 +3,8 @@
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import tiny_config, write_tiny_show
 from tasks.release.registry import champion_version
+from tests.conftest import tiny_config, write_tiny_show
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -18,7 +18,8 @@ def test_word_salad_is_refused_for_fluency_under_the_pretrained_reference(tmp_pa
                             "gate.max_reply_perplexity": 1000, "gate.max_perplexity": 1e5})
     result = train(config)
     assert not result["promoted"]
-    assert "reply perplexity under the reference model" in result["reason"] and "gate.max_reply_perplexity" in result["reason"]
+    assert "reply perplexity under the reference model" in result["reason"]
+    assert "gate.max_reply_perplexity" in result["reason"]
     metrics = MlflowClient().get_run(result["run_id"]).data.metrics
     assert metrics["test_reply_perplexity_candidate"] > 1000
     assert "test_likeness_candidate" in metrics and "test_distinct2_ratio_candidate" in metrics

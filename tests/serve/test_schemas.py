@@ -37,7 +37,8 @@ def test_limits_come_from_the_environment_and_bad_values_are_refused():
 
 
 # ECMA-262's WhiteSpace and LineTerminator (what \s means to a JSON Schema validator) and Python's str.isspace()
-ECMA_SPACES = "\t\n\v\f\r \xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000\ufeff"
+ECMA_SPACES = ("\t\n\v\f\r \xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+               + "\u2028\u2029\u202f\u205f\u3000\ufeff")
 PYTHON_SPACES = "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
 SAMPLES = [c for c in ECMA_SPACES + PYTHON_SPACES] + ["\u200b", "a", " a ", "\x85a", "\ufeff\u3000x"]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import REPO, kill_9_once, tiny_config, write_tiny_show
 
 from tasks.train.checkpoints import checkpoint_problem
+from tests.conftest import REPO, kill_9_once, tiny_config, write_tiny_show
 
 pytestmark = pytest.mark.slow
 
