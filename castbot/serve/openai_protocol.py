@@ -193,7 +193,7 @@ def to_prompt(request: ChatCompletionRequest, model_name: str,
         decoding["top_k"] = max(request.top_k, 0)
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     try:
-        prompt = Prompt(turns=_turns(request.messages), character=character or None, **decoding)
+        prompt = Prompt(turns=_turns(request.messages), character=character, **decoding)
     except ValidationError as exc:  # a limit the checks above do not name (e.g. a speaker name)
         raise OpenAIError(400, f"messages: {exc.errors()[0]['msg']}", "messages", "invalid_value") from None
     return prompt, [s for s in stops if s]

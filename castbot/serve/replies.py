@@ -74,7 +74,7 @@ class Replies:
 
     def speaker(self, requested: str | None) -> str:
         """The cast member a request names (any case), or the first; UnknownCharacter names the cast."""
-        if requested is None:
+        if not requested:
             return self.character
         found = [name for name in self.cast if name.casefold() == requested.strip().casefold()]
         if not found:

@@ -88,9 +88,9 @@ class Decoding(BaseModel):
                                       "adaptive engine only: transformers' continuous batching has no such "
                                       "processor, and OpenVINO GenAI applies it in beam search only.")
 
-    character: str | None = Field(None, min_length=1, max_length=64, pattern=NOT_BLANK,
-                                  description="A cast model: the member who answers (any case; default: the first "
-                                  "of the cast). GET /v1/models lists them as MODEL/Character.")
+    character: str = Field("", max_length=64, pattern=f"^$|{NOT_BLANK}",
+                           description="A cast model: the member who answers (any case; omitted or empty: the first "
+                           "of the cast). GET /v1/models lists them as MODEL/Character.")
 
     def decoding(self) -> dict:
         """The engine's settings (the character is resolved against the cast by the reply path)."""

