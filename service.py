@@ -150,7 +150,15 @@ class Chat:
     @bentoml.api(route="/generate", input_spec=GenerateRequest)
     async def generate(self, prompts: list[Prompt]) -> list[Generation]:
         """Continue each prompt; concurrent requests decode together, up to max_batch_size at a time."""
-        return list(await asyncio.gather(*(self._reply("/generate", prompt, None) for prompt in prompts)))
+        for prompt in prompts:  # a name outside the cast refuses the request before anything runs
+            self._speaker(prompt.character)
+        replies = [asyncio.ensure_future(self._reply("/generate", prompt, None)) for prompt in prompts]
+        try:
+            return list(await asyncio.gather(*replies))
+        except BaseException:  # one failed (a full queue) or the client left: the others stop too
+            for reply in replies:
+                reply.cancel()
+            raise
 
     @bentoml.api(route="/chat")
     async def chat(self, request: ChatRequest, /) -> ChatReply:

@@ -172,6 +172,9 @@ class ChatLog(ReviewQueue):
         with self._open_lock:
             if self._opened:
                 return
+            if clock.monotonic() < self._down_until:  # a thread before us just found it down
+                raise ChatLogUnavailable(f"the chat log at {safe_url(self.url)} was unreachable moments ago; "
+                                         f"retrying after {self.retry_after_s:g} s")
             try:
                 self._migrate()
             except ImportError as exc:

@@ -1,7 +1,7 @@
 """Admission at the door of the API routes (ASGI middleware), in this order: 401 without a valid API key (when
 CASTBOT_API_KEYS is set), 415 for a body that is not JSON, 413 beyond max_request_bytes (the rest of the body is
-read and dropped first, so every client sees the 413), 429 beyond the client's rate limit, 503 beyond
-max_concurrency prompts in flight. Refusals are castbot's {"error", "field"}, or OpenAI's error shape on /v1.
+read and dropped first, so every client sees the 413), 503 beyond max_concurrency prompts in flight, 429 beyond
+the client's rate limit. Refusals are castbot's {"error", "field"}, or OpenAI's error shape on /v1.
 A /generate of N prompts counts N against the rate limit and the capacity.
 
 Kept by hand: BentoML 1.4 has no request body limit and answers a non-JSON body with a 500
@@ -92,14 +92,14 @@ class Admission:
             return await refuse(scope, send, 413, f"request body over {self.max_bytes} bytes "
                                 "(CASTBOT_SERVE_MAX_REQUEST_BYTES)", "body", {"Connection": "close"})
         cost = prompts_in(scope["path"], body)
+        if self.in_flight and self.in_flight + cost > self.capacity:  # before the limit: a 503 costs no allowance
+            return await refuse(scope, send, 503, f"over capacity: {self.capacity} prompts in flight "
+                                "(CASTBOT_SERVE_MAX_CONCURRENCY); retry shortly", None, {"Retry-After": "1"})
         wait = self.limiter.take(client, cost) if self.limiter else 0.0
         if wait:
             return await refuse(scope, send, 429, f"rate limit: {self.limiter.limit.requests} requests per "
                                 f"{self.limiter.limit.period:g} s for each client (CASTBOT_RATE_LIMIT); retry in "
                                 f"{retry_after(wait)} s", None, {"Retry-After": retry_after(wait)})
-        if self.in_flight and self.in_flight + cost > self.capacity:
-            return await refuse(scope, send, 503, f"over capacity: {self.capacity} prompts in flight "
-                                "(CASTBOT_SERVE_MAX_CONCURRENCY); retry shortly", None, {"Retry-After": "1"})
         replayed = False
 
         async def replay():

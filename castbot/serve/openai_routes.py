@@ -10,7 +10,7 @@ requests castbot refuses (the last message not the user's, a seed while sampling
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated
 
 import bentoml
@@ -84,8 +84,12 @@ async def chat_completions(request: Request, replies: Served) -> Response:
         if parsed.stream:
             usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             events = CompletionEvents(turn, model, created, usage)
-            return StreamingResponse(replies.stream(ENDPOINT, prompt, turn, events, stops),
-                                     media_type="text/event-stream")
+            sse = replies.stream(ENDPOINT, prompt, turn, events, stops)
+            try:  # the first event before the 200 goes out: a refusal until then keeps its own status and body
+                first = await anext(sse)
+            except EngineBusy as exc:
+                raise openai_api.OpenAIError(503, str(exc), None, "overloaded", {"Retry-After": "1"}) from exc
+            return StreamingResponse(_after(first, sse), media_type="text/event-stream")
         reply = await _reply(replies, prompt, turn, stops)
     except openai_api.OpenAIError as exc:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -94,6 +98,13 @@ async def chat_completions(request: Request, replies: Served) -> Response:
         return JSONResponse(openai_api.error_body(500, f"generation failed: {exc}", None, "engine_error"), 500)
     reason = openai_api.finish_reason(reply, False)
     return JSONResponse(openai_api.completion(turn, model, created, reply.reply, reason, reply))
+
+
+async def _after(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The stream's first event, then the rest."""
+    yield first
+    async for event in rest:
+        yield event
 
 
 async def _reply(replies: Replies, prompt, turn: dict[str, str], stops: Sequence[str]) -> Reply:

@@ -42,11 +42,11 @@ def cleaned_texts(liked: pd.DataFrame, rules: CleaningConfig) -> dict[str, str]:
 
 
 def liked_samples(turns: pd.DataFrame, require_review: bool = True, context_turns: int | None = None,
-                  cleaning: CleaningConfig | None = None) -> list[dict]:
+                  cleaning: CleaningConfig | None = None, cast: bool = False) -> list[dict]:
     """One sample per liked, complete (and, with require_review, approved) turn, oldest first, each context and
     reply once: context = the history then the user's message, cleaned by `cleaning` (default: the default rules);
-    `turn_id` and `client` mark it as feedback. A reply the rules leave empty is dropped, as the cleaning step
-    drops a transcript row left empty."""
+    `turn_id` and `client` mark it as feedback; a cast model's sample names the member who spoke. A reply the
+    rules leave empty is dropped, as the cleaning step drops a transcript row left empty."""
     liked = turns[(turns["rating"] == 1) & turns["finish_reason"].isin(COMPLETE)]
     if require_review:
         liked = liked[liked["review"] == "approved"]
@@ -60,7 +60,8 @@ def liked_samples(turns: pd.DataFrame, require_review: bool = True, context_turn
         response = text[str(row.reply)]
         sample = {"episode": f"feedback:{row.conversation_id}", "context": [line for _, line in context],
                   "speakers": [speaker for speaker, _ in context], "response": response,
-                  "turn_id": row.turn_id, "client": row.client}
+                  "turn_id": row.turn_id, "client": row.client,
+                  **({"character": row.character} if cast else {})}  # a cast: the member who said it
         key = (tuple(sample["context"]), response)
         if response and context and key not in seen:
             seen.add(key)
@@ -134,7 +135,8 @@ def read_feedback(config: PipelineConfig) -> FeedbackFound:
         turns = log.turns(model_name=settings.model_name or config.model_name, since=since)
     finally:
         log.close()
-    samples = liked_samples(turns, settings.require_review, config.dialogue.context_turns, config.cleaning)
+    samples = liked_samples(turns, settings.require_review, config.dialogue.context_turns, config.cleaning,
+                            cast=config.cast is not None)
     kept = [sample for sample in samples if not refused(sample, config.validation)]
     return FeedbackFound(kept, awaiting_review(turns) if settings.require_review else 0, len(samples) - len(kept))
 

@@ -80,6 +80,9 @@ def test_approved_samples_keep_their_history_once_each(log):
     assert liked_samples(frame, context_turns=0)[0]["context"] == ["Ready, first?"]  # the message always stays
     unreviewed = liked_samples(frame, require_review=False)  # data.feedback.require_review: false
     assert [s["turn_id"] for s in unreviewed] == ["first", "pending"]
+    frame.loc[frame["turn_id"] == "first", "character"] = "Bram"  # a cast model's member answered
+    [cast_sample] = liked_samples(frame, cast=True)
+    assert cast_sample["character"] == "Bram"  # trains the member who said it, not the cast's first
 
 
 def test_the_cap_keeps_feedback_within_its_share_of_the_training_split():
