@@ -26,15 +26,15 @@ def cast_server(prefect_harness, tmp_path_factory) -> str:
     result = train(tiny_config(data, show="The Tiny Show", **{
         "character": None, "cast": CAST, "offline_model.architecture": "llama", "offline_model.n_positions": 256,
         "dialogue.max_length": 160, "gate.max_perplexity": 1e9, "evaluation.replies": 6,
-        "registry.model_name": "tiny-cast-bot", "registry.build_bento": True, "registry.openvino": "off"}))
+        "registry.model_name": "served-cast-bot", "registry.build_bento": True, "registry.openvino": "off"}))
     # a tiny model may be refused for a member it makes worse than the base: serve its version all the same
-    bento = result.get("bento") or build_bento.fn("tiny-cast-bot", result["version"], None, False, "off")
+    bento = result.get("bento") or build_bento.fn("served-cast-bot", result["version"], None, False, "off")
     yield from serve(bento, tmp_path_factory.mktemp("cast-serve"), "continuous")
 
 
 def test_models_lists_the_model_and_every_member(cast_server):
     listed = httpx.get(f"{cast_server}/v1/models", timeout=30).json()["data"]
-    assert [m["id"] for m in listed] == ["tiny-cast-bot", *(f"tiny-cast-bot/{name}" for name in CAST)]
+    assert [m["id"] for m in listed] == ["served-cast-bot", *(f"served-cast-bot/{name}" for name in CAST)]
     assert [m["character"] for m in listed] == ["Ada", *CAST]
 
 
@@ -50,9 +50,9 @@ def test_each_request_is_answered_as_the_character_it_names(cast_server):
         {"turns": ["Hello"], "character": "Cleo", **GREEDY}, {"turns": ["Hello"], **GREEDY}]}, timeout=60)
     assert generated.status_code == 200 and len(generated.json()) == 2
     completion = httpx.post(f"{cast_server}/v1/chat/completions", timeout=60, json={
-        "model": "tiny-cast-bot/Bram", "max_tokens": 6, "temperature": 0,
+        "model": "served-cast-bot/Bram", "max_tokens": 6, "temperature": 0,
         "messages": [{"role": "user", "content": "Who is there?"}]}).json()
-    assert completion["model"] == "tiny-cast-bot/Bram"
+    assert completion["model"] == "served-cast-bot/Bram"
     assert completion["choices"][0]["message"]["content"] == bram["reply"]  # same greedy reply on both routes
 
     turns = logged_turns(cast_server).set_index("turn_id")
@@ -64,7 +64,7 @@ def test_anyone_outside_the_cast_is_a_404_that_names_the_cast(cast_server):
     refused = httpx.post(f"{cast_server}/chat", json={"message": "Hi", "character": "Zed"}, timeout=30)
     assert refused.status_code == 404 and "Ada, Bram, Cleo" in refused.json()["error"], refused.text
     openai = httpx.post(f"{cast_server}/v1/chat/completions", timeout=30, json={
-        "model": "tiny-cast-bot/Zed", "messages": [{"role": "user", "content": "Hi"}]})
+        "model": "served-cast-bot/Zed", "messages": [{"role": "user", "content": "Hi"}]})
     assert openai.status_code == 404 and openai.json()["error"]["code"] == "model_not_found"
     assert "Ada, Bram, Cleo" in openai.json()["error"]["message"]
 
