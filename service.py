@@ -35,7 +35,7 @@ from castbot.chatlog.store import ChatLogUnavailable
 from castbot.compat.bentoml_fixes import FixedOpenAPI, UnwrappedErrors
 from castbot.model.bot import Bot
 from castbot.model.folder import pick_device, read_card
-from castbot.serve import metrics, openai_routes
+from castbot.serve import metrics, openai_routes, scenes
 from castbot.serve.access import announce, keys_from_env, rate_limit_from_env
 from castbot.serve.admission import Admission
 from castbot.serve.engines import EngineBusy, engine_class, resolve_engine
@@ -49,6 +49,7 @@ from castbot.serve.schemas import (
     GenerateRequest,
     Generation,
     Prompt,
+    SceneRequest,
     as_generation,
     chat_prompt,
 )
@@ -117,7 +118,8 @@ KEYS, RATE_LIMIT = keys_from_env(), rate_limit_from_env()  # a bad value stops t
     threads=1,  # all APIs are async; each engine decodes in threads of its own
 )
 class Chat:
-    """A character chatbot: /chat for one turn of a conversation, /generate for batched prompts."""
+    """A character chatbot: /chat for one turn of a conversation, /generate for batched prompts, /scene for a cast
+    model's members speaking in turn."""
 
     bento_model = bentoml.models.BentoModel(model_tag(ARGS))
 
@@ -176,6 +178,18 @@ class Chat:
         events = ChatEvents(self.replies.identity_of(character), turn)
         async with contextlib.aclosing(self.replies.stream("/chat/stream", chat_prompt(request), turn, events)) as sse:
             async for event in sse:  # a client that leaves closes it at once: the turn is logged as cancelled
+                yield event
+
+    @bentoml.api(route="/scene")
+    async def scene(self, request: SceneRequest, /) -> AsyncGenerator[str, None]:
+        """Cast members speaking in turn after an opening line, as server-sent events: `event: turn` names each
+        line's speaker, `data: {"speaker", "text"}` per piece, `event: said` ends the line, `event: done` the scene
+        (castbot/serve/scenes.py)."""
+        for name in request.characters:  # anyone outside the cast refuses the scene before it starts
+            self._speaker(name)
+        first = await self._turn(request.conversation_id or None)
+        async with contextlib.aclosing(scenes.play(self.replies, request, first)) as sse:
+            async for event in sse:
                 yield event
 
     @bentoml.api(route="/feedback")

@@ -5,7 +5,9 @@
 Prints one line per check (`drift: yes (AUC 0.81 > threshold 0.70 ...)`); records an MLflow run in the
 `monitoring` experiment and a Prefect artifact; emits castbot.bot.drifted / castbot.bot.degraded events, which
 start the profile's training deployment (deployments/prefect.yaml). Exit 0 with a verdict (drift or not, or not
-enough data), 1 when there is no champion, no reference or no chat log.
+enough data), 1 when there is no champion, no reference or no chat log. A cast model's turns are judged per member,
+each against that member's own reference: `Morty: drift: yes (...)`, metrics drift_auc_morty, events naming
+Morty in their payload's "characters".
 """
 
 import argparse
@@ -18,9 +20,16 @@ from prefect import flow, task
 from castbot.chatlog.store import ChatLogError
 from castbot.config.monitor import MonitorConfig
 from castbot.config.profile import ConfigError, PipelineConfig, load_profile
-from castbot.scores.drift import Check, window_checks
+from castbot.scores.drift import Check, cast_window_checks, window_checks
 from tasks.data.lineage import publish_markdown
-from tasks.monitor.steps import chat_log_url, emit_events, log_monitoring_run, read_window, report_markdown
+from tasks.monitor.steps import (
+    cast_turns,
+    chat_log_url,
+    emit_events,
+    log_monitoring_run,
+    read_window,
+    report_markdown,
+)
 from tasks.release.trained_on import MonitorError, load_reference
 
 
@@ -31,9 +40,9 @@ def load_champion_reference(model_name: str) -> tuple[str, dict]:
 
 
 @task(name="check_window")
-def check_window(reference: dict, turns, monitor: MonitorConfig) -> list[Check]:
-    """Drift, reply and health checks of the window (castbot/scores/drift.py)."""
-    return window_checks(reference, turns, monitor)
+def check_window(reference: dict, turns, monitor: MonitorConfig, cast: bool = False) -> list[Check]:
+    """Drift, reply and health checks of the window (castbot/scores/drift.py); a cast's per member."""
+    return (cast_window_checks if cast else window_checks)(reference, turns, monitor)
 
 
 @flow(name="monitor-character-bot")
@@ -43,14 +52,16 @@ def monitor(config: PipelineConfig, profile: str | None = None, window_hours: fl
     hours = window_hours or config.monitor.window_hours
     version, reference = load_champion_reference(config.model_name)
     turns, left_out = read_window(chat_log_url(), name, version, hours)
-    checks = check_window(reference, turns, config.monitor)
-    publish_markdown(report_markdown(name, version, checks, left_out, hours), key="monitor-report",
+    checks = check_window(reference, turns, config.monitor, cast=config.cast is not None)
+    members = cast_turns(turns, reference)  # {} for one character
+    publish_markdown(report_markdown(name, version, checks, left_out, hours, members), key="monitor-report",
                      description=f"{name} version {version}: drift and health")
     with tempfile.TemporaryDirectory() as workdir:
-        run_id = log_monitoring_run(name, version, profile, checks, len(turns), workdir)
+        run_id = log_monitoring_run(name, version, profile, checks, len(turns), workdir, members)
     events = emit_events(name, version, profile, checks)
     return {"model_name": name, "version": version, "turns": len(turns), "left_out": left_out,
-            "lines": [c.line() for c in checks], "events": events, "run_id": run_id}
+            "lines": [c.line() for c in checks], "events": events, "run_id": run_id,
+            **({"characters": members} if members else {})}
 
 
 def main(argv: list[str]) -> int:
@@ -66,6 +77,8 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"{result['model_name']} version {result['version']}: {result['turns']} turns"
           + (f" ({result['left_out']} of other versions left out)" if result["left_out"] else ""))
+    if result.get("characters"):
+        print("cast: " + ", ".join(f"{name} {n} turns" for name, n in result["characters"].items()))
     for line in result["lines"]:
         print(line)
     if result["events"]:

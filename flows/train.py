@@ -167,7 +167,8 @@ def train(config: PipelineConfig, skip_if_unchanged: bool = False) -> dict:
                                               if config.cast else {}))
         version = register_model(run_id, model_path, config, decision.as_tags())
         store_reference(run_id, config.model_name, version,
-                        build_reference(splits, cast[0], config.monitor.reference_size, config.monitor.seed),
+                        build_reference(splits, cast[0], config.monitor.reference_size, config.monitor.seed,
+                                        cast if config.cast else None),
                         {INPUTS_TAG: inputs})
         test = TestSplit(splits["test"], config.dialogue.max_length, scores.candidate.perplexity)
         bento = build_bento(config.model_name, version, openvino=config.registry.openvino, test=test,

@@ -7,6 +7,8 @@ winner meets the same gate, registry and Bento path as any candidate. The search
 The data steps (read, validate, clean, dialogues, base model, tokenisation) run once per study. Settings that
 change the samples (dialogue.context_turns, dialogue.max_length) build and tokenise them once per distinct value,
 kept for the study; the offline-tiny stand-in's tokenizer is built once from the profile's own samples.
+A cast profile's trials are judged on every member (tasks/search/trial.py: member_objective) and the study reports
+the best trial's validation perplexity per member.
 """
 
 import argparse
@@ -19,7 +21,7 @@ from prefect import flow
 from castbot.common.errors import DataError
 from castbot.compat.prefect_start import exits_on_server_timeout
 from castbot.config.data import DialogueConfig
-from castbot.config.profile import ConfigError, PipelineConfig, load_profile
+from castbot.config.profile import ConfigError, PipelineConfig, characters, check_cast_format, load_profile
 from castbot.model.pretrained import ModelFetchError
 from flows.train import dialogue_splits, train, training_data, training_texts
 from tasks.data.lineage import report_dir
@@ -41,7 +43,8 @@ from tasks.train.base_model import base_reference, prepare_base_model
 @flow(name="tune-character-bot")
 def tune(config: PipelineConfig, profile_path: str | None = None, trials: int | None = None,
          budget_minutes: float | None = None, train_winner: bool = True) -> dict:
-    """Search the profile's tune.space for the lowest validation loss; write the winner's profile; train it."""
+    """Search the profile's tune.space for the lowest validation loss (a cast: the mean of its members'); write the
+    winner's profile; train it."""
     import optuna
 
     from castbot.model.folder import ModelCard
@@ -55,16 +58,19 @@ def tune(config: PipelineConfig, profile_path: str | None = None, trials: int | 
     data = training_data(config, report_dir())
     base = prepare_base_model(config.base_model, training_texts(data.splits["train"]), config.offline_model,
                               config.training.seed)
-    fmt = choose_format(base, config.dialogue, config.character, config.show)
-    datasets = {config.dialogue.model_dump_json(): tokenize_dialogues(data.splits, base, config.dialogue, fmt)}
+    cast = characters(config, data.cleaned)  # [character] for one character
+    fmt = choose_format(base, config.dialogue, cast[0], config.show)
+    check_cast_format(config, fmt.style)
+    datasets = {config.dialogue.model_dump_json(): (data.splits["validation"],
+                                                     tokenize_dialogues(data.splits, base, config.dialogue, fmt))}
 
     def datasets_for(dialogue: DialogueConfig):
-        """Tokenised splits for a trial's dialogue settings, built once per distinct value."""
+        """The validation samples and tokenised splits for a trial's dialogue settings, built once per value."""
         key = dialogue.model_dump_json()
         if key not in datasets:
             splits = dialogue_splits(config.model_copy(update={"dialogue": dialogue}), data.cleaned, data.others,
                                      data.liked)
-            datasets[key] = tokenize_dialogues(splits, base, dialogue, fmt)
+            datasets[key] = splits["validation"], tokenize_dialogues(splits, base, dialogue, fmt)
         return datasets[key]
 
     study = open_study(config)
@@ -75,9 +81,11 @@ def tune(config: PipelineConfig, profile_path: str | None = None, trials: int | 
         settings = suggest(trial, config.search_space())
         trial_config = apply_settings(config, settings)
         card = ModelCard(format=fmt, max_length=trial_config.dialogue.max_length,
-                         base_model=base_reference(config.base_model, base))
-        state = run_trial(trial, trial_config, settings, base, datasets_for(trial_config.dialogue), card,
-                          study_run_id, str(folder), return_state=True)  # "Pruned" or "Completed" in the UI
+                         base_model=base_reference(config.base_model, base), cast=tuple(cast) if config.cast else None)
+        validation, tokenized = datasets_for(trial_config.dialogue)
+        judged = {"validation": validation, "cast": cast} if config.cast else {}  # a cast: judged on every member
+        state = run_trial(trial, trial_config, settings, base, tokenized, card, study_run_id, str(folder), **judged,
+                          return_state=True)  # "Pruned" or "Completed" in the UI
         outcome = state.result()
         if outcome.state == PRUNED:
             raise optuna.TrialPruned(outcome.message)
@@ -100,7 +108,7 @@ def tune(config: PipelineConfig, profile_path: str | None = None, trials: int | 
     return {"study": study.study_name, "study_run_id": study_run_id, "best_trial": summary["best_trial"],
             "best_value": summary["best_value"], "best_params": summary["best_params"], "profile": tuned,
             "trials": len(study.get_trials(deepcopy=False, states=finished)), "train": trained,
-            "table": summary["table"]}
+            "table": summary["table"], "best_members": summary["best_members"]}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -124,8 +132,13 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError, ModelFetchError, ChampionMoved, StudyBusy) as exc:
         print(f"castbot: {exc}", file=sys.stderr)
         return 1
+    members = result["best_members"]
     print(f"study {result['study']}: {result['trials']} trials; best trial {result['best_trial']}, validation loss "
-          f"{result['best_value']:.4f} with {result['best_params']}\ntuned profile: {result['profile']}")
+          f"{'(mean over members) ' if members else ''}{result['best_value']:.4f} with {result['best_params']}")
+    if members:
+        print("validation perplexity per member: " + ", ".join(f"{name} {m['perplexity']:.3f}"
+                                                               for name, m in members.items()))
+    print(f"tuned profile: {result['profile']}")
     if result["train"]:
         t = result["train"]
         print(f"{t['model_name']} version {t['version']}: {'promoted to champion' if t['promoted'] else 'not promoted'}"

@@ -1,6 +1,6 @@
 """Export the conversation log to parquet or JSONL, optionally redacted (python -m castbot.chatlog export --redact).
 
-Redaction masks what names a person: e-mail addresses ([email]), phone numbers ([phone]), IP addresses
+Redaction masks what names a person: e-mail addresses ([email]), phone numbers ([phone]), IPv4 and IPv6 addresses
 ([address]: the client of an open service is its address), and client names, which become client-1, client-2, ...
 in the order they first appear (the same client keeps one pseudonym across the file, so per-client counts survive),
 both in the client column and wherever a name of 3 or more characters occurs as a word in the text.
@@ -8,6 +8,7 @@ both in the client column and wherever a name of 3 or more characters occurs as 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import datetime
 from pathlib import Path
@@ -20,9 +21,21 @@ if TYPE_CHECKING:
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
+# what may be an IPv6 address (2001:db8::7, ::1, ::ffff:192.0.2.1, fe80::1%eth0); _ipv6 masks only real ones, so a
+# time (10:30:45) or a MAC address (8 groups are needed without '::') is left alone
+IPV6 = re.compile(r"(?<![\w:.])(?:[0-9a-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f]{1,4})?(?:%\w+)?"
+                  r"(?![\w:]|\.\d)", re.IGNORECASE)
 # a run of digits with the separators people write (+44 20 7946 0958, (555) 123-4567, 555.123.4567)
 PHONE = re.compile(r"(?<![\w+])\+?\(?\d[\d ().\-/]{5,}\d(?!\w)")
 TEXT_COLUMNS = ("message", "reply", "comment", "conversation_id")
+
+
+def _ipv6(match: re.Match) -> str:
+    try:
+        ipaddress.IPv6Address(match.group())
+    except ValueError:
+        return match.group()
+    return "[address]"
 
 
 def _phone(match: re.Match) -> str:
@@ -48,6 +61,7 @@ class Redactor:
         if not isinstance(text, str):
             return text  # None / NaN (no comment)
         text = EMAIL.sub("[email]", text)
+        text = IPV6.sub(_ipv6, text)  # before IPv4: ::ffff:192.0.2.1 goes whole
         text = IPV4.sub("[address]", text)
         text = PHONE.sub(_phone, text)
         if self.names is not None:

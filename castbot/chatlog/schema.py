@@ -101,6 +101,16 @@ conversations_table = sa.Table(
     sa.Column("time", sa.DateTime(timezone=False), nullable=False, index=True),  # first written, naive UTC
 )
 
+
+def _deleted_columns_v4() -> list[sa.Column]:
+    return [sa.Column("conversation_id", sa.String(128), primary_key=True),
+            sa.Column("time", sa.DateTime(timezone=False), nullable=False, index=True)]  # deleted at, naive UTC
+
+
+# conversations deleted lately (castbot/chatlog/retention.py): a turn still being answered when its conversation was
+# deleted is dropped when it finishes, not written back into a new conversation of the same id
+deleted_table = sa.Table("deleted_conversations", metadata, *_deleted_columns_v4())
+
 version_table = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
 
 
@@ -155,7 +165,15 @@ def _migrate_to_3(conn: sa.Connection) -> None:
     conn.execute(sa.insert(conversations_table).from_select(["conversation_id", "client", "time"], first))
 
 
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3]
+def _migrate_to_4(conn: sa.Connection) -> None:
+    """Version 4: deleted conversations, one row per id, so a turn that outlives its conversation is dropped."""
+    deleted = sa.Table("deleted_conversations", sa.MetaData(), *_deleted_columns_v4())
+    deleted.create(conn, checkfirst=True)
+    for index in deleted.indexes:
+        index.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3, _migrate_to_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -45,6 +45,16 @@ def mask_passwords(text: str) -> str:
     return text
 
 
+def mask_settings(value):
+    """Settings (JSON values: dicts, lists, strings, ...) with mask_passwords() applied to every string: what MLflow
+    may show of a training run, and what its digest hashes (castbot/config/profile.py)."""
+    if isinstance(value, dict):
+        return {key: mask_settings(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [mask_settings(item) for item in value]
+    return mask_passwords(value) if isinstance(value, str) else value
+
+
 def default_url() -> str:
     """CASTBOT_CHATLOG_URL, else the SQLite file under the castbot state folder."""
     from castbot.common.settings import STATE_DIR

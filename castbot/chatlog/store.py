@@ -7,13 +7,15 @@
     log.add_feedback(turn_id, +1, "nice", client=...)   # False: no such turn, or not this client's
     log.delete_conversation(conversation_id, client=...)  # turns deleted; 0 for another client's conversation
     log.start_purging(every_s=3600)              # purge_expired() (CASTBOT_CHATLOG_RETENTION_DAYS) hourly
+                                                 # (deleting and purging: castbot/chatlog/retention.py)
     log.turns(model_name="rick-bot", since=datetime(2026, 11, 1, tzinfo=timezone.utc))  # a DataFrame
     log.pending_reviews(); log.set_review([turn_id], "approved")  # castbot/chatlog/review.py
 
-Every method blocks on the database: from async code call it with asyncio.to_thread. A method that cannot reach
-the database raises ChatLogUnavailable (the service answers 503) and the next call tries a fresh connection; each
-failed write counts in castbot_chatlog_write_errors_total. client=None (the command line, the training flow) skips
-the ownership checks. The environment variables are described in castbot/chatlog/settings.py.
+Every method blocks on the database: from async code call it in a worker thread (the service keeps a pool for it:
+castbot/serve/turn_log.py). A method that cannot reach the database raises ChatLogUnavailable (the service answers
+503) and the next call tries a fresh connection; each failed write counts in castbot_chatlog_write_errors_total.
+client=None (the command line, the training flow) skips the ownership checks. The environment variables are
+described in castbot/chatlog/settings.py.
 
 The schema is created on first use and migrated step by step (castbot/chatlog/schema.py). Message text never goes
 into log lines or exception messages, and a URL is only ever shown with its password masked (safe_url).
@@ -29,13 +31,14 @@ import threading
 import time as clock
 from collections.abc import Iterator
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import prometheus_client
 import sqlalchemy as sa
 
+from castbot.chatlog.retention import ConversationDeleted, Retention
 from castbot.chatlog.review import ReviewQueue
 from castbot.chatlog.schema import (
     MIGRATIONS,
@@ -95,7 +98,7 @@ class NotOwner(LookupError):
 _OUTAGES = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
 
 
-class ChatLog(ReviewQueue):
+class ChatLog(ReviewQueue, Retention):
     """The conversation log at one SQLAlchemy URL; one engine shared by all threads."""
 
     retry_after_s = 2.0  # after an outage, calls fail fast for this long before a fresh connection is tried
@@ -223,7 +226,7 @@ class ChatLog(ReviewQueue):
             self._open()  # a log down since start-up: this write is lost, and counted
             with lock, self.engine.begin() as conn:
                 yield conn
-        except NotOwner:
+        except (NotOwner, ConversationDeleted):  # refused, not failed: nothing was written
             raise
         except _OUTAGES as exc:
             WRITE_ERRORS.inc()
@@ -259,11 +262,15 @@ class ChatLog(ReviewQueue):
         return insert(table).values(**values)
 
     def _own(self, conn: sa.Connection, conversation_id: str, client: str, when: datetime) -> None:
-        """Claim an unowned conversation for `client`; NotOwner when another client has it."""
-        conn.execute(self._upsert(conversations_table, conversation_id=conversation_id, client=client,
-                                  time=naive_utc(when)).on_conflict_do_nothing())
-        owner = conn.execute(sa.select(conversations_table.c.client)
-                             .where(conversations_table.c.conversation_id == conversation_id)).scalar()
+        """Claim an unowned conversation for `client`; NotOwner when another client has it. Its row stays locked
+        (PostgreSQL) until the transaction ends: a delete_conversation() waits."""
+        for _ in range(2):  # PostgreSQL: a row deleted while this waited for its lock is gone; claim the id afresh
+            conn.execute(self._upsert(conversations_table, conversation_id=conversation_id, client=client,
+                                      time=naive_utc(when)).on_conflict_do_nothing())
+            owner = conn.execute(sa.select(conversations_table.c.client).with_for_update()
+                                 .where(conversations_table.c.conversation_id == conversation_id)).scalar()
+            if owner is not None:
+                break
         if owner != client:
             raise NotOwner(f"conversation {conversation_id} belongs to another client")
 
@@ -279,15 +286,23 @@ class ChatLog(ReviewQueue):
         with self._writing() as conn:
             self._own(conn, conversation_id, client, datetime.now(UTC))
 
-    def record(self, turn: TurnRecord) -> None:
-        """Insert one turn; committed when this returns. NotOwner (nothing written) when its conversation belongs to
-        another client."""
+    def record(self, turn: TurnRecord) -> bool:
+        """Insert one turn; True: committed. False (nothing written) when its conversation was deleted after the
+        turn began; NotOwner (nothing written) when its conversation belongs to another client."""
         row = asdict(turn)
         row["time"] = naive_utc(turn.time)
         row["history"] = json.dumps([[speaker, text] for speaker, text in turn.history], ensure_ascii=False)
-        with self._writing() as conn:
-            self._own(conn, turn.conversation_id, turn.client, turn.time)
-            conn.execute(sa.insert(turns_table).values(**row))
+        try:
+            with self._writing() as conn:
+                self._own(conn, turn.conversation_id, turn.client, turn.time)
+                if self._deleted_since(conn, turn.conversation_id, turn.time):
+                    raise ConversationDeleted(turn.conversation_id)  # rolls back the claim _own may have made
+                conn.execute(sa.insert(turns_table).values(**row))
+        except ConversationDeleted:
+            logger.info("chat log: turn %s not written: its conversation was deleted while it was answered",
+                        turn.turn_id)
+            return False
+        return True
 
     def _turn_of(self, conn: sa.Connection, turn_id: str, client: str | None) -> bool:
         query = sa.select(turns_table.c.turn_id).where(turns_table.c.turn_id == turn_id)
@@ -314,63 +329,6 @@ class ChatLog(ReviewQueue):
                 "review": sa.case((same, c.review), else_=sa.literal("pending")),
                 "reviewed_at": sa.case((same, c.reviewed_at), else_=sa.null())}))
         return True
-
-    def delete_conversation(self, conversation_id: str, client: str | None = None) -> int:
-        """Delete every turn of one conversation and its feedback; the number of turns deleted (0 when it does not
-        exist or, client given, belongs to another client)."""
-        with self._writing() as conn:
-            owner = conn.execute(sa.select(conversations_table.c.client)
-                                 .where(conversations_table.c.conversation_id == conversation_id)).first()
-            if owner is None or (client is not None and owner.client != client):
-                return 0
-            removed = self._delete(conn, turns_table.c.conversation_id == conversation_id)
-            conn.execute(sa.delete(conversations_table).where(conversations_table.c.conversation_id
-                                                              == conversation_id))
-            return removed
-
-    def purge(self, older_than: timedelta) -> int:
-        """Delete turns (and their feedback) older than `older_than`, and conversations left without turns; the
-        number of turns deleted."""
-        cutoff = naive_utc(datetime.now(UTC) - older_than)
-        with self._writing() as conn:
-            removed = self._delete(conn, turns_table.c.time < cutoff)
-            left = sa.select(turns_table.c.turn_id).where(
-                turns_table.c.conversation_id == conversations_table.c.conversation_id)
-            conn.execute(sa.delete(conversations_table).where(conversations_table.c.time < cutoff, ~left.exists()))
-        return removed
-
-    def purge_expired(self) -> int:
-        """purge() to CASTBOT_CHATLOG_RETENTION_DAYS (default 30; nothing when kept for ever); turns deleted."""
-        days = retention_days()
-        if days is None:
-            return 0
-        removed = self.purge(timedelta(days=days))
-        logger.info("chat log: purged %d turns older than %d days", removed, days)
-        return removed
-
-    def start_purging(self, every_s: float = 3600.0) -> threading.Event:
-        """purge_expired() now and every `every_s` seconds in a daemon thread (never on an event loop); set the
-        returned event to stop. A failed purge is logged and tried again at the next tick."""
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.is_set():
-                try:
-                    self.purge_expired()
-                except Exception as exc:  # the database down, a bad CASTBOT_CHATLOG_RETENTION_DAYS: keep serving
-                    logger.error("chat log: purge failed: %s", mask_passwords(str(exc)))
-                stop.wait(every_s)
-
-        threading.Thread(target=loop, name="chatlog-purge", daemon=True).start()
-        return stop
-
-    @staticmethod
-    def _delete(conn: sa.Connection, condition) -> int:
-        # feedback first: the foreign key's ON DELETE CASCADE is not enforced by SQLite connections without the
-        # pragma (another tool's), so do not rely on it
-        doomed = sa.select(turns_table.c.turn_id).where(condition)
-        conn.execute(sa.delete(feedback_table).where(feedback_table.c.turn_id.in_(doomed)))
-        return conn.execute(sa.delete(turns_table).where(condition)).rowcount
 
     # ---- reading ----
 

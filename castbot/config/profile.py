@@ -93,9 +93,12 @@ class TrainRunConfig(Strict):
         return self.model_dump(mode="json", include=set(TrainRunConfig.model_fields))
 
     def digest(self) -> str:
-        """sha256 of run_settings(): the same settings give the same hash (champions registered before monitor:
-        and tune: existed keep theirs)."""
-        return hashlib.sha256(json.dumps(self.run_settings(), sort_keys=True).encode()).hexdigest()
+        """sha256 of run_settings(), passwords masked: the same settings give the same hash (champions registered
+        before monitor: and tune: existed keep theirs). The hash is published (MLflow's castbot.config_sha256) beside
+        the other settings: hashed in clear, a password could be guessed against it offline."""
+        from castbot.chatlog.settings import mask_settings
+
+        return hashlib.sha256(json.dumps(mask_settings(self.run_settings()), sort_keys=True).encode()).hexdigest()
 
 
 class PipelineConfig(TrainRunConfig):

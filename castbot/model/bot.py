@@ -103,9 +103,11 @@ class Bot:
         """Prompt tokens allowed: at most the trained length, and prompt + reply within the position table."""
         return max(1, min(self.max_length, self.positions - max_new_tokens))
 
-    def prompt(self, turns: list[Turn], max_new_tokens: int, character: str | None = None) -> list[int]:
-        """The prompt's ids; a cast model answers as `character` (None: its first)."""
-        return self.format.speaking(character).prompt_ids(self.tokenizer, turns, self.prompt_budget(max_new_tokens))
+    def prompt(self, turns: list[Turn], max_new_tokens: int, character: str | None = None, step: int = 1) -> list[int]:
+        """The prompt's ids; a cast model answers as `character` (None: its first); a long history loses its oldest
+        turns `step` at a time (DialogueFormat.prompt_ids)."""
+        return self.format.speaking(character).prompt_ids(self.tokenizer, turns, self.prompt_budget(max_new_tokens),
+                                                          step=step)
 
     def generate(self, conversations: list[list[Turn]], streamer=None, stopping_criteria=None,
                  characters: list[str | None] | None = None, **decoding) -> list[Reply]:

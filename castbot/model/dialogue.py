@@ -199,16 +199,17 @@ class DialogueFormat:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
 
-    def _fit_lines(self, tokenizer, lines: list[str], max_tokens: int) -> list[int]:
-        """Ids of the newest lines that fit, at least the newest (which may not fit): the lines the old way found
-        (re-tokenising the prompt after each dropped line), with each line tokenised once and a few encodes."""
+    def _fit_lines(self, tokenizer, lines: list[str], max_tokens: int) -> tuple[list[int], int]:
+        """(ids, first line kept) of the newest lines that fit, at least the newest (which may not fit): the lines
+        the old way found (re-tokenising the prompt after each dropped line), with each line tokenised once and a few
+        encodes."""
         if sum(map(len, lines)) <= WHOLE_FIRST_CHARS_PER_TOKEN * max_tokens:  # short: it likely fits whole
             ids = self._chat_ids(tokenizer, lines)
             if len(ids) <= max_tokens:
-                return ids
+                return ids, 0
         ids = self._chat_ids(tokenizer, lines[-1:])
         if len(ids) > max_tokens or len(lines) == 1:
-            return ids
+            return ids, len(lines) - 1
         older = lines[:-1]
         backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: one Rust call for all lines
         counts = ([len(e.ids) for e in backend.encode_batch(older, add_special_tokens=False)] if backend else
@@ -227,7 +228,7 @@ class DialogueFormat:
             if len(wider) > max_tokens:
                 break
             start, ids = start - 1, wider
-        return ids
+        return ids, start
 
     def _cut_newest(self, tokenizer, turn: Turn, ids: list[int], max_tokens: int, guard: TokenGuard) -> list[int]:
         """The newest turn alone is too long (ids): keep the end of its text, or no context at all."""
@@ -239,8 +240,11 @@ class DialogueFormat:
             room -= max(1, len(ids) - max_tokens)
         return ids if len(ids) <= max_tokens else self._chat_ids(tokenizer, [])  # not even the name fits
 
-    def prompt_ids(self, tokenizer, turns: list[Turn], max_tokens: int, guard: TokenGuard | None = None) -> list[int]:
-        """Token ids that end where the character's reply starts; oldest turns dropped first to fit max_tokens."""
+    def prompt_ids(self, tokenizer, turns: list[Turn], max_tokens: int, guard: TokenGuard | None = None,
+                   step: int = 1) -> list[int]:
+        """Token ids that end where the character's reply starts; oldest turns dropped first to fit max_tokens.
+        step > 1 (chat format): turns are dropped from the start in multiples of step, so the next turn's prompt
+        starts as this one does for up to `step` turns (a serving engine's prefix cache reuses that start)."""
         guard = guard or TokenGuard(tokenizer)
         if self.style == "eos":
             return _eos_prompt_ids(tokenizer, [text for _, text in turns], max_tokens, guard)
@@ -251,7 +255,12 @@ class DialogueFormat:
         room = CHARS_PER_TOKEN * max_tokens - len(newest)  # characters worth looking at before the newest turn
         older = older[len(older) - _newest_within(older, room):]  # older turns cannot fit
         lines = [guard.line(s, t) for s, t in older] + [guard.line(speaker, newest)]
-        ids = self._fit_lines(tokenizer, lines, max_tokens)
+        ids, start = self._fit_lines(tokenizer, lines, max_tokens)
+        dropped = len(turns) - len(lines) + start  # the oldest turns left out
+        if step > 1 and dropped and len(ids) <= max_tokens:
+            aligned = min(-(-dropped // step) * step, len(turns) - 1)
+            if aligned > dropped:
+                ids = self._chat_ids(tokenizer, lines[aligned - (len(turns) - len(lines)):])
         if len(ids) > max_tokens:
             ids = self._cut_newest(tokenizer, (speaker, newest), ids, max_tokens, guard)
         return self._fitting(ids, max_tokens)

@@ -6,7 +6,7 @@ MLflow: the monitor flow wires them. Each check returns a Check whose line state
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -32,9 +32,11 @@ class Check:
     detail: str  # the figures behind the verdict, as printed
     figures: dict[str, float] = field(default_factory=dict)  # logged as MLflow metrics, sent in the event payload
     alarm: bool = False  # crosses a threshold: counts towards the drifted / degraded event
+    character: str = ""  # the cast member whose turns were judged; "" for a one-character model
 
     def line(self) -> str:
-        return f"{self.name}: {self.verdict} ({self.detail})"
+        who = f"{self.character}: " if self.character else ""
+        return f"{who}{self.name}: {self.verdict} ({self.detail})"
 
 
 def domain_features():
@@ -233,3 +235,24 @@ def window_checks(reference: dict, turns: pd.DataFrame, monitor: MonitorConfig) 
     return [*checks, Check("clients", short if clients < monitor.min_clients else "ok",
                            f"{clients} distinct clients in the window, monitor.min_clients={monitor.min_clients}",
                            {"clients": float(clients)})]
+
+
+def cast_window_checks(reference: dict, turns: pd.DataFrame, monitor: MonitorConfig) -> list[Check]:
+    """A cast model's window: each member's turns (the log's `character`) through window_checks against that
+    member's own reference (reference["cast"]), every check naming its member. A member below monitor.min_turns
+    reads 'window: not enough data' alone; turns as someone the reference does not hold read 'reference: not
+    judged'. Neither raises an event. A reference stored before members had their own: the whole window against
+    it, as for one character, under a 'cast: not judged per member' that says to retrain."""
+    if "cast" not in reference:
+        return [Check("cast", "not judged per member", f"the champion's reference holds one character's, "
+                      f"{reference['character']}: every turn judged against it; retrain to judge each member"),
+                *window_checks(reference, turns, monitor)]
+    spoken = turns["character"].fillna("").astype(str)
+    checks = []
+    for name, own in reference["cast"].items():
+        mine = turns[spoken == name].reset_index(drop=True)
+        checks += [replace(check, character=name) for check in window_checks(own, mine, monitor)]
+    for name, count in spoken[~spoken.isin(list(reference["cast"]))].value_counts().sort_index().items():
+        checks.append(Check("reference", "not judged", f"{count} turns as {name}, who is not in the champion's "
+                            f"cast ({', '.join(reference['cast'])})", {"turns": float(count)}, character=name))
+    return checks

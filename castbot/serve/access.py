@@ -4,12 +4,14 @@
     CASTBOT_API_KEYS_FILE=/run/secrets/castbot-keys      # the same pairs in a file (one per line or comma-separated)
     CASTBOT_RATE_LIMIT=30/minute                         # per client: per key, or per address when open
 
-With no keys the service runs open and says so at start-up; every client is then its address. Keys are compared in
-constant time and never logged: a refusal names the header, not the key.
+With no keys the service runs open and says so at start-up; every client is then its address (address_client: an
+IPv6 client by its /64, which one host holds whole). Keys are compared in constant time and never logged: a refusal
+names the header, not the key.
 """
 
 import contextvars
 import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+# takes between sweeps of idle buckets: SWEEP_EVERY, or as many as the buckets the last sweep left (O(1) a take)
+SWEEP_EVERY = 1000
 # who sent the request being answered: set at the door (castbot/serve/admission.py), read where turns are logged
 CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("castbot_client", default="")
 logger = logging.getLogger("castbot.service")
@@ -78,6 +82,21 @@ def client_of(keys: dict[str, str], authorization: str | None) -> str | None:
     return found
 
 
+def address_client(host: str) -> str:
+    """The client an open service sees at an address: 'address:203.0.113.9'; an IPv6 address by its /64
+    ('address:2001:db8:1:2::/64'), the block a single host or home network gets, so rotating addresses inside it
+    does not dodge the rate limit; an IPv4 address mapped into IPv6 (::ffff:203.0.113.9) as the IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # "unknown", a Unix socket's name
+        return f"address:{host}"
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 6:
+        return f"address:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+    return f"address:{ip}"
+
+
 @dataclass(frozen=True)
 class RateLimit:
     """`requests` per `period` seconds for each client, with bursts up to `requests`."""
@@ -109,12 +128,19 @@ class _Bucket:
 @dataclass
 class RateLimiter:
     """A token bucket per client: each holds `requests` tokens and refills at requests/period per second, so one
-    client's burst empties its own bucket and nobody else's. Idle full buckets are dropped to bound memory."""
+    client's burst empties its own bucket and nobody else's. A bucket idle for a period is full again: it is dropped
+    (swept every SWEEP_EVERY takes or more), so memory holds only the clients of the last period."""
 
     limit: RateLimit
     clock: callable = time.monotonic
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _takes: int = 0  # since the last sweep
+    _sweep_at: int = SWEEP_EVERY
+
+    def held(self) -> int:
+        """Clients whose buckets are held (not __len__: an empty limiter must stay truthy)."""
+        return len(self._buckets)
 
     def take(self, client: str, cost: int = 1) -> float:
         """Spend `cost` requests of `client`'s allowance: 0.0 when allowed, else the seconds to wait (Retry-After)."""
@@ -131,14 +157,17 @@ class RateLimiter:
                 wait = 0.0
             else:
                 wait = (cost - bucket.tokens) / rate
-            if len(self._buckets) > 10_000:
-                self._forget_full(now, rate)
+            self._takes += 1
+            if self._takes >= self._sweep_at:
+                self._forget_idle(now)
         return wait
 
-    def _forget_full(self, now: float, rate: float) -> None:
-        full = [c for c, b in self._buckets.items() if b.tokens + (now - b.updated) * rate >= self.limit.requests]
-        for client in full:
+    def _forget_idle(self, now: float) -> None:
+        """Drop the buckets untouched for a period: refilled by now, they are what a new client gets."""
+        idle = [client for client, bucket in self._buckets.items() if now - bucket.updated >= self.limit.period]
+        for client in idle:
             del self._buckets[client]
+        self._takes, self._sweep_at = 0, max(SWEEP_EVERY, len(self._buckets))
 
 
 def retry_after(seconds: float) -> str:

@@ -2,7 +2,8 @@
 CASTBOT_API_KEYS is set), 415 for a body that is not JSON, 413 beyond max_request_bytes (the rest of the body is
 read and dropped first, so every client sees the 413), 503 beyond max_concurrency prompts in flight, 429 beyond
 the client's rate limit. Refusals are castbot's {"error", "field"}, or OpenAI's error shape on /v1.
-A /generate of N prompts counts N against the rate limit and the capacity.
+A /generate of N prompts counts N against the rate limit and the capacity; a /scene of T lines counts T against
+the rate limit and 1 against the capacity.
 
 Kept by hand: BentoML 1.4 has no request body limit and answers a non-JSON body with a 500
 (tests/compat/test_bentoml_fixes.py fails when BentoML's traffic settings change), and its traffic.max_concurrency
@@ -20,7 +21,7 @@ from castbot.serve.access import CLIENT, RateLimit, RateLimiter, client_of, retr
 from castbot.serve.metrics import IN_FLIGHT
 
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models"})  # answered in OpenAI's error shape
-API_PATHS = frozenset({"/chat", "/chat/stream", "/generate", "/feedback"}) | OPENAI_PATHS
+API_PATHS = frozenset({"/chat", "/chat/stream", "/generate", "/scene", "/feedback"}) | OPENAI_PATHS
 OWNED_PREFIX = "/conversations/"  # DELETE /conversations/{conversation_id}
 OPENAI_CODES = {401: "invalid_api_key", 413: "request_too_large", 415: "invalid_content_type",
                 429: "rate_limit_exceeded", 503: "overloaded"}
@@ -47,15 +48,19 @@ def json_body(scope) -> bool:
     return content_type.split(b";")[0].strip().lower() == b"application/json"
 
 
-def prompts_in(path: str, body: bytes) -> int:
-    """What a request costs: the number of prompts of a /generate, else 1 (a malformed body is refused later)."""
-    if path != "/generate":
-        return 1
+def costs(path: str, body: bytes) -> tuple[int, int]:
+    """What a request costs: (prompts in flight at once, requests of the rate limit). A /generate of N prompts
+    (N, N); a /scene of T lines (1, T): its lines are generated one after another; else (1, 1). A malformed body
+    costs (1, 1) and is refused later."""
+    if path not in ("/generate", "/scene"):
+        return 1, 1
     try:
-        prompts = json.loads(body).get("prompts")
+        asked = json.loads(body).get("prompts" if path == "/generate" else "turns")
     except (ValueError, AttributeError):
-        return 1
-    return max(1, len(prompts)) if isinstance(prompts, list) else 1
+        return 1, 1
+    if path == "/generate":
+        return (max(1, len(asked)),) * 2 if isinstance(asked, list) else (1, 1)
+    return 1, asked if isinstance(asked, int) and 1 <= asked <= 1000 else 1
 
 
 class Admission:
@@ -69,9 +74,12 @@ class Admission:
         self.in_flight = 0  # prompts, not requests
 
     def client(self, scope) -> str | None:
-        """The API key's name; the address when the service is open; None for a missing or unknown key."""
+        """The API key's name; the address when the service is open (an IPv6 one by its /64: access.address_client);
+        None for a missing or unknown key."""
         if not self.keys:
-            return "address:" + (scope.get("client") or ("unknown",))[0]
+            from castbot.serve.access import address_client  # (already imported: a lookup)
+
+            return address_client((scope.get("client") or ("unknown",))[0])
         return client_of(self.keys, dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
 
     async def __call__(self, scope, receive, send) -> None:
@@ -91,11 +99,11 @@ class Admission:
             await self._drain(receive, more)
             return await refuse(scope, send, 413, f"request body over {self.max_bytes} bytes "
                                 "(CASTBOT_SERVE_MAX_REQUEST_BYTES)", "body", {"Connection": "close"})
-        cost = prompts_in(scope["path"], body)
+        cost, allowance = costs(scope["path"], body)
         if self.in_flight and self.in_flight + cost > self.capacity:  # before the limit: a 503 costs no allowance
             return await refuse(scope, send, 503, f"over capacity: {self.capacity} prompts in flight "
                                 "(CASTBOT_SERVE_MAX_CONCURRENCY); retry shortly", None, {"Retry-After": "1"})
-        wait = self.limiter.take(client, cost) if self.limiter else 0.0
+        wait = self.limiter.take(client, allowance) if self.limiter else 0.0
         if wait:
             return await refuse(scope, send, 429, f"rate limit: {self.limiter.limit.requests} requests per "
                                 f"{self.limiter.limit.period:g} s for each client (CASTBOT_RATE_LIMIT); retry in "

@@ -28,6 +28,8 @@ class ServeLimits(Strict):
     max_history_turns: int = Field(50, ge=0, description="Most history turns a chat request may send.")
     max_new_tokens: int = Field(128, ge=1, description="Largest max_new_tokens a request may ask for.")
     max_prompts: int = Field(32, ge=1, description="Most prompts in one /generate request.")
+    max_scene_turns: int = Field(16, ge=1, description="Most lines one /scene request may ask for (each costs one "
+                                 "request of the rate limit).")
     max_request_bytes: int = Field(65536, ge=1024, description="Largest request body, in bytes (413 beyond).")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight beyond which the service answers 503.")
     timeout_s: int = Field(60, ge=1, description="A request still running after this many seconds gets a 504.")
@@ -44,6 +46,9 @@ class ServeLimits(Strict):
     dtype: Literal["fast", "auto", "float32", "bfloat16", "float16"] = Field(
         "fast", description="Weights' dtype. fast: bf16 on a GPU and on a CPU with native bf16 (AVX512-BF16, AMX), "
         "else fp32; auto: as evaluation ran (fp32 on CPU).")
+    prefix_caching: bool = Field(True, description="OpenVINO engine: keep the attention cache of prompts already "
+                                 "computed and reuse it for a prompt that starts the same way (a chat's or a scene's "
+                                 "next turn), within the engine's cache size.")
     torch_threads: int = Field(0, ge=0, description="CPU threads for torch (0: torch's default, one per core); "
                                "1 is often faster on a machine shared with other jobs.")
 
@@ -71,7 +76,7 @@ def _text(max_chars: int) -> type[str]:
     return Annotated[str, StringConstraints(min_length=1, max_length=max_chars, pattern=NOT_BLANK)]
 
 
-class Decoding(BaseModel):
+class Sampling(BaseModel):
     """Sampling settings; defaults are castbot.model.dialogue.DECODING_DEFAULTS, shared with evaluation."""
 
     model_config = STRICT_JSON
@@ -88,13 +93,17 @@ class Decoding(BaseModel):
                                       "adaptive engine only: transformers' continuous batching has no such "
                                       "processor, and OpenVINO GenAI applies it in beam search only.")
 
+    def decoding(self) -> dict:
+        """The engine's settings."""
+        return self.model_dump(include=set(Sampling.model_fields))
+
+
+class Decoding(Sampling):
+    """Sampling settings and, for a cast model, who answers."""
+
     character: str = Field("", max_length=64, pattern=f"^$|{NOT_BLANK}",
                            description="A cast model: the member who answers (any case; omitted or empty: the first "
                            "of the cast). GET /v1/models lists them as MODEL/Character.")
-
-    def decoding(self) -> dict:
-        """The engine's settings (the character is resolved against the cast by the reply path)."""
-        return self.model_dump(include=set(Decoding.model_fields) - {"character"})
 
 
 class Turn(BaseModel):
@@ -138,6 +147,21 @@ class ChatRequest(Decoding):
     conversation_id: str = Field("", pattern=r"^([A-Za-z0-9_.:-]{1,64})?$", max_length=64,
                                  description="The conversation_id of an earlier reply in this chat; omitted or "
                                  "empty: a new conversation.")
+
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NOT_BLANK)]
+
+
+class SceneRequest(Sampling):
+    characters: list[Name] = Field(..., min_length=1, max_length=8,
+                                   description="Cast members who speak, in turn (any case; a name may recur).")
+    opening: _text(LIMITS.max_message_chars) | Turn = Field(..., description="The line that opens the scene: its "
+                                                           "text (the user's), or {speaker, text}.")
+    turns: int = Field(min(6, LIMITS.max_scene_turns), ge=1, le=LIMITS.max_scene_turns,
+                       description="Lines the characters speak after the opening, in the order of characters.")
+    conversation_id: str = Field("", pattern=r"^([A-Za-z0-9_.:-]{1,64})?$", max_length=64,
+                                 description="Log the scene's turns in this conversation of yours; omitted or empty: "
+                                 "a new conversation.")
 
 
 class Feedback(BaseModel):

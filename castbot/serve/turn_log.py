@@ -1,16 +1,21 @@
 """The served turns in the conversation log (castbot/chatlog/store.py): each turn's ids, its row, and when it is
 committed. Every route's turn is written here, once, whatever its finish_reason.
 
-A turn is committed before its reply goes out (an acknowledged reply survives a crash), in a worker thread; a
-turn the client abandoned is written without waiting. A failed write is counted and logged, never raised: the
-reply still goes out. Each turn records its client (castbot/serve/access.py: CLIENT) and the history that produced
-it; a conversation belongs to the client that started it, and only that client may add to it, rate it or delete it.
+A turn is committed before its reply goes out (an acknowledged reply survives a crash), in one of the log's own
+CHATLOG_THREADS worker threads; a turn the client abandoned is written without waiting. A failed write is counted and
+logged, never raised: the reply still goes out. A turn whose conversation was deleted while it was answered is not
+written: the conversation stays deleted. Each turn records its client (castbot/serve/access.py: CLIENT) and the
+history that produced it; a conversation belongs to the client that started it, and only that client may add to it,
+rate it or delete it.
 """
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from castbot.chatlog.store import ChatLog, ChatLogUnavailable, NotOwner, TurnRecord
@@ -20,6 +25,9 @@ from castbot.serve.metrics import CHATLOG_ERRORS, CHATLOG_WRITE
 from castbot.serve.schemas import Prompt, conversation
 
 PURGE_EVERY_S = 3600.0  # the retention (CASTBOT_CHATLOG_RETENTION_DAYS, default 30) is applied hourly
+# threads of the log's own pool: a slow or unreachable log queues its calls there, never in asyncio's default pool,
+# where prompts are built (castbot/serve/engines/base.py); a few suffice (a commit takes milliseconds)
+CHATLOG_THREADS = 4
 
 
 class NotYours(LookupError):
@@ -52,6 +60,12 @@ class TurnLog:
 
     def __init__(self, chatlog: ChatLog | None, identity: dict[str, str], engine_name: str):
         self.chatlog, self.identity, self.engine_name = chatlog, identity, engine_name
+        self.pool = ThreadPoolExecutor(CHATLOG_THREADS, thread_name_prefix="castbot-chatlog")  # threads start on use
+
+    async def _in_pool(self, method, *args):
+        """method(*args) in the log's own threads (as asyncio.to_thread does in the default pool)."""
+        call = functools.partial(contextvars.copy_context().run, method, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, call)
 
     async def open_turn(self, conversation_id: str | None) -> dict[str, str]:
         """new_turn(), after checking that a conversation the client names is its own (NotYours otherwise). A log
@@ -59,7 +73,7 @@ class TurnLog:
         turn = new_turn(conversation_id)
         if conversation_id and self.chatlog is not None:
             try:
-                await asyncio.to_thread(self.chatlog.claim, conversation_id, CLIENT.get())
+                await self._in_pool(self.chatlog.claim, conversation_id, CLIENT.get())
             except NotOwner:
                 raise NotYours(f"conversation {conversation_id} belongs to another client: omit conversation_id "
                                "to start a new one") from None
@@ -79,9 +93,9 @@ class TurnLog:
             return
         row = self.row(endpoint, prompt, character, reply, started, first_piece_at, turn)
         if reply.finish_reason == "cancelled":
-            asyncio.get_running_loop().run_in_executor(None, self._write, row)
+            self.pool.submit(self._write, row)
         else:
-            await asyncio.to_thread(self._write, row)
+            await self._in_pool(self._write, row)
 
     def row(self, endpoint: str, prompt: Prompt, character: str, reply: Reply, started: float,
             first_piece_at: float | None, turn: dict[str, str]) -> TurnRecord:
@@ -99,12 +113,13 @@ class TurnLog:
     def _write(self, row: TurnRecord) -> None:
         started = time.perf_counter()
         try:
-            self.chatlog.record(row)
+            written = self.chatlog.record(row)  # False: its conversation was deleted meanwhile (nothing to count)
         except Exception as exc:
             CHATLOG_ERRORS.inc()
             logger.error("turn %s not logged: %s", row.turn_id, type(exc).__name__)
             return
-        CHATLOG_WRITE.observe(time.perf_counter() - started)
+        if written:
+            CHATLOG_WRITE.observe(time.perf_counter() - started)
 
     async def rate(self, turn_id: str, rating: int, comment: str | None) -> bool:
         """Store the client's rating of a turn of its own (the log is on; the latest rating replaces the earlier);
@@ -118,7 +133,7 @@ class TurnLog:
 
     async def _call(self, method, *args):
         try:
-            return await asyncio.to_thread(method, *args)
+            return await self._in_pool(method, *args)
         except Exception as exc:
             CHATLOG_ERRORS.inc()
             logger.error("%s failed: %s", method.__name__, type(exc).__name__)

@@ -7,12 +7,17 @@ samples). Its lines go through the transcript's line rules (tasks/data/line_rule
 section sets them) and the dialogue suite's limits (validation.max_line_chars, validation.max_markup_share); the
 same context and reply count once; a held-out reply is left out; and the samples are capped at
 data.feedback.max_share of the training split they join. The run logs the samples it trained on as feedback.jsonl.
+
+A turn trains the character who said it (the log's `character`): a cast model's turn becomes a sample of that
+member (its system line names them), capped at max_share of that member's training samples; a turn of someone the
+profile does not learn (another character, or a member no longer in the cast) is left out.
 """
 
 import hashlib
 import json
 import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -69,6 +74,16 @@ def liked_samples(turns: pd.DataFrame, require_review: bool = True, context_turn
     return samples
 
 
+def learnt_speakers(turns: pd.DataFrame, config: PipelineConfig) -> pd.Series:
+    """Which turns were said by a character the profile learns: its character, or a member of its cast list; every
+    turn for cast {top: N}, whose members merge_feedback checks once the transcript has named them."""
+    if config.character is not None:
+        return turns["character"] == config.character
+    if isinstance(config.cast, list):
+        return turns["character"].isin(config.cast)
+    return pd.Series(True, index=turns.index)
+
+
 def refused(sample: dict, rules: ValidationConfig) -> bool:
     """Whether the dialogue suite's limits (tasks/data/validate.py) refuse the sample's lines: one longer than
     validation.max_line_chars, or a larger share than validation.max_markup_share still holding markup."""
@@ -103,13 +118,16 @@ def feedback_digest(samples: list[dict]) -> str:
 
 def write_feedback_jsonl(samples: list[dict], folder: str | Path) -> Path:
     """The feedback samples a run trained on as folder/feedback.jsonl (one sample a line: turn_id, client,
-    context, speakers, response), for the run's artifacts: a model's lineage names the users' words it learned."""
+    context, speakers, response, and a cast's character), for the run's artifacts: a model's lineage names the users'
+    words it learned, and whose lines they became."""
     path = Path(folder) / "feedback.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = ("turn_id", "client", "episode", "context", "speakers", "response")
     with path.open("w", encoding="utf-8") as out:
         for sample in samples:
-            out.write(json.dumps({k: sample.get(k) for k in keys}, ensure_ascii=False) + "\n")
+            row = {k: sample.get(k) for k in keys} | ({"character": sample["character"]} if "character" in sample
+                                                       else {})
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 
@@ -121,6 +139,7 @@ class FeedbackFound:
     samples: list[dict] = field(default_factory=list)
     pending: int = 0
     refused: int = 0
+    other_speakers: int = 0  # trainable samples of a character the profile does not learn
 
 
 def read_feedback(config: PipelineConfig) -> FeedbackFound:
@@ -135,10 +154,14 @@ def read_feedback(config: PipelineConfig) -> FeedbackFound:
         turns = log.turns(model_name=settings.model_name or config.model_name, since=since)
     finally:
         log.close()
+    learnt = learnt_speakers(turns, config)
+    others = liked_samples(turns[~learnt], settings.require_review, config.dialogue.context_turns, config.cleaning)
+    turns = turns[learnt]
     samples = liked_samples(turns, settings.require_review, config.dialogue.context_turns, config.cleaning,
                             cast=config.cast is not None)
     kept = [sample for sample in samples if not refused(sample, config.validation)]
-    return FeedbackFound(kept, awaiting_review(turns) if settings.require_review else 0, len(samples) - len(kept))
+    return FeedbackFound(kept, awaiting_review(turns) if settings.require_review else 0, len(samples) - len(kept),
+                         len(others))
 
 
 def read_liked_samples(config: PipelineConfig) -> list[dict]:
@@ -155,8 +178,9 @@ class FeedbackAdded:
     added: int = 0  # samples added to training
     pending: int = 0  # liked turns awaiting review (python -m castbot.chatlog review)
     held_out: int = 0  # left out: the reply is a validation or test response
-    over_cap: int = 0  # left out: beyond data.feedback.max_share of the training split
+    over_cap: int = 0  # left out: beyond data.feedback.max_share of the training split (a cast's: of the member's)
     refused: int = 0  # left out: over the validation limits once cleaned
+    other_speakers: int = 0  # left out: said by a character the profile does not learn (summary only, no param)
 
     def counts(self) -> dict[str, int]:
         return {"added": self.added, "pending": self.pending, "held_out": self.held_out, "over_cap": self.over_cap,
@@ -165,19 +189,39 @@ class FeedbackAdded:
     def summary(self) -> str:
         return (f"{self.added} feedback samples added to training, {self.pending} liked turns await review "
                 f"(python -m castbot.chatlog review); left out: {self.held_out} held-out replies, {self.over_cap} "
-                f"over the max_share cap, {self.refused} refused by the validation limits")
+                f"over the max_share cap, {self.refused} refused by the validation limits"
+                + (f", {self.other_speakers} said by characters this profile does not learn"
+                   if self.other_speakers else ""))
+
+
+def newest_within(samples: list[dict], train: list[dict], max_share: float) -> list[dict]:
+    """The newest samples (they come oldest first) within the cap of the training split; a cast's within the cap
+    of each member's training samples, so one member's likes cannot drown that member's lines."""
+    def newest(mine: list, size: int) -> list:
+        cap = feedback_cap(size, max_share)
+        return mine[-cap:] if cap else []
+
+    if not any("character" in s for s in train):
+        return newest(samples, len(train))
+    lines = Counter(s["character"] for s in train)  # each member's training samples
+    kept = set()
+    for member in dict.fromkeys(s["character"] for s in samples):
+        kept.update(newest([i for i, s in enumerate(samples) if s["character"] == member], lines[member]))
+    return [s for i, s in enumerate(samples) if i in kept]
 
 
 def merge_feedback(splits: dict[str, list[dict]], found: FeedbackFound, max_share: float) -> FeedbackAdded:
-    """Add the found samples to training: a reply that is also a held-out response is left out (training on it
-    would leak the test set), then the newest samples up to the cap are kept."""
+    """Add the found samples to training: a cast's sample of someone not in the cast (as the transcript resolved
+    it) is left out, so is a reply that is also a held-out response (training on it would leak the test set), then
+    the newest samples up to the cap are kept."""
+    members = {s["character"] for split in splits.values() for s in split if "character" in s}
+    ours = [s for s in found.samples if not members or s.get("character") in members]
     held_out = {s["response"].strip() for name in ("validation", "test") for s in splits[name]}
-    kept = [s for s in found.samples if s["response"].strip() not in held_out]
-    cap = feedback_cap(len(splits["train"]), max_share)
-    capped = kept[-cap:] if cap else []
+    kept = [s for s in ours if s["response"].strip() not in held_out]
+    capped = newest_within(kept, splits["train"], max_share)
     return FeedbackAdded({**splits, "train": splits["train"] + capped}, added=len(capped), pending=found.pending,
-                         held_out=len(found.samples) - len(kept), over_cap=len(kept) - len(capped),
-                         refused=found.refused)
+                         held_out=len(ours) - len(kept), over_cap=len(kept) - len(capped), refused=found.refused,
+                         other_speakers=found.other_speakers + len(found.samples) - len(ours))
 
 
 @task(name="add_approved_feedback", cache_policy=NO_CACHE)  # the log changes between runs: always read it

@@ -34,18 +34,10 @@ def git_commit() -> str:
 
 def shown_settings(config: TrainRunConfig) -> dict:
     """TrainRunConfig.run_settings with any password in a URL (user:***@host) or a connection string
-    (password=***) masked: what MLflow may show. The digest (castbot.config_sha256) still hashes the real
-    settings, so it keeps its value for every profile."""
-    from castbot.chatlog.settings import mask_passwords
+    (password=***) masked: what MLflow may show, and what the digest (castbot.config_sha256) hashes."""
+    from castbot.chatlog.settings import mask_settings
 
-    def masked(value):
-        if isinstance(value, dict):
-            return {key: masked(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [masked(item) for item in value]
-        return mask_passwords(value) if isinstance(value, str) else value
-
-    return masked(config.run_settings())
+    return mask_settings(config.run_settings())
 
 
 def flat_params(config: TrainRunConfig) -> dict[str, str]:

@@ -33,10 +33,23 @@ def user_side(samples: list[dict], character: str) -> list[tuple[str, bool]]:
     return [(s["context"][-1], s["speakers"][-1] != character) for s in samples if s["context"]]
 
 
-def build_reference(splits: dict[str, list[dict]], character: str, size: int, seed: int) -> dict:
-    """The reference of a training run: up to `size` seeded training contexts and character lines, the context
-    vocabulary, word-length figures, and the out-of-vocabulary share of the held-out contexts (the baseline of
-    the monitor's vocabulary check: new episodes bring new names even when nothing drifted)."""
+def build_reference(splits: dict[str, list[dict]], character: str, size: int, seed: int,
+                    cast: list[str] | None = None) -> dict:
+    """The reference of a training run (see member_reference); a cast model's (its samples each naming their
+    `character`) adds "cast": each member's own reference from its samples alone, in the cast's order, which the
+    monitor judges that member's logged turns against."""
+    reference = member_reference(splits, character, size, seed)
+    if cast:
+        reference["cast"] = {name: member_reference({split: [s for s in samples if s.get("character") == name]
+                                                     for split, samples in splits.items()}, name, size, seed)
+                             for name in cast}
+    return reference
+
+
+def member_reference(splits: dict[str, list[dict]], character: str, size: int, seed: int) -> dict:
+    """Up to `size` seeded training contexts and character lines, the context vocabulary, word-length figures, and
+    the out-of-vocabulary share of the held-out contexts (the baseline of the monitor's vocabulary check: new
+    episodes bring new names even when nothing drifted)."""
     rng = random.Random(seed)
     contexts = user_side(splits["train"], character)
     held_out = [text for name in ("validation", "test") for text, _ in user_side(splits[name], character)]

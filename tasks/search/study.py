@@ -3,8 +3,9 @@
 The study lives in SQLite under the state folder (tune/optuna.db): a rerun of the same profile and search space
 continues it. A trial writes a heartbeat; a trial whose process was killed is marked FAIL when the study runs
 again and retried once with its settings (RetryHeartbeatStaleTrialCallback), resuming from its checkpoints.
-The objective is the best validation loss (nats per target token) a trial reached; the test split is never read.
-One trial's MLflow run and training: tasks/search/trial.py.
+The objective is the best validation loss (nats per target token) a trial reached; a cast's, the mean over its
+members of each member's validation loss (tasks/search/trial.py: member_objective, which says why), each member's
+figures kept on the trial. The test split is never read. One trial's MLflow run and training: tasks/search/trial.py.
 """
 
 import hashlib
@@ -18,8 +19,17 @@ from prefect.cache_policies import NO_CACHE
 
 from castbot.common.logs import run_logger
 from castbot.common.settings import STATE_DIR
-from castbot.config.profile import PipelineConfig
+from castbot.config.profile import PipelineConfig, slug
 from castbot.config.search import SearchRange
+
+OBJECTIVE = "best validation loss, nats per target token on the validation split"
+CAST_OBJECTIVE = ("mean over the cast members of each member's validation loss, every member counting alike, nats "
+                  "per target token on the validation split")
+
+
+def objective_text(config: PipelineConfig) -> str:
+    """What a study of this profile minimises, in words."""
+    return CAST_OBJECTIVE if config.cast is not None else OBJECTIVE
 
 
 class StudyBusy(RuntimeError):
@@ -156,30 +166,41 @@ def apply_settings(config: PipelineConfig, settings: dict) -> PipelineConfig:
 
 
 def trial_rows(study) -> list[dict]:
-    """One row per trial: number, state, best validation loss, last step reported, settings, minutes."""
+    """One row per trial: number, state, objective, last step reported, settings, minutes, a cast's members'
+    validation figures."""
     rows = []
     for t in study.trials:
         minutes = ((t.datetime_complete - t.datetime_start).total_seconds() / 60
                    if t.datetime_complete and t.datetime_start else None)
         rows.append({"trial": t.number, "state": t.state.name, "value": t.value,
                      "last_step": max(t.intermediate_values, default=None), "params": t.params,
-                     "origin": t.user_attrs.get("origin", "sampler"), "minutes": minutes})
+                     "origin": t.user_attrs.get("origin", "sampler"), "minutes": minutes,
+                     "members": t.user_attrs.get("members", {})})
     return rows
 
 
+def members_of(rows: list[dict]) -> list[str]:
+    """The cast members the trials were judged on, in the order the first judged trial names them."""
+    return list(dict.fromkeys(name for r in rows for name in r["members"]))
+
+
 def trials_markdown(study, keys: list[str]) -> str:
-    """The trials as a markdown table, best first among the complete ones."""
+    """The trials as a markdown table, best first among the complete ones; a cast's with each member's validation
+    perplexity."""
     from castbot.common.text import markdown_cell
 
     def cell(value):
         return f"{value:.4g}" if isinstance(value, float) else markdown_cell(str(value))
 
     rows = sorted(trial_rows(study), key=lambda r: (r["value"] is None, r["value"] or 0, r["trial"]))
-    head = ["trial", "state", "validation loss", "last step", *keys, "minutes", "origin"]
+    members = members_of(rows)
+    head = ["trial", "state", "validation loss" + (" (mean over members)" if members else ""), "last step", *keys,
+            *(f"{name} perplexity" for name in members), "minutes", "origin"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         values = [r["trial"], r["state"], r["value"] if r["value"] is not None else "",
                   r["last_step"] if r["last_step"] is not None else "", *(r["params"].get(k, "") for k in keys),
+                  *(r["members"].get(name, {}).get("perplexity", "") for name in members),
                   r["minutes"] if r["minutes"] is not None else "", r["origin"]]
         lines.append("| " + " | ".join(cell(v) for v in values) + " |")
     return "\n".join(lines)
@@ -228,7 +249,8 @@ def save_plots(study, folder: Path, with_importances: bool) -> list[Path]:
 
 @task(name="publish_study", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def publish_study(study, config: PipelineConfig, study_run_id: str) -> dict:
-    """The best trial's settings and value on the study run, its plots and trials table (MLflow and Prefect)."""
+    """The best trial's settings and value on the study run (a cast's: best_members_eval_loss and each member's
+    best_validation_perplexity_<member>), its plots and trials table (MLflow and Prefect)."""
     from mlflow import MlflowClient
     from optuna.trial import TrialState
     from prefect.artifacts import create_markdown_artifact
@@ -243,17 +265,31 @@ def publish_study(study, config: PipelineConfig, study_run_id: str) -> dict:
     for key, value in best.params.items():
         client.set_tag(study_run_id, f"best.{key}", str(value))  # tags, not params: a resumed study may change them
     client.set_tag(study_run_id, "best.trial", str(best.number))
-    client.log_metric(study_run_id, "best_eval_loss", best.value, step=len(study.trials))
+    members = best.user_attrs.get("members", {})
+    client.log_metric(study_run_id, "best_members_eval_loss" if members else "best_eval_loss", best.value,
+                      step=len(study.trials))
+    for name, figures in members.items():
+        client.log_metric(study_run_id, f"best_validation_perplexity_{slug(name)}", figures["perplexity"],
+                          step=len(study.trials))
     client.log_metric(study_run_id, "trials_finished", float(len(study.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))))
     for path in save_plots(study, study_folder(study.study_name) / "plots", len(complete) >= 2 and bool(weights)):
         client.log_artifact(study_run_id, str(path))
     client.log_text(study_run_id, table, "trials.md")
-    create_markdown_artifact(f"# Study {study.study_name}\n\nObjective: best validation loss (nats per target "
-                             f"token; lower is better). Best: trial {best.number}, {best.value:.4f}.\n\n{table}\n",
-                             key="study-trials", description=f"{config.character}: trials of the study")
+    create_markdown_artifact(f"# Study {study.study_name}\n\nObjective: {objective_text(config)} (lower is better). "
+                             f"Best: trial {best.number}, {best.value:.4f}{member_figures(members)}.\n\n{table}\n",
+                             key="study-trials", description=f"{config.character or config.model_name}: trials of "
+                             "the study")
     return {"best_trial": best.number, "best_value": best.value, "best_params": dict(best.params),
-            "importances": weights, "table": table}
+            "importances": weights, "table": table, "best_members": members}
+
+
+def member_figures(members: dict[str, dict]) -> str:
+    """'; validation perplexity per member: Ada 12.3, Bram 15.1' for a cast trial's members, '' for none."""
+    if not members:
+        return ""
+    return "; validation perplexity per member: " + ", ".join(f"{name} {m['perplexity']:.4g}"
+                                                              for name, m in members.items())
 
 
 def evidence_lines(study, summary: dict, config: PipelineConfig, study_run_id: str, minutes: float) -> list[str]:
@@ -264,10 +300,11 @@ def evidence_lines(study, summary: dict, config: PipelineConfig, study_run_id: s
     lines = [f"Study {study.study_name} ({datetime.now(UTC):%Y-%m-%d}): {len(rows)} trials "
              f"({states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed), "
              f"{minutes:.1f} min in this run.",
-             "Objective: best validation loss, nats per target token on the validation split (the test split was "
-             "not read).",
+             f"Objective: {objective_text(config)} (the test split was not read).",
              f"Best: trial {summary['best_trial']}, {summary['best_value']:.4f}"
-             + (f"; the profile's own settings (trial {own['trial']}): {own['value']:.4f}." if own else ".")]
+             + member_figures(summary["best_members"])
+             + (f"; the profile's own settings (trial {own['trial']}): {own['value']:.4f}" if own else "")
+             + (member_figures(own["members"]) if own and own["trial"] != summary["best_trial"] else "") + "."]
     def show(value):
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 

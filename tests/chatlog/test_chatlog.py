@@ -114,6 +114,7 @@ def test_a_version_1_log_with_rows_is_migrated_without_losing_them(tmp_path, req
         assert indexes == {"ux_feedback_turn_id": True}
         assert conn.execute(sa.text("select count(*) from schema_version")).scalar() == 1
         assert conn.execute(sa.text("select count(*) from feedback")).scalar() == 1  # the last rating kept
+        assert conn.execute(sa.text("select count(*) from deleted_conversations")).scalar() == 0  # version 4
     log.close()
     reopened = ChatLog(url)
     assert reopened.schema_version() == SCHEMA_VERSION  # reopening migrates nothing twice

@@ -5,6 +5,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -124,3 +125,51 @@ def test_writes_from_worker_threads_leave_the_event_loop_free(log):
     assert worst < 0.5, f"the event loop stalled {worst:.3f} s while the log was written"
     frame = log.turns()
     assert len(frame) == 48 and (frame["rating"] == 1).all()
+
+
+def test_a_turn_begun_before_its_conversation_was_deleted_is_not_written(any_log):
+    answering = turn(conversation="a", client="alice", when=datetime.now(UTC))  # its reply is still generating
+    any_log.record(turn(conversation="a", client="alice"))
+    assert any_log.delete_conversation("a", client="alice") == 1
+    assert any_log.record(answering) is False
+    assert any_log.turns().empty and any_log.owner("a") is None  # not even an empty conversation is left
+    later = turn(conversation="a", client="bob", when=datetime.now(UTC))
+    assert any_log.record(later) is True  # a turn begun after the deletion may use the id again
+    assert list(any_log.turns()["turn_id"]) == [later.turn_id] and any_log.owner("a") == "bob"
+
+
+def finish_while_deleting(log: ChatLog, conversation: str, delay_s: float) -> tuple[int, list[bool]]:
+    """16 turns of a claimed conversation, begun now, finish while its owner deletes it (after delay_s): the turns
+    the deletion removed, and whether each turn was written."""
+    log.claim(conversation, "alice")
+    answering = [turn(conversation=conversation, client="alice", when=datetime.now(UTC)) for _ in range(16)]
+    start = threading.Barrier(len(answering) + 1)
+
+    def finish(record) -> bool:
+        start.wait(timeout=60)
+        return log.record(record)
+
+    def delete() -> int:
+        start.wait(timeout=60)
+        time.sleep(delay_s)
+        return log.delete_conversation(conversation, client="alice")
+
+    with ThreadPoolExecutor(len(answering) + 1) as pool:
+        deleting = pool.submit(delete)
+        written = list(pool.map(finish, answering))
+    return deleting.result(), written
+
+
+def test_turns_finishing_while_their_conversation_is_deleted_never_bring_it_back(any_log):
+    """Turns begun before their conversation's deletion finish while it is deleted: each is either deleted with it
+    or dropped, never left behind. Rounds repeat until both outcomes happened (the race)."""
+    outcomes = set()
+    for round_ in range(20):
+        deleted, written = finish_while_deleting(any_log, f"r{round_}", 0.002 * (round_ % 5))
+        assert deleted == sum(written)  # the deletion took every turn written before it
+        assert any_log.owner(f"r{round_}") is None
+        assert f"r{round_}" not in set(any_log.turns()["conversation_id"]), f"round {round_}: it came back"
+        outcomes |= set(written)
+        if outcomes == {True, False} and round_ >= 3:
+            break
+    assert outcomes == {True, False}, f"every turn was {outcomes}: the race never happened"

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from castbot.chatlog.export import Redactor
 from tests.chatlog.conftest import NOW, cli, turn
@@ -55,6 +56,26 @@ def test_start_purging_purges_again_while_the_service_runs(log, monkeypatch):
         stop.set()
 
 
+def test_a_deleted_conversation_is_remembered_for_a_day_then_purged(log, monkeypatch):
+    """The ids of deleted conversations (kept so a turn still being answered is dropped) go after a day, also when
+    every turn is kept for ever."""
+    def deletions() -> list[str]:
+        with log.engine.connect() as conn:
+            return conn.execute(sa.text("select conversation_id from deleted_conversations order by 1")).scalars().all()
+
+    for conversation in ("old", "new"):
+        log.record(turn(conversation=conversation))
+        assert log.delete_conversation(conversation) == 1
+    with log.engine.begin() as conn:
+        conn.execute(sa.text("update deleted_conversations set time = :t where conversation_id = 'old'"),
+                     {"t": (NOW - timedelta(hours=25)).replace(tzinfo=None)})
+    assert deletions() == ["new", "old"]
+    monkeypatch.setenv("CASTBOT_CHATLOG_RETENTION_DAYS", "forever")
+    assert log.purge_expired() == 0
+    assert deletions() == ["new"]
+    assert log.record(turn(conversation="new")) is False  # begun before its deletion: still dropped
+
+
 def test_the_purge_command_uses_the_default_retention(log):
     log.record(turn(when=NOW - timedelta(days=45)))
     url = str(log.url)
@@ -87,6 +108,15 @@ def test_the_redacted_export_masks_addresses_numbers_and_client_names(log, tmp_p
     assert plain.returncode == 0, plain.stderr
     exported = pd.read_parquet(tmp_path / "p.parquet")
     assert list(exported["client"]) == ["alice", "203.0.113.9"]  # without --redact the export is whole
+
+
+def test_ipv6_addresses_are_masked_and_times_are_not():
+    redactor = Redactor(["address:2001:db8:1:2::/64"])
+    text = ("from 2001:db8:1:2::7, 2001:0DB8:85a3:0000:0000:8a2e:0370:7334 and fe80::1%eth0; [::1]:8080 and "
+            "::ffff:192.0.2.1 mapped. Meet at 10:30:45, MAC 00:1a:2b:3c:4d:5e, ratio 3:2.")
+    assert redactor.text(text) == ("from [address], [address] and [address]; [[address]]:8080 and [address] "
+                                   "mapped. Meet at 10:30:45, MAC 00:1a:2b:3c:4d:5e, ratio 3:2.")
+    assert redactor.client("address:2001:db8:1:2::/64") == "client-1"
 
 
 def test_a_short_client_name_is_masked_in_its_column_only():

@@ -1,5 +1,7 @@
 """No password from a URL reaches the training run's MLflow params, its config.yaml or a log line."""
 
+import hashlib
+import json
 import logging
 
 import pytest
@@ -42,3 +44,16 @@ def test_the_feedback_log_line_names_the_log_without_its_password(tiny_show, cap
     [line] = [record.getMessage() for record in caplog.records if record.name == "castbot.feedback"]
     assert "from postgresql+psycopg://castbot:***@db.internal:5432/chat" in line and SECRET not in line
     assert "0 feedback samples added to training, 2 liked turns await review" in line
+
+
+def test_the_published_digest_does_not_hash_the_password(tiny_show):
+    """castbot.config_sha256 is an MLflow tag beside the masked params: a hash of the real settings would let anyone
+    who reads both try passwords offline. It hashes what MLflow shows, so the password changes nothing in it."""
+    config = tiny_config(tiny_show, **{"data.feedback": {"enabled": True, "url": URL}})
+    other_password = tiny_config(tiny_show, **{"data.feedback": {"enabled": True, "url": URL.replace(SECRET, "x")}})
+    assert config.digest() == other_password.digest()
+    in_clear = hashlib.sha256(json.dumps(config.run_settings(), sort_keys=True).encode()).hexdigest()
+    assert config.digest() != in_clear  # what a guess at the password would be checked against
+    assert config.digest() == hashlib.sha256(json.dumps(shown_settings(config), sort_keys=True).encode()).hexdigest()
+    other_host = tiny_config(tiny_show, **{"data.feedback": {"enabled": True, "url": URL.replace("db.", "db2.")}})
+    assert other_host.digest() != config.digest()  # another log is still another training input

@@ -122,10 +122,10 @@ def chat(url: str, **body) -> httpx.Response:
     return httpx.post(f"{url}/chat", json=body, timeout=60)
 
 
-def stream_events(url: str, body: dict) -> list[tuple[str, dict]]:
-    """(event, data) pairs of one /chat/stream response."""
+def stream_events(url: str, body: dict, path: str = "/chat/stream") -> list[tuple[str, dict]]:
+    """(event, data) pairs of one /chat/stream (or /scene) response."""
     events, name = [], "message"
-    with httpx.stream("POST", f"{url}/chat/stream", json=body, timeout=60) as resp:
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=120) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         for line in resp.iter_lines():
             if line.startswith("event: "):

@@ -1,8 +1,11 @@
 """API keys and per-client rate limits, as functions (tests/serve/test_public.py drives them over HTTP)."""
 
+import asyncio
+
 import pytest
 
 from castbot.serve.access import AccessConfigError, RateLimit, RateLimiter, client_of, keys_from_env, parse_keys
+from castbot.serve.admission import Admission
 
 pytestmark = pytest.mark.unit
 
@@ -62,3 +65,67 @@ def test_a_request_of_many_prompts_costs_as_many():
     assert limiter.take("batch", cost=8) == 0.0
     assert limiter.take("batch", cost=4) == pytest.approx(0.2)
     assert limiter.take("batch", cost=2) == 0.0
+
+
+def test_idle_clients_are_forgotten_and_busy_ones_kept():
+    """Memory holds the clients of the last period only: 5,000 addresses that came once are dropped once a period
+    has passed, while a client that spent its allowance is still held to it."""
+    now = [0.0]
+    limiter = RateLimiter(RateLimit(3, 60.0), clock=lambda: now[0])
+    for i in range(5000):
+        limiter.take(f"address:10.0.{i // 256}.{i % 256}")
+    assert limiter.held() == 5000
+    now[0] = 61.0
+    for _ in range(3):
+        limiter.take("greedy")
+    for i in range(10_000):  # other traffic, 100 clients: the idle buckets are swept on the way
+        limiter.take(f"address:198.51.100.{i % 100}")
+    assert limiter.held() == 101
+    assert limiter.take("greedy") > 0  # the busy client kept its empty bucket
+    now[0] = 200.0
+    for i in range(6000):
+        limiter.take(f"address:192.0.2.{i % 200}")
+    assert limiter.held() == 200  # only this period's clients remain
+
+
+def scope(host: str, authorization: bytes | None = None) -> dict:
+    return {"type": "http", "path": "/chat", "method": "POST", "client": (host, 50000),
+            "headers": [(b"content-type", b"application/json")] + ([(b"authorization", authorization)]
+                                                                    if authorization else [])}
+
+
+async def answered(door: Admission, host: str) -> int:
+    """The status a /chat from `host` gets at the door (the app behind it answers 200)."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"message": "hi"}', "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await door(scope(host), receive, send)
+    return sent[0]["status"]
+
+
+async def app(scope, receive, send):
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_an_open_service_limits_an_ipv6_host_by_its_64():
+    door = Admission(app, max_concurrency=4, max_request_bytes=1024, rate_limit=RateLimit(2, 3600.0))  # no keys
+    assert door.client(scope("2001:db8:1:2::7")) == door.client(scope("2001:db8:1:2:aaaa:bbbb:cccc:dddd")) \
+        == "address:2001:db8:1:2::/64"
+    assert door.client(scope("203.0.113.9")) == "address:203.0.113.9"  # IPv4 as before
+    assert door.client(scope("::ffff:203.0.113.9")) == "address:203.0.113.9"  # not every IPv4 client in one /64
+
+    async def main() -> list[int]:
+        rotating = [await answered(door, f"2001:db8:1:2::{i:x}") for i in range(1, 4)]
+        return rotating + [await answered(door, "2001:db8:1:3::1"), await answered(door, "203.0.113.9")]
+
+    # a host rotating addresses inside its /64 is one client; the next /64 and an IPv4 client are others
+    assert asyncio.run(main()) == [200, 200, 429, 200, 200]
+    keyed = Admission(app, max_concurrency=4, max_request_bytes=1024, keys={"k3y": "web"})
+    assert keyed.client(scope("2001:db8::1", b"Bearer k3y")) == "web"

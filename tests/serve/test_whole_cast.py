@@ -1,29 +1,32 @@
-"""A cast model served: one tiny model of three characters behind a real `bentoml serve`, each request answered as
-the character it names (/chat, /chat/stream, /generate, /v1/chat/completions), a 404 naming the cast for anyone
-else, and the chat log recording who answered. Named to run after the tests that read the main server's /metrics
-(starting a server resets the shared Prometheus folder)."""
+"""A cast model served: a tiny model of four Rick and Morty characters, trained by the real flow on the real
+transcript (../shared/data), behind a real `bentoml serve`: each request answered as the character it names (/chat,
+/chat/stream, /generate, /v1/chat/completions), a 404 naming the cast for anyone else, scenes streamed line by line
+with named speakers (/scene), and the chat log recording who answered. Named to run after the tests that read the
+main server's /metrics (starting a server resets the shared Prometheus folder)."""
 
 import httpx
 import pytest
 
-from tests.conftest import write_tiny_show
 from tests.serve.conftest import logged_turns, metric, serve, stream_events
 
 pytestmark = pytest.mark.service
 
-CAST = ["Ada", "Bram", "Cleo"]
+CAST = ["Rick", "Morty", "Summer", "Jerry"]
+NAMED = "Rick, Morty, Summer, Jerry"
 GREEDY = {"max_new_tokens": 6, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def cast_server(prefect_harness, tmp_path_factory) -> str:
-    """The tiny show as a cast (offline-tiny's chat-template layout), trained by the real flow into a Bento."""
+def cast_server(prefect_harness, shared_data, tmp_path_factory) -> str:
+    """The clean Rick and Morty transcript (1,905 lines, 11 episodes) as a cast, with the offline tiny model in the
+    chat-template layout, trained by the real flow into a Bento."""
     from flows.train import train
     from tasks.release.bento import build_bento
     from tests.conftest import tiny_config
 
-    data = write_tiny_show(tmp_path_factory.mktemp("cast-show") / "show.csv")
-    result = train(tiny_config(data, show="The Tiny Show", **{
+    data = shared_data / "rick_and_morty" / "RickAndMortyScripts.csv"
+    result = train(tiny_config(data, show="Rick and Morty", **{
+        "data.columns": {"episode": "episode name", "speaker": "name", "line": "line"},
         "character": None, "cast": CAST, "offline_model.architecture": "llama", "offline_model.n_positions": 256,
         "dialogue.max_length": 160, "gate.max_perplexity": 1e9, "evaluation.replies": 6,
         "registry.model_name": "served-cast-bot", "registry.build_bento": True, "registry.openvino": "off"}))
@@ -35,38 +38,41 @@ def cast_server(prefect_harness, tmp_path_factory) -> str:
 def test_models_lists_the_model_and_every_member(cast_server):
     listed = httpx.get(f"{cast_server}/v1/models", timeout=30).json()["data"]
     assert [m["id"] for m in listed] == ["served-cast-bot", *(f"served-cast-bot/{name}" for name in CAST)]
-    assert [m["character"] for m in listed] == ["Ada", *CAST]
+    assert [m["character"] for m in listed] == ["Rick", *CAST]
 
 
 def test_each_request_is_answered_as_the_character_it_names(cast_server):
     default = httpx.post(f"{cast_server}/chat", json={"message": "Who is there?", **GREEDY}, timeout=60).json()
-    assert default["character"] == "Ada"
-    bram = httpx.post(f"{cast_server}/chat", json={"message": "Who is there?", "character": "bram", **GREEDY},
-                      timeout=60).json()
-    assert bram["character"] == "Bram" and bram["reply"].strip()
-    events = stream_events(cast_server, {"message": "And now?", "character": "Cleo", **GREEDY})
-    assert events[0] == ("start", {**events[0][1], "character": "Cleo"}) and events[-1][1]["character"] == "Cleo"
+    assert default["character"] == "Rick"
+    morty = httpx.post(f"{cast_server}/chat", json={"message": "Who is there?", "character": "morty", **GREEDY},
+                       timeout=60).json()
+    assert morty["character"] == "Morty" and morty["new_tokens"] > 0
+    events = stream_events(cast_server, {"message": "And now?", "character": "Summer", **GREEDY})
+    assert events[0] == ("start", {**events[0][1], "character": "Summer"}) and events[-1][1]["character"] == "Summer"
     generated = httpx.post(f"{cast_server}/generate", json={"prompts": [
-        {"turns": ["Hello"], "character": "Cleo", **GREEDY}, {"turns": ["Hello"], **GREEDY}]}, timeout=60)
+        {"turns": ["Hello"], "character": "Jerry", **GREEDY}, {"turns": ["Hello"], **GREEDY}]}, timeout=60)
     assert generated.status_code == 200 and len(generated.json()) == 2
     completion = httpx.post(f"{cast_server}/v1/chat/completions", timeout=60, json={
-        "model": "served-cast-bot/Bram", "max_tokens": 6, "temperature": 0,
+        "model": "served-cast-bot/Morty", "max_tokens": 6, "temperature": 0,
         "messages": [{"role": "user", "content": "Who is there?"}]}).json()
-    assert completion["model"] == "served-cast-bot/Bram"
-    assert completion["choices"][0]["message"]["content"] == bram["reply"]  # same greedy reply on both routes
+    assert completion["model"] == "served-cast-bot/Morty"
+    assert completion["choices"][0]["message"]["content"] == morty["reply"]  # same greedy reply on both routes
 
     turns = logged_turns(cast_server).set_index("turn_id")
-    assert turns.loc[bram["turn_id"], "character"] == "Bram" and turns.loc[default["turn_id"], "character"] == "Ada"
+    assert turns.loc[morty["turn_id"], "character"] == "Morty"
+    assert turns.loc[default["turn_id"], "character"] == "Rick"
     assert set(turns.character) == set(CAST)
 
 
 def test_anyone_outside_the_cast_is_a_404_that_names_the_cast(cast_server):
     refused = httpx.post(f"{cast_server}/chat", json={"message": "Hi", "character": "Zed"}, timeout=30)
-    assert refused.status_code == 404 and "Ada, Bram, Cleo" in refused.json()["error"], refused.text
+    assert refused.status_code == 404 and NAMED in refused.json()["error"], refused.text
     openai = httpx.post(f"{cast_server}/v1/chat/completions", timeout=30, json={
         "model": "served-cast-bot/Zed", "messages": [{"role": "user", "content": "Hi"}]})
     assert openai.status_code == 404 and openai.json()["error"]["code"] == "model_not_found"
-    assert "Ada, Bram, Cleo" in openai.json()["error"]["message"]
+    assert NAMED in openai.json()["error"]["message"]
+    scene = httpx.post(f"{cast_server}/scene", json={"characters": ["Rick", "Zed"], "opening": "Hi"}, timeout=30)
+    assert scene.status_code == 404 and NAMED in scene.json()["error"], scene.text
 
 
 def test_requests_for_different_characters_decode_in_one_batch(cast_server):
@@ -77,7 +83,7 @@ def test_requests_for_different_characters_decode_in_one_batch(cast_server):
     async def burst():
         async with httpx.AsyncClient(base_url=cast_server, timeout=120) as http:
             return await asyncio.gather(*(http.post("/chat", json={
-                "message": f"line {i}", "character": CAST[i % 3], "max_new_tokens": 12, "temperature": 0})
+                "message": f"line {i}", "character": CAST[i % len(CAST)], "max_new_tokens": 12, "temperature": 0})
                 for i in range(12)))
 
     steps = metric(cast_server, "castbot_decoding_steps_total")
@@ -88,3 +94,32 @@ def test_requests_for_different_characters_decode_in_one_batch(cast_server):
     steps = metric(cast_server, "castbot_decoding_steps_total") - steps
     tokens = metric(cast_server, "castbot_generated_tokens_total") - tokens
     assert 0 < steps < tokens, (steps, tokens)
+
+
+def test_a_scene_streams_each_line_named_by_its_speaker_and_logs_it(cast_server):
+    """Rick and Morty in turn after the user's opening: each line announced with its speaker, every piece named,
+    each finished line logged in one conversation, each line's prompt holding the lines before it."""
+    events = stream_events(cast_server, {"characters": ["rick", "Morty"], "opening": "Where are we going?",
+                                         "turns": 4, "max_new_tokens": 6, "temperature": 1.0}, "/scene")
+    assert events[0][0] == "start" and events[0][1]["characters"] == ["Rick", "Morty"]
+    speaking, order = None, []
+    for name, data in events[1:-1]:
+        if name == "turn":
+            speaking = data["speaker"]
+            order.append(speaking)
+        else:
+            assert data["speaker"] == speaking, (name, data)  # pieces and the finished line name their speaker
+    assert order == ["Rick", "Morty", "Rick", "Morty"]
+    said = [data for name, data in events if name == "said"]
+    assert [s["speaker"] for s in said] == order and all(s["new_tokens"] > 0 for s in said)
+    done = events[-1]
+    assert done[0] == "done" and [line["speaker"] for line in done[1]["lines"]] == [
+        s["speaker"] for s in said if s["reply"].strip()]
+
+    turns = logged_turns(cast_server).set_index("turn_id").loc[[s["turn_id"] for s in said]]
+    assert list(turns.character) == order and set(turns.endpoint) == {"scene"}
+    assert set(turns.conversation_id) == {done[1]["conversation_id"]}
+    # the last line was prompted with the opening and the lines before it (a blank one is left out)
+    lines = [[s["speaker"], s["reply"].strip()] for s in said[:-1] if s["reply"].strip()]
+    heard = [["", "Where are we going?"], *lines]
+    assert [*turns.iloc[-1]["history"], [heard[-1][0], turns.iloc[-1]["message"]]] == heard

@@ -12,6 +12,10 @@ from typing import Protocol
 from castbot.model.bot import Bot, Reply, assemble_reply
 from castbot.model.dialogue import DECODING_DEFAULTS, Turn, decode_reply
 
+# A chat or scene longer than the prompt budget loses its oldest turns this many at a time, so consecutive turns'
+# prompts start alike and the OpenVINO engine's prefix cache reuses that start (bench/cast_serving.py --only prefix).
+PROMPT_STEP = 4
+
 
 class EngineError(RuntimeError):
     """The engine failed a request, or is not accepting requests."""
@@ -103,7 +107,8 @@ class BatchingEngine:
         raise NotImplementedError
 
     def _prompt(self, turns: list[Turn], decoding: dict, character: str | None) -> list[int]:
-        return self.bot.prompt(turns, decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"]), character)
+        return self.bot.prompt(turns, decoding.get("max_new_tokens", DECODING_DEFAULTS["max_new_tokens"]), character,
+                               PROMPT_STEP)
 
     def stream(self, turns: list[Turn], character: str | None = None, **decoding) -> Stream:
         """The reply's text piece by piece as it is generated; closing the stream cancels the request."""

@@ -69,7 +69,7 @@ def generation_settings(eos_token_id: int, max_new_tokens: int, **decoding) -> d
     return fields
 
 
-def run_pipeline(folder: str, max_batch_size: int, threads: int, requests, outputs) -> None:
+def run_pipeline(folder: str, max_batch_size: int, threads: int, prefix_caching: bool, requests, outputs) -> None:
     """The pipeline's process: admit ("add", id, (prompt, settings)) and ("cancel", id, None) messages, run a
     decoding step, send ("step", [(id, new token ids, finished), ...]); ("stop", ...) or a closed pipe ends it.
     A process of its own: GenAI's step() holds the GIL for the whole step, which would stall the service's
@@ -81,6 +81,7 @@ def run_pipeline(folder: str, max_batch_size: int, threads: int, requests, outpu
     try:
         scheduler = openvino_genai.SchedulerConfig()
         scheduler.max_num_seqs, scheduler.cache_size = max_batch_size, KV_CACHE_GB
+        scheduler.enable_prefix_caching = prefix_caching  # a prompt's cached start is reused by the next turn's
         properties = {"INFERENCE_NUM_THREADS": threads} if threads else {}
         pipe = openvino_genai.ContinuousBatchingPipeline(folder, scheduler, "CPU", properties)
     except Exception as exc:
@@ -137,12 +138,14 @@ class OpenVINOEngine(BatchingEngine):
 
     needs_weights = False  # the pipeline runs the exported model: torch's copy of the weights would only take memory
 
-    def __init__(self, bot: Bot, folder: Path, max_batch_size: int = 32, threads: int = 0):
+    def __init__(self, bot: Bot, folder: Path, max_batch_size: int = 32, threads: int = 0,
+                 prefix_caching: bool = True):
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
         their_requests, self._to_pipeline = context.Pipe(duplex=False)  # (reading end, writing end)
         self._from_pipeline, their_outputs = context.Pipe(duplex=False)
         self.process = context.Process(target=run_pipeline, name="castbot-openvino", daemon=True,
-                                       args=(str(folder), max_batch_size, threads, their_requests, their_outputs))
+                                       args=(str(folder), max_batch_size, threads, prefix_caching, their_requests,
+                                             their_outputs))
         self.process.start()
         their_requests.close(), their_outputs.close()
         self.bot, self.max_batch_size = bot, max_batch_size
@@ -158,7 +161,7 @@ class OpenVINOEngine(BatchingEngine):
     @classmethod
     def from_limits(cls, bot: Bot, limits, on_batch) -> "OpenVINOEngine":
         """As the service builds it (no static batches: on_batch is never called)."""
-        return cls(bot, served_export(bot.folder), limits.max_batch_size, limits.torch_threads)
+        return cls(bot, served_export(bot.folder), limits.max_batch_size, limits.torch_threads, limits.prefix_caching)
 
     def _send(self, message: tuple) -> None:
         with self._send_lock:
