@@ -45,6 +45,11 @@ class Retention:
                          .on_conflict_do_update(index_elements=[deleted_table.c.conversation_id], set_={"time": now}))
             return removed
 
+    def deleted_since(self, conversation_id: str, when: datetime) -> bool:
+        """Whether the conversation was deleted at or after `when` (a scene then stops: castbot/serve/scenes.py)."""
+        with self._reading() as conn:
+            return self._deleted_since(conn, conversation_id, when)
+
     @staticmethod
     def _deleted_since(conn: sa.Connection, conversation_id: str, when: datetime) -> bool:
         """Whether the conversation was deleted at or after `when` (a turn that began then must not be written)."""

@@ -8,12 +8,14 @@
 
 Each line is one turn of the reply path (castbot/serve/replies.py): the same engine, stop rules and conversation
 log as /chat/stream, prompted with everything said so far and answered as its speaker. A line that comes out blank
-is logged and left out of what the next speakers hear.
+is logged and left out of what the next speakers hear. A scene whose conversation is deleted while it plays stops
+after the line being said (done carries "stopped": "deleted"); nothing more of it is logged.
 """
 
 import contextlib
 import json
 from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
 
 from castbot.model.bot import Reply
 from castbot.serve.replies import Replies
@@ -50,7 +52,7 @@ async def play(replies: Replies, request: SceneRequest, first: dict[str, str]) -
     """The scene's events; first is the first line's turn ids (its conversation already claimed by the route).
     The cast names must be resolved already (replies.speaker)."""
     speakers = [replies.speaker(name) for name in request.characters]
-    said, lines, turn = [opening_turn(request)], [], first
+    said, lines, turn, began, stopped = [opening_turn(request)], [], first, datetime.now(UTC), None
     start = {"model_name": replies.identity["model_name"], "model_version": replies.identity["model_version"],
              "characters": speakers, "conversation_id": first["conversation_id"]}
     yield f"event: start\ndata: {json.dumps(start)}\n\n"
@@ -65,5 +67,9 @@ async def play(replies: Replies, request: SceneRequest, first: dict[str, str]) -
             said.append(Turn.model_construct(speaker=speaker, text=text))
             lines.append({"speaker": speaker, "text": text, "turn_id": turn["turn_id"]})
         turn = new_turn(first["conversation_id"])
-    done = {**replies.identity, "conversation_id": first["conversation_id"], "lines": lines}
+        if index + 1 < request.turns and await replies.turns.deleted_since(first["conversation_id"], began):
+            stopped = "deleted"
+            break
+    done = {"model_name": replies.identity["model_name"], "model_version": replies.identity["model_version"],
+            "conversation_id": first["conversation_id"], "lines": lines, "stopped": stopped}
     yield f"event: done\ndata: {json.dumps(done)}\n\n"

@@ -131,6 +131,17 @@ class TurnLog:
         """Delete the client's own conversation (its turns and ratings); the turns deleted, 0 when it has none."""
         return await self._call(self.chatlog.delete_conversation, conversation_id, CLIENT.get())
 
+    async def deleted_since(self, conversation_id: str, when: datetime) -> bool:
+        """Whether the conversation was deleted at or after `when`; False when the log is off or cannot tell."""
+        if self.chatlog is None:
+            return False
+        try:
+            return await self._in_pool(self.chatlog.deleted_since, conversation_id, when)
+        except Exception as exc:
+            CHATLOG_ERRORS.inc()
+            logger.error("deleted_since failed: %s", type(exc).__name__)
+            return False
+
     async def _call(self, method, *args):
         try:
             return await self._in_pool(method, *args)

@@ -123,3 +123,30 @@ def test_a_scene_streams_each_line_named_by_its_speaker_and_logs_it(cast_server)
     lines = [[s["speaker"], s["reply"].strip()] for s in said[:-1] if s["reply"].strip()]
     heard = [["", "Where are we going?"], *lines]
     assert [*turns.iloc[-1]["history"], [heard[-1][0], turns.iloc[-1]["message"]]] == heard
+
+
+def test_a_scene_whose_conversation_is_deleted_stops_and_leaves_nothing_logged(cast_server):
+    """DELETE /conversations/{id} while a 16-line scene plays: the scene ends early, saying why, and none of its
+    lines stays in the log (the one being said when it was deleted included)."""
+    import json
+
+    events, conversation = [], None
+    body = {"characters": CAST, "opening": "Everybody in the car.", "turns": 16, "max_new_tokens": 30}
+    with httpx.stream("POST", f"{cast_server}/scene", json=body, timeout=120) as resp:
+        assert resp.status_code == 200, resp.read()
+        name = "message"
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+                if name == "start":
+                    conversation = events[-1][1]["conversation_id"]
+                if name == "said" and sum(n == "said" for n, _ in events) == 1:
+                    deleted = httpx.delete(f"{cast_server}/conversations/{conversation}", timeout=30)
+                    assert deleted.status_code == 200, deleted.text
+    done, said = events[-1], sum(n == "said" for n, _ in events)
+    assert done[0] == "done", events[-3:]
+    # a scene that had not finished when its conversation was deleted stops (a tiny model may have finished first)
+    assert (done[1]["stopped"], said < 16) in (("deleted", True), (None, False)), (done, said)
+    assert conversation not in set(logged_turns(cast_server).conversation_id)
