@@ -37,7 +37,8 @@ class FeedbackConfig(Strict):
                                  "with a made-up history and like it. false: every liked turn trains (a closed "
                                  "test bot only).")
     max_share: float = Field(0.2, ge=0, le=1, description="Largest share of the training split that feedback "
-                             "samples may make up (0.2: at most 1 in 5); the newest approved turns are kept. 0: none.")
+                             "samples may make up (0.2: at most 1 in 5; a cast: of each member's samples); the newest "
+                             "approved turns are kept. 0: none.")
 
 
 class DataConfig(Strict):

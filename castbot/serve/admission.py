@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 from castbot.serve import openai_protocol as openai_api
 from castbot.serve.access import CLIENT, RateLimit, RateLimiter, client_of, retry_after
 from castbot.serve.metrics import IN_FLIGHT
+from castbot.serve.schemas import SceneRequest
 
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/models"})  # answered in OpenAI's error shape
 API_PATHS = frozenset({"/chat", "/chat/stream", "/generate", "/scene", "/feedback"}) | OPENAI_PATHS
@@ -60,6 +61,8 @@ def costs(path: str, body: bytes) -> tuple[int, int]:
         return 1, 1
     if path == "/generate":
         return (max(1, len(asked)),) * 2 if isinstance(asked, list) else (1, 1)
+    if asked is None:  # the scene's default length
+        asked = SceneRequest.model_fields["turns"].default
     return 1, asked if isinstance(asked, int) and 1 <= asked <= 1000 else 1
 
 

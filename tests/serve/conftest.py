@@ -157,3 +157,61 @@ def metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     [value] = [float(line.split()[-1]) for line in text.splitlines() if re.match(rf"{name}(\{{[^}}]*\}})? ", line)]
     return value
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over one page's websocket."""
+
+    def __init__(self, ws_url: str):
+        from websockets.sync.client import connect
+
+        self.ws, self.next_id = connect(ws_url, max_size=None), 0
+
+    def send(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=30))
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def eval(self, expression: str):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, seconds: float = 60):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if value := self.eval(expression):
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium with remote debugging on a free loopback port: the page target's DevTools client."""
+    exe = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
+    if exe is None:
+        pytest.fail("chromium is not installed: `make system-packages` installs it (apt-get install -y chromium)")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                             "--disable-component-update", "--disable-sync", "--no-first-run",
+                             f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}",
+                             "--remote-debugging-address=127.0.0.1", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, pages = time.monotonic() + 60, []
+        while not pages and time.monotonic() < deadline:
+            try:
+                pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=2).json()
+                         if t["type"] == "page"]
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert pages, "chromium did not open its debugging port"
+        devtools = DevTools(pages[0]["webSocketDebuggerUrl"])
+        yield devtools
+        devtools.ws.close()
+    finally:
+        stop_process_group(proc, timeout=10)

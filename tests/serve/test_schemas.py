@@ -62,3 +62,26 @@ def test_an_ecma_262_engine_reads_the_published_pattern_alike():
     out = subprocess.run(["node", "-e", script], input=json.dumps([NOT_BLANK, SAMPLES]), capture_output=True,
                          text=True, check=True).stdout
     assert json.loads(out) == [re.search(NOT_BLANK, t) is not None for t in SAMPLES]
+
+
+def test_a_scene_costs_a_request_of_the_rate_limit_per_line_and_one_place_in_flight():
+    from castbot.serve.admission import costs
+
+    assert costs("/scene", b'{"characters": ["Rick"], "opening": "Hi", "turns": 8}') == (1, 8)
+    assert costs("/scene", b'{"characters": ["Rick"], "opening": "Hi"}') == (1, 6)  # the default length
+    assert costs("/generate", b'{"prompts": [{"turns": ["a"]}, {"turns": ["b"]}]}') == (2, 2)
+    assert costs("/chat", b'{"message": "Hi"}') == (1, 1)
+    assert costs("/scene", b"not json") == (1, 1)  # refused later, by the route's validation
+
+
+def test_a_scene_request_is_bounded_like_a_chat():
+    from pydantic import ValidationError
+
+    from castbot.serve.schemas import LIMITS, SceneRequest
+
+    SceneRequest.model_validate({"characters": ["Rick", "Morty"], "opening": {"speaker": "Jerry", "text": "Hi"}})
+    for bad in ({"characters": [], "opening": "Hi"}, {"characters": ["Rick"], "opening": " "},
+                {"characters": ["Rick"], "opening": "Hi", "turns": LIMITS.max_scene_turns + 1},
+                {"characters": ["Rick"], "opening": "Hi", "character": "Rick"}):
+        with pytest.raises(ValidationError):
+            SceneRequest.model_validate(bad)

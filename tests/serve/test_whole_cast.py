@@ -150,3 +150,27 @@ def test_a_scene_whose_conversation_is_deleted_stops_and_leaves_nothing_logged(c
     # a scene that had not finished when its conversation was deleted stops (a tiny model may have finished first)
     assert (done[1]["stopped"], said < 16) in (("deleted", True), (None, False)), (done, said)
     assert conversation not in set(logged_turns(cast_server).conversation_id)
+
+
+def test_the_web_page_plays_a_scene_in_headless_chromium(cast_server, browser):
+    """The picker lists the cast; "Play a scene" with Morty picked streams lines by Morty, then the others in
+    turn, each shown under its speaker's name with its rating buttons."""
+    browser.send("Page.enable")
+    browser.send("Page.navigate", url=f"{cast_server}/ui/")
+    browser.wait_for("!document.getElementById('scene').hidden")  # shown once /v1/models lists a cast
+    assert browser.eval("[...document.getElementById('character').options].map((o) => o.value)") == CAST
+    browser.eval("document.getElementById('character').value = 'Morty';"
+                 "document.getElementById('message').value = 'Who left the portal open?';"
+                 "document.getElementById('scene').click()")
+    lines = browser.wait_for("(() => { const e = document.querySelector('.turn.error'); if (e) return [e.textContent];"
+                             " const bots = [...document.querySelectorAll('.turn.bot')];"
+                             " return !document.getElementById('scene').disabled && bots.length === 6 &&"
+                             " bots.map((b) => [b.childNodes[0].textContent, b.querySelectorAll('.rate').length]);"
+                             " })()")
+    assert [name for name, _ in lines] == [f"{who}:" for who in ["Morty", "Rick", "Summer", "Jerry", "Morty", "Rick"]]
+    assert all(buttons == 2 for _, buttons in lines), lines
+    assert browser.eval("document.querySelector('.turn.user').textContent") == "You:Who left the portal open?"
+    shown = browser.eval("document.getElementById('conversation').textContent")
+    scene = logged_turns(cast_server)
+    scene = scene[scene.conversation_id == shown.removeprefix("Conversation ")]
+    assert list(scene.character) == ["Morty", "Rick", "Summer", "Jerry", "Morty", "Rick"]
