@@ -113,6 +113,8 @@ def prefix(bento: str, cast: list[str], args) -> int:
             print(f"{kind:6} prefix caching {setting}: turn 1 {ms[0]:6.1f} ms ({tokens[0]} tokens), "
                   f"turn {last} {ms[-1]:6.1f} ms ({tokens[-1]} tokens), ratio {ms[-1] / ms[0]:.2f}; every turn: "
                   + " ".join(f"{m:.0f}" for m in ms))
+            later = statistics.mean(ms[1:])
+            print(f"{'':6} mean of turns 2-{last}: {later:.1f} ms, {later / ms[0]:.2f}x turn 1")
             summary.append(f"{kind}_{'on' if caching else 'off'}={ms[-1] / ms[0]:.2f}")
     print(f"summary: last/first turn TTFT {' '.join(summary)} (goal <= 1.5 with caching on)")
     return 0

@@ -41,10 +41,11 @@ def held_out_samples(profile: Path = DEMO_PROFILE) -> list[dict]:
 
 
 def held_out_chats(profile: Path = DEMO_PROFILE) -> list[dict]:
-    """The profile's test-split contexts as /chat requests: the last context line is the message."""
+    """The profile's test-split contexts as /chat requests: the last context line is the message (a sample with no
+    context, an episode's first line, is left out)."""
     return [{"history": [{"speaker": speaker, "text": text}
                          for speaker, text in zip(s["speakers"][:-1], s["context"][:-1])],
-             "message": s["context"][-1]} for s in held_out_samples(profile)]
+             "message": s["context"][-1]} for s in held_out_samples(profile) if s["context"]]
 
 
 def free_port() -> int:
