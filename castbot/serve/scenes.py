@@ -50,8 +50,8 @@ def opening_turn(request: SceneRequest) -> Turn:
 
 async def play(replies: Replies, request: SceneRequest, first: dict[str, str]) -> AsyncGenerator[str, None]:
     """The scene's events; first is the first line's turn ids (its conversation already claimed by the route).
-    The cast names must be resolved already (replies.speaker)."""
-    speakers = [replies.speaker(name) for name in request.characters]
+    The names must have been checked against the cast (replies.speaker); none: the whole cast speaks."""
+    speakers = [replies.speaker(name) for name in request.characters] or list(replies.cast)
     said, lines, turn, began, stopped = [opening_turn(request)], [], first, datetime.now(UTC), None
     start = {"model_name": replies.identity["model_name"], "model_version": replies.identity["model_version"],
              "characters": speakers, "conversation_id": first["conversation_id"]}

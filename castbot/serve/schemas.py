@@ -153,8 +153,9 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=NOT
 
 
 class SceneRequest(Sampling):
-    characters: list[Name] = Field(..., min_length=1, max_length=8,
-                                   description="Cast members who speak, in turn (any case; a name may recur).")
+    characters: list[Name] = Field(default_factory=list, max_length=8,
+                                   description="Cast members who speak, in turn (any case; a name may recur); "
+                                   "omitted or empty: the whole cast, in its order.")
     opening: _text(LIMITS.max_message_chars) | Turn = Field(..., description="The line that opens the scene: its "
                                                            "text (the user's), or {speaker, text}.")
     turns: int = Field(min(6, LIMITS.max_scene_turns), ge=1, le=LIMITS.max_scene_turns,

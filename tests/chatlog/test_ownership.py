@@ -145,8 +145,10 @@ def finish_while_deleting(log: ChatLog, conversation: str, delay_s: float) -> tu
     answering = [turn(conversation=conversation, client="alice", when=datetime.now(UTC)) for _ in range(16)]
     start = threading.Barrier(len(answering) + 1)
 
-    def finish(record) -> bool:
+    def finish(index_and_record) -> bool:
+        index, record = index_and_record
         start.wait(timeout=60)
+        time.sleep(0.001 * index)  # spread over 16 ms, so the deletion lands among them even on a loaded machine
         return log.record(record)
 
     def delete() -> int:
@@ -156,7 +158,7 @@ def finish_while_deleting(log: ChatLog, conversation: str, delay_s: float) -> tu
 
     with ThreadPoolExecutor(len(answering) + 1) as pool:
         deleting = pool.submit(delete)
-        written = list(pool.map(finish, answering))
+        written = list(pool.map(finish, enumerate(answering)))
     return deleting.result(), written
 
 
@@ -165,7 +167,7 @@ def test_turns_finishing_while_their_conversation_is_deleted_never_bring_it_back
     or dropped, never left behind. Rounds repeat until both outcomes happened (the race)."""
     outcomes = set()
     for round_ in range(20):
-        deleted, written = finish_while_deleting(any_log, f"r{round_}", 0.002 * (round_ % 5))
+        deleted, written = finish_while_deleting(any_log, f"r{round_}", 0.002 * (round_ % 9))
         assert deleted == sum(written)  # the deletion took every turn written before it
         assert any_log.owner(f"r{round_}") is None
         assert f"r{round_}" not in set(any_log.turns()["conversation_id"]), f"round {round_}: it came back"

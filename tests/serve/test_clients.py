@@ -236,5 +236,5 @@ def test_the_published_spec_holds_for_every_response_schemathesis(server, tmp_pa
                            "--max-examples", str(examples), "--seed", "1", "--workers", "1", "--request-timeout", "60"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its caches stay out of the repo
     assert done.returncode == 0, done.stdout[-6000:]
-    assert "No issues found" in done.stdout
+    assert "No issues found" in done.stdout, done.stdout[-6000:]
 

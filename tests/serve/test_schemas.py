@@ -80,7 +80,8 @@ def test_a_scene_request_is_bounded_like_a_chat():
     from castbot.serve.schemas import LIMITS, SceneRequest
 
     SceneRequest.model_validate({"characters": ["Rick", "Morty"], "opening": {"speaker": "Jerry", "text": "Hi"}})
-    for bad in ({"characters": [], "opening": "Hi"}, {"characters": ["Rick"], "opening": " "},
+    assert SceneRequest.model_validate({"opening": "Hi"}).characters == []  # the whole cast
+    for bad in ({"characters": [""], "opening": "Hi"}, {"characters": ["Rick"], "opening": " "},
                 {"characters": ["Rick"], "opening": "Hi", "turns": LIMITS.max_scene_turns + 1},
                 {"characters": ["Rick"], "opening": "Hi", "character": "Rick"}):
         with pytest.raises(ValidationError):

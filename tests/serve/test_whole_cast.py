@@ -116,6 +116,9 @@ def test_a_scene_streams_each_line_named_by_its_speaker_and_logs_it(cast_server)
     assert done[0] == "done" and [line["speaker"] for line in done[1]["lines"]] == [
         s["speaker"] for s in said if s["reply"].strip()]
 
+    whole = stream_events(cast_server, {"opening": "Hi", "turns": 5, "max_new_tokens": 4}, "/scene")
+    assert [data["speaker"] for name, data in whole if name == "turn"] == [*CAST, CAST[0]]  # no names: everyone
+
     turns = logged_turns(cast_server).set_index("turn_id").loc[[s["turn_id"] for s in said]]
     assert list(turns.character) == order and set(turns.endpoint) == {"scene"}
     assert set(turns.conversation_id) == {done[1]["conversation_id"]}
