@@ -15,7 +15,8 @@ from tests.conftest import REPO, tiny_config, write_tiny_show
 pytestmark = pytest.mark.slow
 
 PREFECT_DEFAULT_WAIT_S = 20  # PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS when unset (Prefect 3.8)
-HOGS_PER_CORE = 4  # the start takes ~9 s of CPU (2-core dev machine): beside 4 busy loops a core it gets ~1/5 of one
+HOGS_PER_CORE = 3  # the start takes ~9 s of CPU (2-core dev machine): beside 3 busy loops a core it gets ~1/4 of one
+# (measured with 4: 65 s, 62 s by Prefect's count, against its 20 s; 3 leaves ~2.5x the margin and saves ~15 s)
 
 # `python -m flows.train PROFILE` with busy loops beside Prefect's temporary server for as long as it takes to start,
 # then a line on stderr: how long the start took, in wall seconds and in the seconds Prefect counts against its
