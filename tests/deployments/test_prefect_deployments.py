@@ -109,9 +109,17 @@ class Prefect:
         self.http.close()
 
 
+# the profiles the tests read (demo, rick-and-morty, smoke) and a cast: 14 deployments, not all 5 a profile (each
+# profile adds ~7 s to `prefect deploy`)
+DEPLOYED = ["demo-nightly", "demo-nightly-k8s", "demo-monitor", "demo-monitor-k8s", "demo-study", "smoke",
+            "smoke-k8s", "smoke-monitor", "smoke-monitor-k8s", "smoke-study", "rick-and-morty-nightly",
+            "rick-and-morty-nightly-k8s", "rick-and-morty-cast-nightly"]
+
+
 @pytest.fixture(scope="module")
 def prefect(tmp_path_factory):
-    """Server up, both pools created, everything in deployments/prefect.yaml deployed, a local worker polling."""
+    """Server up, both pools created, deployments/prefect.yaml's deployments of four profiles deployed (every
+    profile renders alike: test_prefect_yaml_is_rendered_from_the_profiles), a local worker polling."""
     home = tmp_path_factory.mktemp("prefect-loopback")
     p = Prefect(home)
     try:
@@ -120,7 +128,8 @@ def prefect(tmp_path_factory):
         p.wait_healthy(server_log)
         p.cli("work-pool", "create", render.LOCAL_POOL, "--type", "process")
         p.cli("work-pool", "create", render.K8S_POOL, "--type", "kubernetes", "--base-job-template", str(K8S_TEMPLATE))
-        p.cli("deploy", "--prefect-file", "deployments/prefect.yaml", "--all", timeout=240)
+        names = [arg for pattern in DEPLOYED for arg in ("--name", pattern)]
+        p.cli("deploy", "--prefect-file", "deployments/prefect.yaml", *names, timeout=240)
         p.start("worker", ["worker", "start", "--pool", render.LOCAL_POOL, "--type", "process"],
                                interrupts=2, grace=15)
         yield p
