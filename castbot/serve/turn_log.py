@@ -136,10 +136,8 @@ class TurnLog:
         if self.chatlog is None:
             return False
         try:
-            return await self._in_pool(self.chatlog.deleted_since, conversation_id, when)
-        except Exception as exc:
-            CHATLOG_ERRORS.inc()
-            logger.error("deleted_since failed: %s", type(exc).__name__)
+            return await self._call(self.chatlog.deleted_since, conversation_id, when)  # counted and logged there
+        except ChatLogUnavailable:
             return False
 
     async def _call(self, method, *args):
